@@ -1,0 +1,159 @@
+"""Makespan of the seed's data-size study: one `loralab sweep` vs one fresh process per trial.
+
+(a) `python -m loralab.cli sweep` trains every limit in one process with the base loaded once;
+(b) the same trials as separate `python -m loralab.cli train` processes, one after another (what
+re-running the seed's notebook per setting amounts to: import + load + train each time).
+
+    python bench/sweep_makespan.py --device cpu --model builtin:tiny-qwen2 --limits 16,32,64 \
+        --epochs 1 --out /tmp/makespan
+    python bench/sweep_makespan.py --device cuda --model 7b-shapes --limits 50,100,500,1447 \
+        --epochs 4 --out bench/out/makespan-h200
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+SEVEN_B = dict(  # Qwen2.5-7B's shapes (see shared/models.md), random bf16 weights
+    hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+    num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, rope_theta=1e6,
+    rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645,
+    pad_token_id=151643,
+)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--model", default="builtin:tiny-qwen2", help="builtin:tiny-qwen2 | 7b-shapes | a folder")
+    p.add_argument("--limits", default="50,100,500,1447", help="data.limit of each trial")
+    p.add_argument("--epochs", type=float, default=4)
+    p.add_argument("--records", type=int, default=None, help="records to generate (default: max limit)")
+    p.add_argument("--model-dir", default=None, help="where 7b-shapes is built (default OUT/../qwen2.5-7b-shapes)")
+    p.add_argument("--out", required=True, help="folder for configs, runs, logs and makespan.json")
+    return p.parse_args(argv)
+
+
+def build_7b_shapes(folder: Path) -> Path:
+    """A random bf16 Qwen2.5-7B-shaped model folder with the Qwen2.5 tokenizer (built once)."""
+    if (folder / "config.json").is_file():
+        return folder
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from loralab.model.tokenizer import builtin_tokenizer_dir
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(Qwen2Config(**SEVEN_B), dtype=torch.bfloat16)
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    for item in builtin_tokenizer_dir().iterdir():
+        shutil.copy(item, tmp / item.name)
+    os.replace(tmp, folder)
+    return folder
+
+
+def write_configs(out: Path, model_path: str, records: Path, limits: list[int | None], epochs: float) -> tuple[Path, Path]:
+    """The study's train config (seed hyperparameters) and its sweep file."""
+    from loralab.config import SEED_SYSTEM_PROMPT
+
+    base = {
+        "output_dir": str(out / "unused"),
+        "model": {"path": model_path},
+        "data": {"path": str(records), "system_prompt": SEED_SYSTEM_PROMPT, "max_length": 384},
+        "lora": {"r": 8, "alpha": 32, "dropout": 0.1},
+        "train": {"lr": 1e-4, "epochs": epochs, "batch_size": 4, "grad_accum": 4, "seed": 42},
+        "tracking": {"backend": "none"},
+    }
+    sweep = {"name": "data_size", "base": "train.yaml", "output_dir": str(out / "sweep"),
+             "grid": {"data.limit": limits}, "sweep": {"parallel": 1}}
+    (out / "train.yaml").write_text(yaml.safe_dump(base, allow_unicode=True), encoding="utf-8")
+    (out / "sweep.yaml").write_text(yaml.safe_dump(sweep), encoding="utf-8")
+    return out / "train.yaml", out / "sweep.yaml"
+
+
+def timed(cmd: list[str], log: Path, env: dict[str, str]) -> float:
+    """Seconds from process start to exit; stdout+stderr to `log`; a failure stops the benchmark."""
+    start = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as fh:
+        code = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
+    seconds = time.perf_counter() - start
+    if code != 0:
+        sys.exit(f"{' '.join(cmd)} failed (exit {code}); see {log}")
+    return seconds
+
+
+def hardware(device: str) -> str:
+    if device == "cuda":
+        import torch
+
+        return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out).resolve()
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    limits = [None if x.strip() in ("null", "all", "none") else int(x) for x in args.limits.split(",")]
+    n_records = args.records or max(x for x in limits if x is not None)
+    sys.path.insert(0, str(HERE))
+    from make_records import builtin_tokenizer, length_stats, make_records
+
+    from loralab.io import git_commit, versions, write_json
+
+    records_path = out / f"records_{n_records}.json"
+    if not records_path.is_file():
+        tokenizer = builtin_tokenizer()
+        records = make_records(n_records, tokenizer, seed=0)
+        records_path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+        print("records:", json.dumps(length_stats(records, tokenizer)), flush=True)
+    model_path = args.model
+    if args.model == "7b-shapes":
+        model_path = str(build_7b_shapes(Path(args.model_dir or out.parent / "qwen2.5-7b-shapes")))
+    train_yaml, sweep_yaml = write_configs(out, model_path, records_path, limits, args.epochs)
+    env = dict(os.environ)
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    py = [sys.executable, "-m", "loralab.cli"]
+
+    sweep_s = timed([*py, "sweep", str(sweep_yaml), "--overwrite", "--quiet"], out / "logs" / "sweep.log", env)
+    separate = {}
+    for limit in limits:
+        name = f"limit{'all' if limit is None else limit}"
+        cmd = [*py, "train", str(train_yaml), f"data.limit={'null' if limit is None else limit}",
+               f"output_dir={out / 'separate' / name}", "--overwrite", "--quiet"]
+        separate[name] = timed(cmd, out / "logs" / f"separate_{name}.log", env)
+    separate_s = sum(separate.values())
+    report = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "git_commit": git_commit(), "versions": versions(), "hardware": hardware(args.device),
+        "config": {"device": args.device, "model": args.model, "limits": limits, "epochs": args.epochs,
+                   "records": n_records, "r": 8, "lr": 1e-4, "batch": "4 x grad_accum 4"},
+        "sweep_makespan_s": round(sweep_s, 2), "separate_makespan_s": round(separate_s, 2),
+        "separate_per_trial_s": {k: round(v, 2) for k, v in separate.items()},
+        "ratio": round(separate_s / sweep_s, 3),
+    }
+    write_json(out / "makespan.json", report)
+    print(json.dumps(report, indent=2))
+    print(f"\none sweep process: {sweep_s:.1f} s; separate processes: {separate_s:.1f} s; "
+          f"ratio {separate_s / sweep_s:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""The `loralab` command: subcommands map to functions; user errors become one line and exit 2.
+
+Each area registers its own subcommands (`register(subparsers)` in `<area>/cli.py`), so this
+file holds no logic and imports nothing heavy: `loralab --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from loralab import __version__
+from loralab.errors import UserError
+
+# Areas that add subcommands; each module exposes register(subparsers) and sets `func` defaults.
+COMMAND_MODULES = (
+    "loralab.train.cli",
+    "loralab.sweep.cli",
+    "loralab.evaluate.cli",
+    "loralab.report.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loralab",
+        description="LoRA supervised fine-tuning: train, sweep, evaluate and compare adapters.",
+    )
+    parser.add_argument("--version", action="version", version=f"loralab {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # that area is not built yet
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"loralab: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("loralab: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a crash of ours, not the user's: keep the traceback when asked
+        if os.environ.get("LORALAB_DEBUG"):
+            raise
+        if _is_user_file_error(exc):
+            print(f"loralab: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _is_user_file_error(exc: Exception) -> bool:
+    return isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,417 @@
+"""Typed configuration: dataclasses with the seed's defaults, YAML + dotted overrides, validation.
+
+This module must not import torch: `loralab train --dry-run` and `loralab sweep --dry-run`
+validate configs without paying for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from loralab.errors import UserError
+
+SEED_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SEED_TAGS = ["其他", "云计算", "架构师", "计算机", "个人娱乐", "人工智能", "商业案例", "汽车行业", "经济观察"]
+SEED_SYSTEM_PROMPT = (
+    "将以下文本按照【其他、云计算、架构师、计算机、个人娱乐、人工智能、商业案例、汽车行业、经济观察】"
+    "标签纬度进行关联度评分"
+)
+# Input paths written in a YAML file resolve against its folder; output_dir stays relative to
+# the working directory (where people expect runs/ to appear).
+PATH_KEYS = ("model.path", "data.path", "data.eval_path")
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to load and how."""
+
+    path: str = "builtin:tiny-qwen2"  # local folder, HF hub id, ModelScope id, or builtin:tiny-qwen2
+    source: str = "auto"  # auto | local | hf | modelscope
+    dtype: str = "auto"  # auto (bf16 where supported, else fp32) | bf16 | fp16 | fp32
+    attn_implementation: str = "sdpa"  # sdpa | eager | flex_attention | flash_attention_2
+    trust_remote_code: bool = False  # run code shipped with the model folder
+
+    def validate(self) -> None:
+        _choice("model.source", self.source, ("auto", "local", "hf", "modelscope"))
+        _choice("model.dtype", self.dtype, ("auto", "bf16", "fp16", "fp32"))
+        _choice(
+            "model.attn_implementation",
+            self.attn_implementation,
+            ("sdpa", "eager", "flex_attention", "flash_attention_2"),
+        )
+        if not self.path:
+            raise UserError("model.path is empty: give a local folder, a hub id or builtin:tiny-qwen2")
+
+
+@dataclass
+class DataConfig:
+    """Where the records are and how they become tokens."""
+
+    path: str = ""  # training file: JSON array, JSONL, alpaca fields or chat `messages`
+    eval_path: str | None = None  # held-out file used by `loralab eval` (same formats)
+    system_prompt: str | None = None  # replaces every record's instruction (train = inference prompt)
+    limit: int | None = None  # keep the first N records (the seed's "amount of data")
+    sample: int | None = None  # or keep N records drawn at random with train.seed
+    max_length: int = 384  # tokens per sequence; the input is cut, never the answer
+    shuffle: bool = True  # reshuffle every epoch with train.seed
+
+    def validate(self) -> None:
+        if not self.path:
+            raise UserError("data.path is empty: give the training file")
+        if self.limit is not None and self.limit <= 0:
+            raise UserError(f"data.limit must be > 0 or null, got {self.limit}")
+        if self.sample is not None and self.sample <= 0:
+            raise UserError(f"data.sample must be > 0 or null, got {self.sample}")
+        if self.limit is not None and self.sample is not None:
+            raise UserError("data.limit and data.sample are exclusive: set one of them")
+        if self.max_length < 16:
+            raise UserError(f"data.max_length must be >= 16, got {self.max_length}")
+
+
+@dataclass
+class LoraConfig:
+    """The adapter: PEFT LoRA and the variants PEFT offers by flag."""
+
+    r: int = 8  # rank
+    alpha: float = 32  # scaling numerator: scale = alpha / r (alpha / sqrt(r) with rslora)
+    dropout: float = 0.1  # dropout on the adapter input
+    target_modules: list[str] = field(default_factory=lambda: list(SEED_TARGETS))
+    rslora: bool = False  # rank-stabilised scaling
+    dora: bool = False  # weight-decomposed LoRA (slower; uses PEFT's own layers)
+
+    def validate(self) -> None:
+        if self.r <= 0:
+            raise UserError(f"lora.r must be > 0, got {self.r}")
+        if self.alpha <= 0:
+            raise UserError(f"lora.alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise UserError("lora.target_modules is empty")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, precision, checkpoints and the fast-path switches."""
+
+    lr: float = 1e-4  # peak learning rate (AdamW)
+    epochs: float = 4  # passes over the data (ignored when max_steps is set)
+    max_steps: int | None = None  # optimizer steps; overrides epochs
+    batch_size: int = 4  # sequences per micro-batch per device
+    grad_accum: int = 4  # micro-batches per optimizer step
+    seed: int = 42  # data order, sampling, LoRA init
+    scheduler: str = "linear"  # linear | cosine | constant (after warmup)
+    warmup_ratio: float = 0.0  # share of steps spent warming up (HF default: 0)
+    warmup_steps: int = 0  # or a fixed number of warmup steps (wins when > 0)
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping; 0 disables
+    precision: str = "auto"  # auto | bf16 | fp32 (weights and compute of the frozen base)
+    gradient_checkpointing: str = "auto"  # auto | on | off (auto: off unless memory needs it)
+    memory: str = "fixed"  # fixed (batch_size as given) | auto (fit micro-batch to the card)
+    log_every: int = 1  # optimizer steps between metric logs
+    save_every: int = 0  # optimizer steps between checkpoints; 0: only the final adapter
+    eval_every: int = 0  # optimizer steps between eval-loss passes on data.eval_path; 0: never
+    packing: bool = False  # pack sequences into rows (attention kept inside each sequence)
+    group_by_length: bool = True  # micro-batches of similar lengths (less padding)
+    fused_lora: str = "auto"  # auto | on | off: loralab's bf16 LoRA path instead of PEFT's forward
+    compile: bool = False  # torch.compile the decoder layers
+    loss_chunk: int = 2048  # labelled positions per chunk of the chunked cross-entropy
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise UserError(f"train.lr must be > 0, got {self.lr}")
+        if self.epochs <= 0:
+            raise UserError(f"train.epochs must be > 0, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise UserError(f"train.max_steps must be > 0 or null, got {self.max_steps}")
+        for key in ("batch_size", "grad_accum", "log_every", "loss_chunk"):
+            if getattr(self, key) <= 0:
+                raise UserError(f"train.{key} must be > 0, got {getattr(self, key)}")
+        for key in ("save_every", "eval_every", "warmup_steps"):
+            if getattr(self, key) < 0:
+                raise UserError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise UserError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        _choice("train.scheduler", self.scheduler, ("linear", "cosine", "constant"))
+        _choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
+        _choice("train.gradient_checkpointing", self.gradient_checkpointing, ("auto", "on", "off"))
+        _choice("train.memory", self.memory, ("fixed", "auto"))
+        _choice("train.fused_lora", self.fused_lora, ("auto", "on", "off"))
+
+
+@dataclass
+class TrackingConfig:
+    """Where metrics go besides metrics.jsonl."""
+
+    backend: str = "swanlab"  # swanlab | tensorboard | none
+    mode: str = "local"  # swanlab mode: local | offline | online | disabled
+    project: str = "loralab"  # swanlab project
+    experiment: str | None = None  # experiment name; default: the run directory's name
+    group: str | None = None  # swanlab group (a sweep sets it)
+    log_dir: str | None = None  # default: swanlog/ (or tb/) beside the run directory
+
+    def validate(self) -> None:
+        _choice("tracking.backend", self.backend, ("swanlab", "tensorboard", "none"))
+        _choice("tracking.mode", self.mode, ("local", "offline", "online", "cloud", "disabled"))
+
+
+@dataclass
+class EvalConfig:
+    """How `loralab eval` generates and scores."""
+
+    task: str = "tag_scores"  # tag_scores | generic
+    tags: list[str] = field(default_factory=lambda: list(SEED_TAGS))  # tag_scores: expected keys
+    score_min: int = 0  # tag_scores: lowest score
+    score_max: int = 10  # tag_scores: highest score
+    tolerance: int = 2  # tag_scores: |pred - truth| counted as right
+    max_new_tokens: int | None = None  # default: 1.5x the longest reference answer + 16
+    batch_size: int = 64  # prompts per generation batch
+    do_sample: bool = False  # greedy by default
+    temperature: float = 1.0  # only with do_sample
+    top_p: float = 1.0  # only with do_sample
+    bootstrap: int = 1000  # bootstrap resamples for intervals; 0 disables
+    merge: bool = True  # merge the adapter into the weights for generation (faster)
+
+    def validate(self) -> None:
+        _choice("eval.task", self.task, ("tag_scores", "generic"))
+        if self.task == "tag_scores" and not self.tags:
+            raise UserError("eval.tags is empty")
+        if self.score_max <= self.score_min:
+            raise UserError("eval.score_max must be greater than eval.score_min")
+        if self.tolerance < 0:
+            raise UserError(f"eval.tolerance must be >= 0, got {self.tolerance}")
+        if self.max_new_tokens is not None and self.max_new_tokens <= 0:
+            raise UserError(f"eval.max_new_tokens must be > 0, got {self.max_new_tokens}")
+        if self.batch_size <= 0:
+            raise UserError(f"eval.batch_size must be > 0, got {self.batch_size}")
+
+
+@dataclass
+class Config:
+    """One training run."""
+
+    output_dir: str = "runs/run"  # run directory
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> Config:
+        if not self.output_dir:
+            raise UserError("output_dir is empty")
+        for section in (self.model, self.data, self.lora, self.train, self.tracking, self.eval):
+            section.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- loading and overrides
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config, apply `a.b=value` overrides, validate. Errors are UserError."""
+    raw: dict[str, Any] = {}
+    base_dir = Path.cwd()
+    if path is not None:
+        raw = read_yaml_mapping(path)
+        base_dir = Path(path).resolve().parent
+    _resolve_paths(raw, base_dir)
+    for item in overrides:
+        key, value = parse_override(item)
+        set_dotted(raw, key, value)
+    return config_from_dict(raw).validate()
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; one-line errors for the rest."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise UserError(f"{p} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read config file {p}: {exc}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{p} must hold a mapping of config keys, got {type(raw).__name__}")
+    return raw
+
+
+def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
+    """Relative paths written in a YAML file mean 'next to that file', as in docker-compose."""
+    for key in PATH_KEYS:
+        value = get_dotted(raw, key)
+        if isinstance(value, str) and value and is_relative_file_path(value):
+            candidate = base_dir / value
+            # A bare hub id like Qwen/Qwen2.5-7B-Instruct stays as it is unless it exists here.
+            if key == "model.path" and not candidate.exists():
+                continue
+            set_dotted(raw, key, str(candidate.resolve()) if candidate.exists() else str(candidate))
+
+
+def is_relative_file_path(value: str) -> bool:
+    return not (value.startswith(("builtin:", "/", "~")) or "://" in value)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`a.b=value` with the value read as YAML (so 1e-4, null, [1, 2] and true work)."""
+    if "=" not in item:
+        raise UserError(f"override {item!r} must look like key=value (e.g. lora.r=16)")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    if not key:
+        raise UserError(f"override {item!r} has no key")
+    return key, parse_scalar(text)
+
+
+def parse_scalar(text: str) -> Any:
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+    # YAML 1.1 reads 1e-4 as a string; people mean a number.
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value.lower() for c in ".e") else int(value)
+        except ValueError:
+            return value
+    return value
+
+
+def get_dotted(raw: dict[str, Any], key: str) -> Any:
+    node: Any = raw
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise UserError(f"cannot set {key}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build a Config; unknown keys are errors that suggest the nearest known key."""
+    return _build(Config, raw, prefix="")
+
+
+def known_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        ftype = _field_type(cls, f.name)
+        if dataclasses.is_dataclass(ftype):
+            keys.extend(known_keys(ftype, name + "."))
+        else:
+            keys.append(name)
+    return keys
+
+
+def check_key(key: str) -> None:
+    """Raise UserError unless `key` (dotted) is a config key."""
+    keys = known_keys()
+    if key not in keys:
+        raise UserError(_unknown_key_message(key, keys))
+
+
+def _unknown_key_message(key: str, keys: list[str]) -> str:
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return f"unknown config key {key}{hint}"
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise UserError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            raise UserError(_unknown_key_message(prefix + str(key), known_keys()))
+    kwargs = {}
+    for name, value in raw.items():
+        ftype = _field_type(cls, name)
+        if dataclasses.is_dataclass(ftype):
+            kwargs[name] = _build(ftype, value or {}, prefix + name + ".")
+        else:
+            kwargs[name] = _coerce(prefix + name, value, ftype)
+    return cls(**kwargs)
+
+
+def _field_type(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _coerce(key: str, value: Any, ftype: Any) -> Any:
+    """Check (and gently convert) a value against its annotated type."""
+    origin = typing.get_origin(ftype)
+    args = typing.get_args(ftype)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise UserError(f"{key} must be a list, got {value!r}")
+        return [_coerce(key, v, args[0]) for v in value]
+    if ftype is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{key} must be true or false, got {value!r}")
+    if ftype is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise UserError(f"{key} must be an integer, got {value!r}")
+        return int(value)
+    if ftype is float:
+        if isinstance(value, str):
+            value = parse_scalar(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if ftype is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise UserError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise UserError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """The resolved config, in a form `load_config` reads back."""
+    from loralab.io import atomic_write_text
+
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)
+    atomic_write_text(Path(path), text)

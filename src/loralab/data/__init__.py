@@ -1,0 +1,1 @@
+"""Training data: records, chat-template rendering with loss masks, batching."""

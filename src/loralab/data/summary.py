@@ -1,0 +1,114 @@
+"""Build the tokenised dataset from a config and summarise what happened to every record."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+from loralab.data.records import apply_system_prompt, read_records, select_records, selection_note
+from loralab.data.render import Example, encode_record, required_length
+from loralab.errors import UserError
+
+if TYPE_CHECKING:
+    from loralab.config import DataConfig
+
+
+def build_dataset(
+    data_cfg: DataConfig, tokenizer: Any, seed: int, path: str | None = None, select: bool = True
+) -> tuple[list[Example], dict[str, Any]]:
+    """Read, re-prompt, select and encode records; the summary says what was cut or skipped.
+
+    `select=False` keeps every record (data.limit / data.sample are for the training file).
+    """
+    source = path or data_cfg.path
+    if not source:
+        raise UserError("data.path is empty: give the training file")
+    records = read_records(source)
+    records = apply_system_prompt(records, data_cfg.system_prompt)
+    notes = []
+    if select:
+        chosen = select_records(records, data_cfg.limit, data_cfg.sample, seed)
+        note = selection_note(len(records), data_cfg.limit, data_cfg.sample)
+        notes += [note] if note else []
+    else:
+        chosen = list(records)
+    examples: list[Example] = []
+    skipped: Counter[str] = Counter()
+    for record in chosen:
+        result = encode_record(tokenizer, record, data_cfg.max_length)
+        if isinstance(result, str):
+            skipped[result] += 1
+        else:
+            examples.append(result)
+    if not examples:
+        shortest = min(required_length(tokenizer, r) for r in chosen)
+        raise UserError(
+            f"no record fits data.max_length={data_cfg.max_length}: "
+            f"the shortest answer needs {shortest} tokens"
+        )
+    summary = summarize(examples, skipped, n_read=len(records), n_selected=len(chosen))
+    summary.update(path=str(source), max_length=data_cfg.max_length, notes=notes)
+    return examples, summary
+
+
+def summarize(
+    examples: list[Example], skipped: Counter[str], n_read: int, n_selected: int
+) -> dict[str, Any]:
+    """Counts and length statistics of the encoded examples."""
+    lengths = [len(e.input_ids) for e in examples]
+    answers = [sum(1 for label in e.labels if label != -100) for e in examples]
+    return {
+        "records": n_read,
+        "selected": n_selected,
+        "kept": len(examples),
+        "truncated": sum(1 for e in examples if e.truncated),
+        "truncated_tokens": sum(e.truncated for e in examples),
+        "skipped": sum(skipped.values()),
+        "skipped_reasons": dict(skipped),
+        "tokens": {
+            "min": min(lengths),
+            "p10": percentile(lengths, 10),
+            "p50": percentile(lengths, 50),
+            "p90": percentile(lengths, 90),
+            "max": max(lengths),
+            "mean": round(sum(lengths) / len(lengths), 1),
+        },
+        "labelled_tokens": sum(answers),
+        "answer_tokens": {"p50": percentile(answers, 50), "max": max(answers)},
+    }
+
+
+def percentile(values: list[int], q: float) -> int:
+    """Nearest-rank percentile (a value that occurs in the data)."""
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * q // 100))  # ceil(n * q / 100), at least 1
+    return ordered[int(rank) - 1]
+
+
+def print_summary(summary: dict[str, Any], console: Any = None) -> None:
+    """A rich table of the dataset summary."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title=f"data: {summary.get('path', '')}", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    table.add_row("records read / selected / kept",
+                  f"{summary['records']} / {summary['selected']} / {summary['kept']}")
+    table.add_row("prompts truncated",
+                  f"{summary['truncated']} ({summary['truncated_tokens']} tokens cut)")
+    reasons = ", ".join(f"{k}: {v}" for k, v in summary["skipped_reasons"].items())
+    table.add_row("skipped", f"{summary['skipped']}" + (f" ({reasons})" if reasons else ""))
+    tok = summary["tokens"]
+    table.add_row(
+        "tokens per sequence",
+        f"min {tok['min']}  p10 {tok['p10']}  p50 {tok['p50']}  p90 {tok['p90']}  "
+        f"max {tok['max']}  mean {tok['mean']}",
+    )
+    ans = summary["answer_tokens"]
+    table.add_row("labelled tokens",
+                  f"{summary['labelled_tokens']} (per answer: p50 {ans['p50']}, max {ans['max']})")
+    for note in summary.get("notes", []):
+        table.add_row("note", note)
+    console.print(table)

@@ -1,0 +1,164 @@
+"""Build a comparison report from evaluated folders on disk; never loads a model.
+
+`loralab report DIR` accepts
+- a comparison folder: it holds `targets.json` (see loralab.evaluate.tasks) listing the targets;
+- a sweep folder: `sweep.json` = {"trials": [{"path": trial run dir, ...}, ...]}; each trial's
+  `eval/` folder is a target, plus `DIR/comparison/targets.json` (base, references) if present;
+- a run folder: `RUN/eval/` is a target, plus `RUN/comparison/targets.json` if present.
+The report goes to `--out`, else the comparison folder (`DIR/comparison` for runs and sweeps).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from loralab.errors import UserError
+from loralab.evaluate.tasks import (
+    COMPARISON_DIRNAME,
+    METRICS,
+    TARGETS_MANIFEST,
+    headline_metrics,
+    read_target,
+    read_targets_manifest,
+)
+from loralab.io import atomic_write_text, read_json
+from loralab.report import html, plots, tables
+
+SWEEP_MANIFEST = "sweep.json"
+RUN_EVAL_DIRNAME = "eval"
+
+
+def resolve_report_dir(path: Path, out: Path | None = None) -> tuple[Path, list[Path]]:
+    """(comparison folder to write into, target folders to compare) for a DIR given by the user."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path} is not a folder")
+    if (path / TARGETS_MANIFEST).is_file():
+        return Path(out or path), read_targets_manifest(path)
+    if (path / SWEEP_MANIFEST).is_file():
+        targets = [t / RUN_EVAL_DIRNAME for t in _sweep_trials(path)]
+        evaluated = [t for t in targets if (t / METRICS).is_file()]
+        if not evaluated:
+            raise UserError(f"no trial of {path} has been evaluated: run loralab eval first")
+    elif (path / RUN_EVAL_DIRNAME / METRICS).is_file():
+        evaluated = [path / RUN_EVAL_DIRNAME]
+    else:
+        raise UserError(
+            f"{path} holds no {TARGETS_MANIFEST}, {SWEEP_MANIFEST} or {RUN_EVAL_DIRNAME}/{METRICS}:"
+            " give a comparison, sweep or evaluated run folder"
+        )
+    comparison = path / COMPARISON_DIRNAME
+    if (comparison / TARGETS_MANIFEST).is_file():
+        evaluated += read_targets_manifest(comparison)
+    return Path(out or comparison), _unique_paths(evaluated)
+
+
+def _sweep_trials(sweep_dir: Path) -> list[Path]:
+    manifest = sweep_dir / SWEEP_MANIFEST
+    try:
+        data = read_json(manifest)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{manifest} is not valid JSON: {exc}") from None
+    trials = data.get("trials") if isinstance(data, dict) else data
+    if not isinstance(trials, list) or not all(
+        isinstance(t, dict) and isinstance(t.get("path"), str) for t in trials
+    ):
+        raise UserError(f'{manifest} must hold {{"trials": [{{"path": ...}}, ...]}}')
+    return [(sweep_dir / t["path"]).resolve() for t in trials]
+
+
+def _unique_paths(paths: list[Path]) -> list[Path]:
+    seen, out = set(), []
+    for p in paths:
+        key = Path(p).resolve()
+        if key not in seen:
+            seen.add(key)
+            out.append(Path(p))
+    return out
+
+
+def load_targets(folders: list[Path]) -> tuple[list[tables.LoadedTarget], str]:
+    """Read every target (base first, then adapters, then references) and their shared task."""
+    if not folders:
+        raise UserError("no targets to compare")
+    loaded, names = [], set()
+    for folder in folders:
+        metrics, rows = read_target(folder)
+        name = _unique_name(str(metrics["target"]), names)
+        loaded.append(tables.LoadedTarget(name, str(metrics["kind"]), Path(folder), metrics, rows))
+    tasks = {t.metrics["task"] for t in loaded}
+    if len(tasks) > 1:
+        raise UserError(f"targets were scored with different tasks: {', '.join(sorted(tasks))}")
+    loaded.sort(key=lambda t: tables.KIND_ORDER.get(t.kind, 9))  # stable: keeps given order
+    return loaded, tasks.pop()
+
+
+def _unique_name(name: str, taken: set[str]) -> str:
+    unique, i = name, 2
+    while unique in taken:
+        unique, i = f"{name}#{i}", i + 1
+    taken.add(unique)
+    return unique
+
+
+def report_notes(targets: list[tables.LoadedTarget]) -> list[str]:
+    """Things a reader should know that the tables do not say."""
+    notes = []
+    base = next((t for t in targets if t.kind == "base"), None)
+    if base is None:
+        notes.append("no base model among the targets: no paired differences vs base")
+    else:
+        unpaired = [t.name for t in targets if t is not base and not tables.same_records(t, base)]
+        if unpaired:
+            notes.append(f"not on the same eval records as base (no paired test): {', '.join(unpaired)}")
+    if not any(t.kind == "reference" for t in targets):
+        notes.append("no reference predictors among the targets: no lift")
+    for t in targets:
+        rate = t.metrics.get("finished_rate")
+        if isinstance(rate, (int, float)) and rate < 1:
+            notes.append(f"{t.name}: {1 - rate:.0%} of generations hit max_new_tokens")
+    return notes
+
+
+def build_report(
+    comparison_dir: Path, targets: list[Path], bootstrap: int = 1000, seed: int = 0
+) -> dict[str, Any]:
+    """Write comparison.csv, comparison.md, PNG plots and report.html into `comparison_dir`."""
+    comparison_dir = Path(comparison_dir)
+    loaded, task = load_targets(targets)
+    headline = headline_metrics(task)
+    rows = tables.comparison_rows(loaded, task, headline, bootstrap=bootstrap, seed=seed)
+    comparison_dir.mkdir(parents=True, exist_ok=True)
+    columns = tables.csv_columns(headline, tables.extra_metric_names(loaded, headline))
+    csv_path = comparison_dir / "comparison.csv"
+    tables.write_csv(csv_path, rows, columns)
+    notes = report_notes(loaded)
+    markdown = tables.comparison_markdown(rows, headline, notes)
+    md_path = comparison_dir / "comparison.md"
+    atomic_write_text(md_path, markdown)
+    pngs, labels = plots.write_plots(comparison_dir, loaded, rows, task, headline, seed=seed)
+    header, body = tables.summary_table(rows, headline)
+    html_path = html.write_html(
+        comparison_dir / "report.html", f"loralab comparison: {_title(comparison_dir)}",
+        (header, body, [r["kind"] for r in rows]), tables.differences_table(rows, headline),
+        pngs, labels, notes,
+    )
+    return {"comparison_dir": comparison_dir, "task": task, "headline": headline, "rows": rows,
+            "notes": notes, "csv": csv_path,
+            "markdown": md_path, "markdown_text": markdown, "plots": pngs, "html": html_path}
+
+
+def _title(comparison_dir: Path) -> str:
+    """`sweep1/comparison` says more than `comparison`."""
+    resolved = comparison_dir.resolve()
+    if resolved.name == COMPARISON_DIRNAME and resolved.parent.name:
+        return f"{resolved.parent.name}/{resolved.name}"
+    return resolved.name
+
+
+def report_from_dir(path: Path, out: Path | None = None) -> dict[str, Any]:
+    """`loralab report DIR`: resolve DIR, then build the report."""
+    comparison_dir, targets = resolve_report_dir(Path(path), Path(out) if out else None)
+    return build_report(comparison_dir, targets)

@@ -1,0 +1,1 @@
+"""`loralab sweep`: many adapters from one command, the base model loaded once."""

@@ -1,0 +1,270 @@
+"""Run a sweep's trials: one process and one loaded base model, or one worker process per GPU.
+
+In-process (CPU, one GPU, parallel=1): trials that share a base (same model.* and precision) run
+one after another on a single loaded copy. Parallel: spawned workers each load their own base,
+pull trials from a queue and report back; only the parent writes sweep.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import queue
+import signal
+from collections.abc import Iterator
+from typing import Any
+
+from rich.console import Console
+
+from loralab.sweep.manifest import (
+    counts,
+    mark,
+    result_summary,
+    save_manifest,
+    start_manifest,
+    trial_entry,
+)
+from loralab.sweep.spec import SweepSpec, Trial, base_key
+
+console = Console()
+INTERRUPTED = "interrupted (Ctrl-C); loralab sweep --resume reruns it"
+
+
+def run_sweep(
+    spec: SweepSpec, *, resume: bool = False, overwrite: bool = False, show_progress: bool = True
+) -> dict[str, Any]:
+    """Train every unfinished trial; returns the final manifest (also in SWEEP_DIR/sweep.json)."""
+    manifest = start_manifest(spec, resume, overwrite)
+    spec.output_dir.mkdir(parents=True, exist_ok=True)
+    save_manifest(spec.output_dir, manifest)
+    todo = group_by_base([t for t in spec.trials if trial_entry(manifest, t.name)["status"] != "done"])
+    skipped = len(spec.trials) - len(todo)
+    workers = worker_count(spec.parallel, len(todo))
+    console.print(
+        f"sweep {spec.name}: {len(todo)} trial(s) to run"
+        + (f", {skipped} already done" if skipped else "")
+        + (f", {workers} worker processes" if workers > 1 else ", in this process")
+    )
+    if workers > 1:
+        _run_in_workers(spec, manifest, todo, workers)
+    else:
+        _run_in_process(spec, manifest, todo, show_progress)
+    return manifest
+
+
+def group_by_base(trials: list[Trial]) -> list[Trial]:
+    """Trials sharing a base next to each other (first-seen order kept), so each loads once."""
+    groups: dict[str, list[Trial]] = {}
+    for trial in trials:
+        groups.setdefault(base_key(trial.config), []).append(trial)
+    return [t for group in groups.values() for t in group]
+
+
+def visible_gpus() -> list[str]:
+    """CUDA device ids as the parent sees them (CUDA_VISIBLE_DEVICES respected)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [d.strip() for d in listed.split(",") if d.strip()] if listed else []
+    return ids or [str(i) for i in range(torch.cuda.device_count())]
+
+
+def worker_count(parallel: str | int, n_trials: int) -> int:
+    """auto: one worker per visible GPU when there are several, else in-process (1)."""
+    gpus = len(visible_gpus())
+    if parallel == "auto":
+        wanted = gpus if gpus > 1 else 1
+    else:
+        wanted = int(parallel)
+        if gpus and wanted > gpus:
+            console.print(f"[yellow]sweep.parallel={wanted} but {gpus} GPU(s): using {gpus}[/yellow]")
+            wanted = gpus
+    return max(1, min(wanted, n_trials))
+
+
+# ---------------------------------------------------------------- one trial
+
+
+def load_base(trial: Trial) -> Any:
+    """The trial's base model on this process's device (cuda:current or cpu)."""
+    import torch
+
+    from loralab.model.load import load_base_model
+    from loralab.train.loop import Base
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = trial.config
+    precision = None if cfg.train.precision == "auto" else cfg.train.precision
+    model, tokenizer = load_base_model(cfg.model, device, precision)
+    return Base(model, tokenizer, device)
+
+
+def execute_trial(trial: Trial, base: Any, show_progress: bool) -> tuple[str, dict[str, Any]]:
+    """Train one trial on `base`; any failure but Ctrl-C is a result, not a crash of the sweep."""
+    from loralab.train.loop import train_run
+
+    try:
+        # The sweep owns its trial directories: an unfinished one is started again.
+        result = train_run(trial.config, base=base, overwrite=True, show_progress=show_progress)
+    except Exception as exc:  # NaN loss, out of memory, bad data...: record it and go on
+        free_memory()
+        return "failed", {"error": f"{type(exc).__name__}: {exc}"}
+    return "done", {"result": result_summary(result), "error": None}
+
+
+def free_memory() -> None:
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _report(spec: SweepSpec, manifest: dict[str, Any], name: str, status: str, fields: dict) -> None:
+    mark(manifest, name, status, **fields)
+    save_manifest(spec.output_dir, manifest)
+    if status == "running":
+        return
+    done = sum(1 for e in manifest["trials"] if e["status"] in ("done", "failed"))
+    total = len(manifest["trials"])
+    if status == "done":
+        r = fields["result"]
+        line = f"[green]done[/green] loss {r['final_loss']:.4f}, {r['wall_seconds']:.1f} s"
+    else:
+        line = f"[red]{status}[/red] {fields.get('error')}"
+    console.print(f"[{done}/{total}] {name}: {line}", highlight=False)
+
+
+# ---------------------------------------------------------------- in this process
+
+
+def _run_in_process(spec: SweepSpec, manifest: dict, todo: list[Trial], show_progress: bool) -> None:
+    loaded_key, base = None, None
+    for trial in todo:
+        _report(spec, manifest, trial.name, "running", {"worker": None})
+        try:
+            if base_key(trial.config) != loaded_key:
+                base, loaded_key = None, None
+                free_memory()
+                base = load_base(trial)
+                loaded_key = base_key(trial.config)
+            status, fields = execute_trial(trial, base, show_progress)
+        except KeyboardInterrupt:
+            _report(spec, manifest, trial.name, "interrupted", {"error": INTERRUPTED})
+            raise
+        except Exception as exc:  # the base model did not load: this trial fails, others may not
+            status, fields = "failed", {"error": f"base model: {type(exc).__name__}: {exc}"}
+        _report(spec, manifest, trial.name, status, fields)
+
+
+# ---------------------------------------------------------------- worker processes
+
+
+def _run_in_workers(spec: SweepSpec, manifest: dict, todo: list[Trial], n: int) -> None:
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    tasks, results = ctx.Queue(), ctx.Queue()
+    for trial in todo:
+        tasks.put(trial)
+    for _ in range(n):
+        tasks.put(None)  # one stop sign per worker
+    gpus = visible_gpus()
+    threads = max(1, (os.cpu_count() or 1) // n)
+    procs = []
+    for i in range(n):
+        device = gpus[i] if gpus else None
+        proc = ctx.Process(target=worker_main, args=(i, device, tasks, results, threads), daemon=True)
+        with _env("CUDA_VISIBLE_DEVICES", device):
+            proc.start()
+        procs.append(proc)
+    holding: dict[int, str] = {}  # worker → the trial it is training
+    try:
+        _collect(spec, manifest, procs, results, holding, {t.name for t in todo})
+    except KeyboardInterrupt:
+        for proc in procs:
+            proc.terminate()
+        for name in holding.values():
+            mark(manifest, name, "interrupted", error=INTERRUPTED)
+        save_manifest(spec.output_dir, manifest)
+        raise
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+
+
+def _collect(spec, manifest, procs, results, holding: dict[int, str], remaining: set[str]) -> None:
+    """Apply worker reports to the manifest until every trial is finished or no worker is left."""
+    while remaining:
+        try:
+            worker, name, status, fields = results.get(timeout=1.0)
+        except queue.Empty:
+            _fail_crashed(spec, manifest, procs, holding, remaining)
+            if not any(p.is_alive() for p in procs) and results.empty():
+                break
+            continue
+        if status == "running":
+            holding[worker] = name
+        else:
+            holding.pop(worker, None)
+            remaining.discard(name)
+        _report(spec, manifest, name, status, fields)
+
+
+def _fail_crashed(spec, manifest, procs, holding: dict[int, str], remaining: set[str]) -> None:
+    for i, proc in enumerate(procs):
+        if proc.exitcode not in (None, 0) and i in holding:
+            name = holding.pop(i)
+            remaining.discard(name)
+            error = f"worker {i} died (exit code {proc.exitcode}: killed, or out of host memory?)"
+            _report(spec, manifest, name, "failed", {"error": error})
+
+
+def worker_main(index: int, device: str | None, tasks: Any, results: Any, threads: int) -> None:
+    """A worker: pinned to one GPU (or CPU threads), pulls trials until the stop sign."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    if device is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = device
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(0)
+    else:
+        torch.set_num_threads(threads)
+    loaded_key, base = None, None
+    while (trial := tasks.get()) is not None:
+        results.put((index, trial.name, "running", {"worker": index, "device": device or "cpu"}))
+        try:
+            if base_key(trial.config) != loaded_key:
+                base, loaded_key = None, None
+                free_memory()
+                base = load_base(trial)
+                loaded_key = base_key(trial.config)
+            status, fields = execute_trial(trial, base, show_progress=False)
+        except Exception as exc:
+            status, fields = "failed", {"error": f"base model: {type(exc).__name__}: {exc}"}
+        results.put((index, trial.name, status, fields))
+
+
+@contextlib.contextmanager
+def _env(key: str, value: str | None) -> Iterator[None]:
+    old = os.environ.get(key)
+    if value is not None:
+        os.environ[key] = value
+    try:
+        yield
+    finally:
+        if value is not None:
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+
+
+def sweep_status_line(manifest: dict[str, Any]) -> str:
+    return ", ".join(f"{n} {s}" for s, n in counts(manifest).items())

@@ -1,0 +1,144 @@
+"""The end of a sweep: a table (terminal, sweep.md, sweep.csv) and loss_curves.png."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+from loralab.io import atomic_write_bytes, atomic_write_text, read_json, read_jsonl
+
+# Columns taken from TRIAL/eval/metrics.json (written by `loralab eval`) when it exists.
+EVAL_METRICS = ("weighted_accuracy", "f1", "weighted_error", "valid_rate")
+RESULT_COLUMNS = ("final_loss", "steps", "tokens_per_s", "wall_seconds")
+PLOT = "loss_curves.png"
+# Short headers for the terminal and sweep.md (sweep.csv keeps the full names).
+HEADERS = {"final_loss": "loss", "tokens_per_s": "tok/s", "wall_seconds": "wall s"}
+
+
+def collect_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per trial: name, the swept values, status, result numbers, eval metrics if any."""
+    varying = manifest.get("varying", [])
+    rows = []
+    for entry in manifest["trials"]:
+        row: dict[str, Any] = {"trial": entry["name"], "status": entry["status"]}
+        row.update({key: entry["overrides"].get(key) for key in varying})
+        result = entry.get("result") or {}
+        row.update({key: result.get(key) for key in RESULT_COLUMNS})
+        row.update(read_eval_metrics(Path(entry["path"])))
+        row["error"] = entry.get("error") or ""
+        rows.append(row)
+    return rows
+
+
+def read_eval_metrics(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "eval" / "metrics.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = read_json(path)
+    except (OSError, ValueError):
+        return {}
+    return {f"eval.{k}": data[k] for k in EVAL_METRICS if isinstance(data.get(k), (int, float))}
+
+
+def columns(rows: list[dict[str, Any]]) -> list[str]:
+    """Union of row keys, first-seen order, with error last; empty eval columns dropped."""
+    cols = list(dict.fromkeys(k for row in rows for k in row if k != "error"))
+    if any(row.get("error") for row in rows):
+        cols.append("error")
+    return cols
+
+
+def format_cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        if abs(value) >= 100:
+            return f"{value:,.0f}"
+        return f"{value:.4g}"
+    return str(value)
+
+
+def to_markdown(rows: list[dict[str, Any]], title: str) -> str:
+    cols = columns(rows)
+    heads = [HEADERS.get(c, c) for c in cols]
+    lines = [f"# Sweep {title}", "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(cols)]
+    for row in rows:
+        cells = [format_cell(row.get(c)).replace("|", "\\|") for c in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns(rows), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    return buf.getvalue()
+
+
+def print_table(rows: list[dict[str, Any]], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"sweep {title}")
+    styles = {"done": "green", "failed": "red", "interrupted": "yellow"}
+    for col in columns(rows):
+        table.add_column(HEADERS.get(col, col), overflow="fold", max_width=60 if col == "error" else None)
+    for row in rows:
+        style = styles.get(row["status"])
+        table.add_row(*(format_cell(row.get(c)) for c in columns(rows)), style=style)
+    Console().print(table)
+
+
+def plot_loss_curves(manifest: dict[str, Any], out: Path) -> Path | None:
+    """Every trial's metrics.jsonl loss against step on one figure; None when nothing to plot."""
+    curves = []
+    for entry in manifest["trials"]:
+        path = Path(entry["path"]) / "metrics.jsonl"
+        rows = read_jsonl(path) if path.is_file() else []
+        points = [(r["step"], r["loss"]) for r in rows if "step" in r and "loss" in r]
+        if points:
+            curves.append((entry["name"], points))
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for name, points in curves:
+        steps, losses = zip(*points, strict=True)
+        ax.plot(steps, losses, marker="." if len(points) < 30 else None, label=name)
+    ax.set(xlabel="optimizer step", ylabel="training loss", title=f"sweep {manifest['name']}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", ncol=2 if len(curves) > 8 else 1)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(out, buf.getvalue())
+    return out
+
+
+def write_summary(manifest: dict[str, Any], sweep_dir: Path, show: bool = True) -> list[Path]:
+    """sweep.md, sweep.csv and loss_curves.png in the sweep directory; the table on screen."""
+    rows = collect_rows(manifest)
+    sweep_dir = Path(sweep_dir)
+    atomic_write_text(sweep_dir / "sweep.md", to_markdown(rows, manifest["name"]))
+    atomic_write_text(sweep_dir / "sweep.csv", to_csv(rows))
+    written = [sweep_dir / "sweep.md", sweep_dir / "sweep.csv"]
+    plot = plot_loss_curves(manifest, sweep_dir / PLOT)
+    if plot:
+        written.append(plot)
+    if show:
+        print_table(rows, manifest["name"])
+    return written

@@ -1,0 +1,400 @@
+"""The training loop: one readable function from a Config to a run directory.
+
+Data flow: records → Examples (tokens + labels) → per-step plan of micro-batches → LabelledLoss
+(logits only where labels are) → token-normalised accumulation → AdamW on the LoRA weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import resource
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loralab.config import Config, save_config
+from loralab.io import append_jsonl, git_commit, versions, write_json
+from loralab.train import checkpoint as ckpt
+from loralab.train.progress import StepProgress
+from loralab.train.tracking import start_tracker
+
+
+@dataclass
+class Base:
+    """A loaded base model and tokenizer, shared by the trials of a sweep."""
+
+    model: Any
+    tokenizer: Any
+    device: torch.device
+
+
+@dataclass
+class Schedule:
+    """How many optimizer steps, derived from the data size and the config."""
+
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+@dataclass
+class StepStats:
+    loss_sum: float = 0.0
+    tokens: int = 0  # labelled tokens
+    seen_tokens: int = 0  # all real (unpadded) tokens processed
+    losses: list[float] = field(default_factory=list)
+
+
+def make_schedule(cfg: Config, n_examples: int) -> Schedule:
+    per_step = cfg.train.batch_size * cfg.train.grad_accum
+    steps_per_epoch = max(1, math.ceil(n_examples / per_step))
+    total = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+    warmup = cfg.train.warmup_steps or int(cfg.train.warmup_ratio * total)
+    return Schedule(steps_per_epoch, total, warmup)
+
+
+def lr_factor(step: int, schedule: Schedule, kind: str) -> float:
+    """Warmup then linear/cosine decay to 0 (as HF's schedulers), or constant."""
+    if step < schedule.warmup_steps:
+        return (step + 1) / (schedule.warmup_steps + 1)
+    if kind == "constant":
+        return 1.0
+    span = max(1, schedule.total_steps - schedule.warmup_steps)
+    progress = (step - schedule.warmup_steps) / span
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return max(0.0, 1.0 - progress)
+
+
+def train_run(
+    cfg: Config,
+    *,
+    base: Base | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Train one adapter as `cfg` says; returns result.json's content. The base is left clean.
+
+    Without a `base`, the run directory and the data are checked before any weights are loaded:
+    a typo in a data file should cost seconds, not a 15 GB model load.
+    """
+    data = None
+    if base is None:
+        from loralab.data.summary import build_dataset
+        from loralab.model.load import load_base_model, resolve_tokenizer_path
+        from loralab.model.tokenizer import load_tokenizer
+
+        ckpt.check_run_dir(Path(cfg.output_dir), resume, overwrite)
+        tokenizer = load_tokenizer(resolve_tokenizer_path(cfg.model))
+        data = build_dataset(cfg.data, tokenizer, cfg.train.seed)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model, tokenizer = load_base_model(cfg.model, device, _precision(cfg))
+        base = Base(model, tokenizer, device)
+    peft_model, result = train_adapter(
+        cfg, base, data=data, resume=resume, overwrite=overwrite, show_progress=show_progress
+    )
+    peft_model.unload()
+    return result
+
+
+def train_adapter(
+    cfg: Config,
+    base: Base,
+    *,
+    data: tuple[list, dict] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> tuple[Any, dict[str, Any]]:
+    """Attach a fresh adapter to `base` and train it; the caller owns (and unloads) the PeftModel.
+
+    `data` is (examples, summary) when already built. Everything that can be wrong with the
+    input is checked before the run directory is touched.
+    """
+    from accelerate import Accelerator
+
+    from loralab.data.summary import build_dataset, print_summary
+    from loralab.model.lora import attach_lora
+
+    run_dir = Path(cfg.output_dir)
+    ckpt.check_run_dir(run_dir, resume, overwrite)
+    if resume:
+        ckpt.check_resume_config(run_dir, cfg.to_dict())
+    started = time.time()
+    accelerator = Accelerator(cpu=base.device.type == "cpu")
+    examples, summary = data or build_dataset(cfg.data, base.tokenizer, cfg.train.seed)
+    if accelerator.is_main_process and show_progress:
+        print_summary(summary)
+    peft_model = attach_lora(base.model, cfg.lora, cfg.train.seed)  # checks target modules
+    try:
+        _prepare_dir(run_dir, cfg, summary, resume, overwrite)
+        result = _train(
+            cfg, accelerator, base, peft_model, examples, summary, resume, started, show_progress
+        )
+    except BaseException:
+        peft_model.unload()
+        raise
+    return peft_model, result
+
+
+def _precision(cfg: Config) -> str | None:
+    return None if cfg.train.precision == "auto" else cfg.train.precision
+
+
+def _prepare_dir(run_dir: Path, cfg: Config, summary: dict, resume: bool, overwrite: bool) -> None:
+    if overwrite:
+        ckpt.clear_run_dir(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        save_config(cfg, run_dir / "config.yaml")
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    write_json(run_dir / "data_summary.json", summary)
+
+
+def _train(
+    cfg, accelerator, base, peft_model, examples, summary, resume, started, show_progress
+) -> dict[str, Any]:
+    from loralab.data.batching import plan_steps
+    from loralab.model.lora import LabelledLoss, count_parameters
+
+    run_dir = Path(cfg.output_dir)
+    tcfg = cfg.train
+    torch.manual_seed(tcfg.seed)
+    if tcfg.gradient_checkpointing == "on":
+        base.model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    peft_model.train()
+    loss_module = LabelledLoss(peft_model, tcfg.loss_chunk)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    schedule = make_schedule(cfg, len(examples))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, schedule, tcfg.scheduler)
+    )
+    loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
+
+    start_step, state = 0, {}
+    found = ckpt.list_checkpoints(run_dir) if resume else []
+    if found:
+        state = ckpt.load_checkpoint(found[-1], peft_model)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        start_step = state["step"]
+    if resume:
+        ckpt.trim_metrics(run_dir / "metrics.jsonl", start_step)
+    trainable, total = count_parameters(peft_model)
+    result = _base_result(cfg, summary, schedule, trainable, total)
+    ckpt.write_result(run_dir, {**result, "status": "running"})
+    tracker = (
+        start_tracker(cfg.tracking, run_dir, cfg.to_dict()) if accelerator.is_main_process else None
+    )
+
+    lengths = [len(e.input_ids) for e in examples]
+    pad_id = base.tokenizer.pad_token_id
+    plans: dict[int, list] = {}
+    all_losses: list[float] = list(state.get("losses", []))
+    tokens_done = int(state.get("tokens", 0))
+    train_seconds = float(state.get("train_seconds", 0.0))
+    progress = StepProgress(
+        schedule.total_steps, start_step, enabled=show_progress and accelerator.is_main_process
+    )
+    try:
+        for step in range(start_step, schedule.total_steps):
+            epoch, index = divmod(step, schedule.steps_per_epoch)
+            if epoch not in plans:
+                plans = {
+                    epoch: plan_steps(
+                        lengths,
+                        tcfg.batch_size,
+                        tcfg.grad_accum,
+                        tcfg.seed,
+                        epoch,
+                        cfg.data.shuffle,
+                        tcfg.group_by_length,
+                    )
+                }
+            micro_batches = plans[epoch][index]
+            t0 = time.perf_counter()
+            stats = accumulate_step(accelerator, loss_module, examples, micro_batches, pad_id)
+            grad_norm = _clip(accelerator, params, tcfg.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            seconds = time.perf_counter() - t0
+            train_seconds += seconds
+            loss = stats.loss_sum / max(1, stats.tokens)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {step + 1}: try a lower train.lr")
+            all_losses.append(loss)
+            tokens_done += stats.seen_tokens
+            row = {
+                "step": step + 1,
+                "epoch": round((step + 1) / schedule.steps_per_epoch, 4),
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens_per_s": stats.seen_tokens / seconds,
+                "labelled_tokens": stats.tokens,
+                "memory_gb": peak_memory_gb(),
+            }
+            if accelerator.is_main_process and (
+                (step + 1) % tcfg.log_every == 0 or step + 1 == schedule.total_steps
+            ):
+                append_jsonl(run_dir / "metrics.jsonl", row)
+                tracker.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step + 1)
+            progress.update(step + 1, loss, row["tokens_per_s"])
+            if (
+                tcfg.save_every
+                and (step + 1) % tcfg.save_every == 0
+                and step + 1 < schedule.total_steps
+            ):
+                _checkpoint(
+                    accelerator,
+                    run_dir,
+                    step + 1,
+                    peft_model,
+                    optimizer,
+                    scheduler,
+                    all_losses,
+                    tokens_done,
+                    train_seconds,
+                )
+            _test_kill_hook(step + 1)
+    except BaseException as exc:
+        progress.close()
+        if accelerator.is_main_process:
+            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            ckpt.write_result(
+                run_dir,
+                {
+                    **result,
+                    "status": status,
+                    "error": f"{type(exc).__name__}: {exc}",
+                    "steps": len(all_losses),
+                },
+            )
+            if tracker:
+                tracker.finish()
+        raise
+    progress.close()
+    peft_model.eval()
+    if accelerator.is_main_process:
+        ckpt.save_adapter_files(
+            accelerator.unwrap_model(loss_module).peft_model, base.tokenizer, run_dir
+        )
+        result.update(_final_numbers(all_losses, tokens_done, train_seconds, started))
+        ckpt.write_result(run_dir, {**result, "status": "done"})
+        tracker.finish()
+        result["tracker"] = {"backend": tracker.name, "log_dir": tracker.where}
+    return {**result, "status": "done"}
+
+
+def accumulate_step(accelerator, loss_module, examples, micro_batches, pad_id) -> StepStats:
+    """Forward/backward every micro-batch of one optimizer step, normalised by the step's tokens.
+
+    Dividing each micro-batch's summed loss by the labelled-token count of the whole step (all
+    processes) gives the same gradient however the step is split into micro-batches.
+    """
+    from loralab.data.batching import collate_padded
+
+    shard = micro_batches[accelerator.process_index :: accelerator.num_processes]
+    batches = [collate_padded([examples[i] for i in mb], pad_id) for mb in shard]
+    local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    step_tokens = int(accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum"))
+    stats = StepStats()
+    for i, batch in enumerate(batches):
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        sync = i == len(batches) - 1
+        with accelerator.no_sync(loss_module) if not sync else contextlib.nullcontext():
+            loss_sum, n = loss_module(**batch)
+            accelerator.backward(loss_sum / max(1, step_tokens))
+        stats.loss_sum += float(loss_sum.detach())
+        stats.tokens += int(n)
+        stats.seen_tokens += int(batch["attention_mask"].sum())
+    return stats
+
+
+def _clip(accelerator, params, max_norm: float) -> float:
+    if max_norm > 0:
+        return float(accelerator.clip_grad_norm_(params, max_norm))
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+def _checkpoint(
+    accelerator, run_dir, step, peft_model, optimizer, scheduler, losses, tokens, seconds
+) -> None:
+    if not accelerator.is_main_process:
+        return
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": ckpt.rng_state(),
+        "losses": list(losses),
+        "tokens": tokens,
+        "train_seconds": seconds,
+    }
+    ckpt.save_checkpoint(run_dir, step, peft_model, state)
+
+
+def _test_kill_hook(step: int) -> None:
+    # Lets the resume test kill a real run at a chosen step (SIGKILL: no cleanup of any kind).
+    if os.environ.get("LORALAB_KILL_AT_STEP") == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _base_result(
+    cfg: Config, summary: dict, schedule: Schedule, trainable: int, total: int
+) -> dict[str, Any]:
+    return {
+        "run_dir": str(Path(cfg.output_dir).resolve()),
+        "total_steps": schedule.total_steps,
+        "steps_per_epoch": schedule.steps_per_epoch,
+        "examples": summary.get("kept"),
+        "trainable_params": trainable,
+        "total_params": total,
+        "versions": versions(),
+        "git_commit": git_commit(),
+        "device": _device_name(),
+    }
+
+
+def _device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+def _final_numbers(
+    losses: list[float], tokens: int, train_seconds: float, started: float
+) -> dict[str, Any]:
+    tail = losses[-max(1, len(losses) // 10) :]
+    return {
+        "steps": len(losses),
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "final_loss_avg": sum(tail) / len(tail) if tail else None,
+        "mean_loss": sum(losses) / len(losses) if losses else None,
+        "tokens": tokens,
+        "train_seconds": round(train_seconds, 3),
+        "wall_seconds": round(time.time() - started, 3),
+        "tokens_per_s": tokens / train_seconds if train_seconds else None,
+        "peak_memory_gb": round(peak_memory_gb(), 3),
+    }

@@ -1,0 +1,63 @@
+"""CLI and loop tests on CPU: a tiny random Qwen2 model, the real Qwen2.5 tokenizer, bundled data."""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+DATA_DIR = Path(str(resources.files("loralab") / "resources" / "data"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Builtin models and tokenizers are built into a per-session cache, not the user's."""
+    cache = tmp_path_factory.mktemp("loralab-cache")
+    old = os.environ.get("LORALAB_CACHE")
+    os.environ["LORALAB_CACHE"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("LORALAB_CACHE", None)
+    else:
+        os.environ["LORALAB_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> Path:
+    """The first 16 bundled eval records: enough for one bs16 step or four bs4 steps."""
+    rows = json.loads((DATA_DIR / "tag_scores_eval.json").read_text(encoding="utf-8"))[:16]
+    path = tmp_path_factory.mktemp("data") / "small.json"
+    path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def overrides(small_data, tmp_path):
+    """Dotted overrides for a fast CPU run into tmp_path/run."""
+    return [
+        f"data.path={small_data}",
+        f"output_dir={tmp_path / 'run'}",
+        "tracking.backend=none",
+        "train.max_steps=2",
+        "train.batch_size=4",
+        "train.grad_accum=2",
+        "data.max_length=256",
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_base(isolated_cache):
+    """One loaded tiny base model for the in-process tests (the loop leaves it clean)."""
+    import torch
+
+    from loralab.config import load_config
+    from loralab.model.load import load_base_model
+    from loralab.train.cli import demo_config_path
+    from loralab.train.loop import Base
+
+    cfg = load_config(demo_config_path())
+    model, tokenizer = load_base_model(cfg.model, "cpu")
+    return Base(model, tokenizer, torch.device("cpu"))
