@@ -1,8 +1,12 @@
 """Makespan of the seed's data-size study: one `loralab sweep` vs one fresh process per trial.
 
 (a) `python -m loralab.cli sweep` trains every limit in one process with the base loaded once;
-(b) the same trials as separate `python -m loralab.cli train` processes, one after another (what
-re-running the seed's notebook per setting amounts to: import + load + train each time).
+(b) the same trials as separate fresh processes, one after another (what re-running the seed's
+notebook per setting amounts to: import + load + train each time): `--baseline seed` runs the
+seed's own recipe (bench/seed_recipe.py: HF Trainer, gradient checkpointing, padding), `--baseline
+loralab` runs `python -m loralab.cli train` per trial. With `--baseline-limits`, only those trials
+of the baseline run for real; the others are estimated from the measured ones (process overhead
++ tokens / measured tokens/s) and reported as estimated.
 
     python bench/sweep_makespan.py --device cpu --model builtin:tiny-qwen2 --limits 16,32,64 \
         --epochs 1 --out /tmp/makespan
@@ -17,6 +21,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -41,6 +46,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=float, default=4)
     p.add_argument("--records", type=int, default=None, help="records to generate (default: max limit)")
     p.add_argument("--model-dir", default=None, help="where 7b-shapes is built (default OUT/../qwen2.5-7b-shapes)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds, alternating which side goes first (shared machines are noisy)")
+    p.add_argument("--baseline", choices=("seed", "loralab"), default="seed")
+    p.add_argument("--baseline-limits", default=None,
+                   help="limits the baseline runs for real (default: all); the rest are estimated")
     p.add_argument("--out", required=True, help="folder for configs, runs, logs and makespan.json")
     return p.parse_args(argv)
 
@@ -97,12 +107,75 @@ def timed(cmd: list[str], log: Path, env: dict[str, str]) -> float:
     return seconds
 
 
+def run_sweep(py: list[str], sweep_yaml: Path, out: Path, env: dict, i: int) -> dict:
+    cmd = [*py, "sweep", str(sweep_yaml), "--overwrite", "--quiet"]
+    return {"sweep": timed(cmd, out / "logs" / f"sweep_{i}.log", env)}
+
+
+def run_separate(py: list[str], train_yaml: Path, limits: list, out: Path, env: dict, i: int) -> dict:
+    times = {}
+    for limit in limits:
+        name = f"limit{'all' if limit is None else limit}"
+        cmd = [*py, "train", str(train_yaml), f"data.limit={'null' if limit is None else limit}",
+               f"output_dir={out / 'separate' / name}", "--overwrite", "--quiet"]
+        times[name] = timed(cmd, out / "logs" / f"separate_{name}_{i}.log", env)
+    return {"separate": times}
+
+
+def run_seed_recipe(model_path: str, records: Path, limits: list, epochs: float, real: list,
+                    out: Path, env: dict) -> dict:
+    """The seed's recipe per trial; trials not in `real` are estimated from the measured ones."""
+    measured, estimated = {}, {}
+    for limit in [x for x in limits if x in real]:
+        name = f"limit{'all' if limit is None else limit}"
+        cmd = [sys.executable, str(HERE / "seed_recipe.py"), "--model", model_path, "--data", str(records),
+               "--epochs", str(epochs), "--out", str(out / "seed_out" / name)]
+        cmd += [] if limit is None else ["--limit", str(limit)]
+        log = out / "logs" / f"seed_{name}.log"
+        wall = timed(cmd, log, env)
+        stats = json.loads([ln for ln in log.read_text().splitlines() if ln.startswith("{")][-1])
+        measured[name] = {**stats, "wall_s": round(wall, 2)}
+    if not measured:
+        sys.exit("--baseline-limits must include at least one of --limits")
+    overhead = statistics.median(m["wall_s"] - m["train_s"] for m in measured.values())
+    tps = sum(m["tokens"] for m in measured.values()) / sum(m["train_s"] for m in measured.values())
+    all_records = json.loads(records.read_text(encoding="utf-8"))
+    for limit in [x for x in limits if x not in real]:
+        tokens = _seed_tokens(all_records[:limit], epochs)
+        name = f"limit{'all' if limit is None else limit}"
+        estimated[name] = {"tokens": tokens, "wall_s": round(overhead + tokens / tps, 2)}
+    return {"measured": measured, "estimated": estimated, "overhead_s": round(overhead, 2),
+            "tokens_per_s": round(tps, 1)}
+
+
+def _seed_tokens(records: list[dict], epochs: float) -> int:
+    """Tokens the seed's recipe trains on: its prompt + answer + pad, cut at 384."""
+    from make_records import builtin_tokenizer
+
+    tok = builtin_tokenizer()
+    n = 0
+    for r in records:
+        text = (f"<|im_start|>system\n{r['instruction']}<|im_end|>\n<|im_start|>user\n{r['input']}"
+                f"<|im_end|>\n<|im_start|>assistant\n")
+        n += min(384, len(tok(text, add_special_tokens=False)["input_ids"])
+                 + len(tok(r["output"], add_special_tokens=False)["input_ids"]) + 1)
+    return round(n * epochs)
+
+
 def hardware(device: str) -> str:
     if device == "cuda":
         import torch
 
         return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def _sweep_results(sweep_dir: Path) -> dict:
+    path = sweep_dir / "sweep.json"
+    if not path.is_file():
+        return {}
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    return {t["name"]: t.get("result") for t in manifest.get("trials", [])}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,22 +204,35 @@ def main(argv: list[str] | None = None) -> int:
         env["CUDA_VISIBLE_DEVICES"] = ""
     py = [sys.executable, "-m", "loralab.cli"]
 
-    sweep_s = timed([*py, "sweep", str(sweep_yaml), "--overwrite", "--quiet"], out / "logs" / "sweep.log", env)
-    separate = {}
-    for limit in limits:
-        name = f"limit{'all' if limit is None else limit}"
-        cmd = [*py, "train", str(train_yaml), f"data.limit={'null' if limit is None else limit}",
-               f"output_dir={out / 'separate' / name}", "--overwrite", "--quiet"]
-        separate[name] = timed(cmd, out / "logs" / f"separate_{name}.log", env)
-    separate_s = sum(separate.values())
+    date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    config = {"device": args.device, "model": args.model, "limits": limits, "epochs": args.epochs,
+              "records": n_records, "r": 8, "lr": 1e-4, "batch": "4 x grad_accum 4",
+              "baseline": args.baseline}
+    print("config:", json.dumps(config), "| hardware:", hardware(args.device), "| commit:",
+          git_commit(), "| date:", date, flush=True)
+    if args.baseline == "seed":
+        real = limits if args.baseline_limits is None else [
+            None if x.strip() in ("null", "all", "none") else int(x) for x in args.baseline_limits.split(",")]
+        sweep_s = run_sweep(py, sweep_yaml, out, env, 0)["sweep"]
+        seed = run_seed_recipe(model_path, records_path, limits, args.epochs, real, out, env)
+        separate_s = sum(m["wall_s"] for part in ("measured", "estimated") for m in seed[part].values())
+        extra = {"seed_recipe": seed, "separate_estimated_trials": sorted(seed["estimated"])}
+    else:
+        rounds = []
+        for i in range(args.repeat):
+            sides = [(run_sweep, (py, sweep_yaml, out, env, i)),
+                     (run_separate, (py, train_yaml, limits, out, env, i))]
+            order = sides if i % 2 == 0 else sides[::-1]
+            rounds.append({k: v for fn, fn_args in order for k, v in fn(*fn_args).items()})
+        sweep_s = statistics.median(r["sweep"] for r in rounds)
+        separate_s = statistics.median(sum(r["separate"].values()) for r in rounds)
+        extra = {"rounds": rounds}
+    sweep_results = _sweep_results(out / "sweep")
     report = {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "git_commit": git_commit(), "versions": versions(), "hardware": hardware(args.device),
-        "config": {"device": args.device, "model": args.model, "limits": limits, "epochs": args.epochs,
-                   "records": n_records, "r": 8, "lr": 1e-4, "batch": "4 x grad_accum 4"},
+        "date": date, "git_commit": git_commit(), "versions": versions(),
+        "hardware": hardware(args.device), "config": config,
         "sweep_makespan_s": round(sweep_s, 2), "separate_makespan_s": round(separate_s, 2),
-        "separate_per_trial_s": {k: round(v, 2) for k, v in separate.items()},
-        "ratio": round(separate_s / sweep_s, 3),
+        "ratio": round(separate_s / sweep_s, 3), "sweep_trials": sweep_results, **extra,
     }
     write_json(out / "makespan.json", report)
     print(json.dumps(report, indent=2))

@@ -115,15 +115,26 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # gradient clipping; 0 disables
     precision: str = "auto"  # auto | bf16 | fp32 (weights and compute of the frozen base)
     gradient_checkpointing: str = "auto"  # auto | on | off (auto: off unless memory needs it)
-    memory: str = "fixed"  # fixed (batch_size as given) | auto (fit micro-batch to the card)
+    memory: str = "auto"  # auto (CUDA: largest micro-batch that fits, same effective batch) | fixed
     log_every: int = 1  # optimizer steps between metric logs
     save_every: int = 0  # optimizer steps between checkpoints; 0: only the final adapter
     eval_every: int = 0  # optimizer steps between eval-loss passes on data.eval_path; 0: never
-    packing: bool = False  # pack sequences into rows (attention kept inside each sequence)
+    # Fast-path levers (docs/fast_path.md). auto: on with CUDA, the plain HF + PEFT path on CPU.
+    packing: str = "auto"  # auto | on | off: sequences back to back in one row, no padding
+    attention: str = "auto"  # auto | varlen | flex | sdpa: attention kept inside packed sequences
+    pack_multiple: int = 0  # fill packed rows to a multiple of this; 0: 64 on CUDA, 1 on CPU
     group_by_length: bool = True  # micro-batches of similar lengths (less padding)
     fused_lora: str = "auto"  # auto | on | off: loralab's bf16 LoRA path instead of PEFT's forward
-    compile: bool = False  # torch.compile the decoder layers
+    compile: str = "auto"  # auto | on | off: torch.compile the decoder layers
+    labelled_logits: bool = True  # LM head and loss only at labelled positions
     loss_chunk: int = 2048  # labelled positions per chunk of the chunked cross-entropy
+
+    def __post_init__(self) -> None:
+        # YAML reads on/off as booleans, and packing/compile used to be booleans: map them back.
+        for key in ("packing", "compile", "fused_lora", "gradient_checkpointing"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or str(value).lower() in ("true", "false"):
+                setattr(self, key, "on" if str(value).lower() == "true" else "off")
 
     def validate(self) -> None:
         if self.lr <= 0:
@@ -135,7 +146,7 @@ class TrainConfig:
         for key in ("batch_size", "grad_accum", "log_every", "loss_chunk"):
             if getattr(self, key) <= 0:
                 raise UserError(f"train.{key} must be > 0, got {getattr(self, key)}")
-        for key in ("save_every", "eval_every", "warmup_steps"):
+        for key in ("save_every", "eval_every", "warmup_steps", "pack_multiple"):
             if getattr(self, key) < 0:
                 raise UserError(f"train.{key} must be >= 0, got {getattr(self, key)}")
         if not 0 <= self.warmup_ratio < 1:
@@ -144,7 +155,9 @@ class TrainConfig:
         _choice("train.precision", self.precision, ("auto", "bf16", "fp32"))
         _choice("train.gradient_checkpointing", self.gradient_checkpointing, ("auto", "on", "off"))
         _choice("train.memory", self.memory, ("fixed", "auto"))
-        _choice("train.fused_lora", self.fused_lora, ("auto", "on", "off"))
+        for key in ("fused_lora", "packing", "compile"):
+            _choice(f"train.{key}", getattr(self, key), ("auto", "on", "off"))
+        _choice("train.attention", self.attention, ("auto", "varlen", "flex", "sdpa"))
 
 
 @dataclass

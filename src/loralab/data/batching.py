@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import torch
 
@@ -67,13 +68,17 @@ def collate_padded(examples: list[Example], pad_id: int) -> dict[str, torch.Tens
     }
 
 
-def collate_packed(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor | int]:
+def collate_packed(
+    examples: list[Example], pad_id: int, pad_to_multiple: int = 1
+) -> dict[str, torch.Tensor | int]:
     """All sequences in one row [1, T] with per-sequence positions and cu_seq_lens.
 
     Labels are shifted left inside the model, so labels[start_k] is predicted from the last
     token of sequence k-1; it must be -100. Every prompt starts with an unlabelled token.
+    With pad_to_multiple > 1 the row is filled up to a multiple of it by one extra, unlabelled
+    pad sequence: few distinct row lengths mean few compiled shapes (torch.compile) and
+    GEMM-friendly sizes; the pad attends only to itself and carries no loss.
     """
-    del pad_id  # one row needs no padding; kept so both collators share a signature
     input_ids: list[int] = []
     labels: list[int] = []
     positions: list[int] = []
@@ -85,10 +90,48 @@ def collate_packed(examples: list[Example], pad_id: int) -> dict[str, torch.Tens
         labels += example.labels
         positions += range(len(example.input_ids))
         cu_seq_lens.append(len(input_ids))
+    longest = max(len(e.input_ids) for e in examples)
+    fill = -len(input_ids) % max(1, pad_to_multiple)
+    if fill:
+        input_ids += [pad_id] * fill
+        labels += [IGNORE_INDEX] * fill
+        positions += range(fill)
+        cu_seq_lens.append(len(input_ids))
+        longest = max(longest, fill)
     return {
         "input_ids": torch.tensor([input_ids], dtype=torch.long),
         "labels": torch.tensor([labels], dtype=torch.long),
         "position_ids": torch.tensor([positions], dtype=torch.long),
         "cu_seq_lens": torch.tensor(cu_seq_lens, dtype=torch.int32),
-        "max_length": max(len(e.input_ids) for e in examples),
+        "max_length": longest,
     }
+
+
+def real_tokens(examples: list[Example]) -> int:
+    """Tokens of the examples themselves (no padding): what tokens/s counts."""
+    return sum(len(e.input_ids) for e in examples)
+
+
+def collate_for_model(
+    examples: list[Example], pad_id: int, packed: bool, pad_to_multiple: int = 1
+) -> dict[str, Any]:
+    """Padded rows, or one packed row with boundaries under transformers' kwarg names."""
+    if not packed:
+        return collate_padded(examples, pad_id)
+    row = collate_packed(examples, pad_id, pad_to_multiple)
+    cu, longest = row.pop("cu_seq_lens"), row.pop("max_length")
+    return {**row, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest,
+            "max_length_k": longest}
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Tensors moved to `device` (one copy of a tensor passed under two names), ints kept."""
+    moved: dict[int, torch.Tensor] = {}
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        if torch.is_tensor(value):
+            if id(value) not in moved:
+                moved[id(value)] = value.to(device)
+            value = moved[id(value)]
+        out[key] = value
+    return out

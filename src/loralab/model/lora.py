@@ -76,10 +76,13 @@ class LabelledLoss(nn.Module):
     Returns (loss_sum, n_labelled) so accumulation can normalise by the step's token count.
     """
 
-    def __init__(self, peft_model: nn.Module, chunk: int = 2048) -> None:
+    def __init__(self, peft_model: nn.Module, chunk: int = 2048, labelled_only: bool = True) -> None:
         super().__init__()
         self.peft_model = peft_model
         self.chunk = chunk
+        # False reproduces the usual HF loss path (fp32 logits at every position): the
+        # benchmark's "lever off" baseline. The loss value is the same either way.
+        self.labelled_only = labelled_only
 
     def causal_lm(self) -> nn.Module:
         return self.peft_model.get_base_model()
@@ -91,6 +94,11 @@ class LabelledLoss(nn.Module):
         hidden = lm.model(input_ids=input_ids, **model_inputs).last_hidden_state
         targets = labels[:, 1:]
         mask = targets != -100
+        if not self.labelled_only:
+            logits = lm.lm_head(hidden[:, :-1]).float()
+            flat = logits.reshape(-1, logits.shape[-1])
+            loss = nn.functional.cross_entropy(flat, targets.reshape(-1), reduction="sum")
+            return loss, mask.sum()
         picked = hidden[:, :-1][mask]
         wanted = targets[mask]
         return chunked_cross_entropy(picked, wanted, lm.lm_head, self.chunk), mask.sum()

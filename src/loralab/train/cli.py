@@ -79,9 +79,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     result = train_run(cfg, overwrite=is_run_dir(run_dir))
     _print_result(result)
     console.print(
-        "\n[bold]Note[/bold]: this model has random weights and 2 tiny layers. Falling loss shows the "
-        "pipeline works and the model learns the answer format; it cannot learn the task. "
-        "For real results use model.path=Qwen/Qwen2.5-7B-Instruct (configs/qwen2.5-7b-instruct.yaml)."
+        "\n[bold]Note[/bold]: this model has random weights and 2 tiny layers. A falling loss shows the "
+        "pipeline trains end to end (data, chat template, LoRA, checkpoints, tracking); a random "
+        "model cannot learn the task, and in a few steps not even the answer format. For real "
+        "results use model.path=Qwen/Qwen2.5-7B-Instruct (configs/qwen2.5-7b-instruct.yaml)."
     )
     return 0
 

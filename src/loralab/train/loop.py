@@ -48,6 +48,7 @@ class StepStats:
     loss_sum: float = 0.0
     tokens: int = 0  # labelled tokens
     seen_tokens: int = 0  # all real (unpadded) tokens processed
+    largest_batch: tuple[int, int] = (0, 0)  # (tokens incl. padding, labelled) of the largest
     losses: list[float] = field(default_factory=list)
 
 
@@ -163,16 +164,14 @@ def _train(
 ) -> dict[str, Any]:
     from loralab.data.batching import plan_steps
     from loralab.model.lora import LabelledLoss, count_parameters
+    from loralab.train import levers
 
     run_dir = Path(cfg.output_dir)
     tcfg = cfg.train
     torch.manual_seed(tcfg.seed)
-    if tcfg.gradient_checkpointing == "on":
-        base.model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+    fast = levers.resolve(cfg, base.model, base.device, examples)
     peft_model.train()
-    loss_module = LabelledLoss(peft_model, tcfg.loss_chunk)
+    loss_module = LabelledLoss(peft_model, tcfg.loss_chunk, fast.labelled_only)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     schedule = make_schedule(cfg, len(examples))
@@ -192,7 +191,7 @@ def _train(
     if resume:
         ckpt.trim_metrics(run_dir / "metrics.jsonl", start_step)
     trainable, total = count_parameters(peft_model)
-    result = _base_result(cfg, summary, schedule, trainable, total)
+    result = {**_base_result(cfg, summary, schedule, trainable, total), "fast_path": fast.describe()}
     ckpt.write_result(run_dir, {**result, "status": "running"})
     tracker = (
         start_tracker(cfg.tracking, run_dir, cfg.to_dict()) if accelerator.is_main_process else None
@@ -203,10 +202,12 @@ def _train(
     plans: dict[int, list] = {}
     all_losses: list[float] = list(state.get("losses", []))
     tokens_done = int(state.get("tokens", 0))
+    largest = (0, 0)
     train_seconds = float(state.get("train_seconds", 0.0))
     progress = StepProgress(
         schedule.total_steps, start_step, enabled=show_progress and accelerator.is_main_process
     )
+    undo_levers = levers.apply(fast, base.model, peft_model)
     try:
         for step in range(start_step, schedule.total_steps):
             epoch, index = divmod(step, schedule.steps_per_epoch)
@@ -214,8 +215,8 @@ def _train(
                 plans = {
                     epoch: plan_steps(
                         lengths,
-                        tcfg.batch_size,
-                        tcfg.grad_accum,
+                        fast.micro_batch,
+                        fast.grad_accum,
                         tcfg.seed,
                         epoch,
                         cfg.data.shuffle,
@@ -224,7 +225,10 @@ def _train(
                 }
             micro_batches = plans[epoch][index]
             t0 = time.perf_counter()
-            stats = accumulate_step(accelerator, loss_module, examples, micro_batches, pad_id)
+            stats = accumulate_step(
+                accelerator, loss_module, examples, micro_batches, pad_id,
+                packed=fast.packing, pad_multiple=fast.pad_multiple,
+            )
             grad_norm = _clip(accelerator, params, tcfg.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -236,6 +240,7 @@ def _train(
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {step + 1}: try a lower train.lr")
             all_losses.append(loss)
+            largest = max(largest, stats.largest_batch)
             tokens_done += stats.seen_tokens
             row = {
                 "step": step + 1,
@@ -286,6 +291,8 @@ def _train(
             if tracker:
                 tracker.finish()
         raise
+    finally:
+        undo_levers()  # the base and the adapter layers go back to plain HF + PEFT
     progress.close()
     peft_model.eval()
     if accelerator.is_main_process:
@@ -293,34 +300,43 @@ def _train(
             accelerator.unwrap_model(loss_module).peft_model, base.tokenizer, run_dir
         )
         result.update(_final_numbers(all_losses, tokens_done, train_seconds, started))
+        if base.device.type == "cuda" and largest[0]:
+            # Predicted for the largest micro-batch this run actually had, to set against
+            # peak_memory_gb (the fast_path's own figure is the plan's worst case).
+            result["predicted_peak_gb"] = levers.predict_peak_gib(cfg, base.model, fast, *largest)
         ckpt.write_result(run_dir, {**result, "status": "done"})
         tracker.finish()
         result["tracker"] = {"backend": tracker.name, "log_dir": tracker.where}
     return {**result, "status": "done"}
 
 
-def accumulate_step(accelerator, loss_module, examples, micro_batches, pad_id) -> StepStats:
+def accumulate_step(
+    accelerator, loss_module, examples, micro_batches, pad_id, *, packed=False, pad_multiple=1
+) -> StepStats:
     """Forward/backward every micro-batch of one optimizer step, normalised by the step's tokens.
 
     Dividing each micro-batch's summed loss by the labelled-token count of the whole step (all
-    processes) gives the same gradient however the step is split into micro-batches.
+    processes) gives the same gradient however the step is split into micro-batches (or packed).
     """
-    from loralab.data.batching import collate_padded
+    from loralab.data.batching import collate_for_model, real_tokens, to_device
 
     shard = micro_batches[accelerator.process_index :: accelerator.num_processes]
-    batches = [collate_padded([examples[i] for i in mb], pad_id) for mb in shard]
+    groups = [[examples[i] for i in mb] for mb in shard]
+    batches = [collate_for_model(group, pad_id, packed, pad_multiple) for group in groups]
     local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
     step_tokens = int(accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum"))
     stats = StepStats()
-    for i, batch in enumerate(batches):
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+    for i, (group, batch) in enumerate(zip(groups, batches, strict=True)):
+        batch = to_device(batch, accelerator.device)
         sync = i == len(batches) - 1
         with accelerator.no_sync(loss_module) if not sync else contextlib.nullcontext():
             loss_sum, n = loss_module(**batch)
             accelerator.backward(loss_sum / max(1, step_tokens))
         stats.loss_sum += float(loss_sum.detach())
         stats.tokens += int(n)
-        stats.seen_tokens += int(batch["attention_mask"].sum())
+        stats.seen_tokens += real_tokens(group)
+        size = (batch["input_ids"].numel(), int(n))
+        stats.largest_batch = max(stats.largest_batch, size)
     return stats
 
 

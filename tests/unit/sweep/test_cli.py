@@ -20,7 +20,8 @@ def test_dry_run_lists_trials_and_work_without_loading_weights(real_data_sweep, 
         raise AssertionError("--dry-run loaded model weights")
 
     monkeypatch.setattr(model_load, "load_base_model", no_weights)
-    assert main(["sweep", str(real_data_sweep), "--dry-run", "train.batch_size=2", "train.grad_accum=2"]) == 0
+    args = ["sweep", str(real_data_sweep), "train.batch_size=2", "train.grad_accum=2", "--dry-run"]
+    assert main(args) == 0
     out = capsys.readouterr().out
     assert "limit8" in out and "limit16" in out and "limitall" in out and "3 trials" in out
     # limit8: 8 records x 2 epochs = 4 steps of 2x2 sequences; tokens = 16 sequences x mean length

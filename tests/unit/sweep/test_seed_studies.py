@@ -30,8 +30,8 @@ def test_shipped_sweep_files(name, trials):
         cfg = trial.config
         assert (cfg.lora.r, cfg.train.lr, cfg.train.epochs) == (
             trial.overrides.get("lora.r", 8),
-            trial.overrides.get("train.lr", 2e-3 if name == "demo" else 1e-4),
-            trial.overrides.get("train.epochs", 2 if name == "demo" else 4),
+            trial.overrides.get("train.lr", 5e-3 if name == "demo" else 1e-4),
+            trial.overrides.get("train.epochs", 1 if name == "demo" else 4),
         )
     if name == "data_size":
         assert [t.config.data.limit for t in spec.trials] == [50, 100, 500, None]

@@ -1,0 +1,210 @@
+"""`loralab eval`, `loralab predict`, `loralab chat` and `loralab merge` (no torch at import)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from loralab.errors import UserError
+
+ENGINE_HELP = "generation engine: auto (static greedy loop, CUDA graphs on GPU), static, hf"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser("eval", help="generate and score with the base model and adapters; compare",
+                       description="Evaluate adapters (runs or sweeps) and optionally the base "
+                       "model on an eval file; writes RUN/eval/, COMP/base/, COMP/references/ "
+                       "and the comparison report.")
+    e.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.batch_size=32")
+    e.add_argument("--data", type=Path, help="eval file (default: the run's data.eval_path)")
+    e.add_argument("--adapters", type=Path, nargs="+", action="extend", default=[],
+                   metavar="RUN_OR_SWEEP", help="run folders or sweep folders (finished trials)")
+    e.add_argument("--base", action="store_true", help="also evaluate the base model")
+    e.add_argument("--limit", type=int, help="evaluate the first N records only")
+    e.add_argument("--out", type=Path, help="comparison folder (default: FIRST/comparison)")
+    e.add_argument("--config", type=Path, help="config file (default: the first run's config.yaml)")
+    e.add_argument("--engine", default="auto", choices=["auto", "static", "hf"], help=ENGINE_HELP)
+    e.add_argument("--device", help="cuda, cpu, cuda:1 ... (default: cuda when available)")
+    e.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="batch generations of an adapter to JSONL")
+    p.add_argument("--adapter", type=Path, required=True, help="trained run or adapter folder")
+    p.add_argument("--input", type=Path, required=True,
+                   help="JSON array / JSONL of records, {input}/{prompt} objects or strings")
+    p.add_argument("--out", type=Path, help="output JSONL (default: standard output)")
+    p.add_argument("--limit", type=int, help="the first N inputs only")
+    p.add_argument("--max-new-tokens", type=int, help="default: eval.max_new_tokens, else 512")
+    p.add_argument("--engine", default="auto", choices=["auto", "static", "hf"], help=ENGINE_HELP)
+    p.add_argument("--device", help="cuda, cpu ... (default: cuda when available)")
+    p.set_defaults(func=cmd_predict)
+
+    c = sub.add_parser("chat", help="talk to an adapter (streaming; exit or Ctrl-D ends)")
+    c.add_argument("--adapter", type=Path, required=True, help="trained run or adapter folder")
+    c.add_argument("--system", help="system prompt (default: the run's data.system_prompt)")
+    c.add_argument("--max-new-tokens", type=int, default=512)
+    c.add_argument("--device", help="cuda, cpu ... (default: cuda when available)")
+    c.set_defaults(func=cmd_chat)
+
+    m = sub.add_parser("merge", help="merge an adapter into its base: a plain safetensors model")
+    m.add_argument("--adapter", type=Path, required=True, help="trained run or adapter folder")
+    m.add_argument("--out", type=Path, required=True, help="folder for the merged model")
+    m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    m.add_argument("--device", help="cpu (default) or cuda")
+    m.set_defaults(func=cmd_merge)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from loralab.evaluate.runner import run_eval
+    from loralab.report.cli import run_report
+
+    result = run_eval(args.data, args.adapters, args.base, args.limit, args.out, args.config,
+                      args.overrides, engine=args.engine, device=args.device)
+    return run_report(argparse.Namespace(dir=result["comparison_dir"], out=None))
+
+
+# ---------------------------------------------------------------- predict
+
+
+def read_inputs(path: Path) -> list[dict[str, Any]]:
+    """Inputs as chat turns: training records (answer ignored), {input}/{prompt} or strings."""
+    from loralab.data.records import parse_record
+
+    if not path.is_file():
+        raise UserError(f"input file not found: {path}")
+    text = path.read_text(encoding="utf-8-sig")
+    try:
+        items = json.loads(text) if text.lstrip().startswith("[") else [
+            json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not a JSON array or JSONL (line {exc.lineno}): {exc.msg}") from None
+    if not isinstance(items, list) or not items:
+        raise UserError(f"{path} holds no inputs")
+    out = []
+    for i, item in enumerate(items, 1):
+        if isinstance(item, str):
+            out.append({"system": None, "messages": [{"role": "user", "content": item}]})
+            continue
+        if isinstance(item, dict) and "messages" in item and item["messages"] and \
+                item["messages"][-1].get("role") == "user":
+            item = {**item, "messages": [*item["messages"], {"role": "assistant", "content": "-"}]}
+        elif isinstance(item, dict) and "prompt" in item:
+            item = {"completion": "-", **item}  # the answer is not needed to ask
+        elif isinstance(item, dict) and "messages" not in item:
+            item = {"output": "-", **item}
+        try:
+            record = parse_record(item, i)
+        except Exception as exc:
+            raise UserError(f"{path}: input {i}: {exc}") from None
+        out.append({"system": record.system, "messages": record.messages})
+    return out
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from loralab.data.render import render_prompt
+    from loralab.evaluate.generate import GenSettings, generate_texts
+    from loralab.evaluate.tasks import get_task
+    from loralab.io import atomic_write_text
+
+    inputs = read_inputs(args.input)[: args.limit] if args.limit else read_inputs(args.input)
+    model, tokenizer, cfg = load_adapter_model(args.adapter, args.device)
+    system = cfg.data.system_prompt
+    prompts = [render_prompt(tokenizer, system or x["system"], x["messages"]) for x in inputs]
+    settings = GenSettings(max_new_tokens=args.max_new_tokens or cfg.eval.max_new_tokens or 512,
+                           batch_size=cfg.eval.batch_size, engine=args.engine)
+    generations, stats = generate_texts(model, tokenizer, prompts, settings)
+    task = get_task(cfg.eval) if cfg.eval.task == "tag_scores" else None
+    lines = []
+    for x, g in zip(inputs, generations, strict=True):
+        row = {"input": x["messages"][-1]["content"], "generation": g.text,
+               "finished": g.finished, "new_tokens": g.new_tokens}
+        if task is not None:
+            row["parsed"] = task.parse(g.text)
+        lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+    if args.out:
+        atomic_write_text(args.out, "".join(lines))
+        rate = stats.as_dict()["tokens_per_s"] or 0
+        print(f"{len(lines)} generations → {args.out} ({rate:,.0f} new tokens/s)", file=sys.stderr)
+    else:
+        sys.stdout.write("".join(lines))
+    return 0
+
+
+def load_adapter_model(adapter: Path, device: str | None, merge: bool = True):
+    """(model with the adapter, tokenizer, the run's Config) for predict and chat."""
+    from loralab.evaluate.runner import (
+        adapter_run,
+        attached_adapter,
+        eval_config,
+        expand_adapter_dirs,
+    )
+    from loralab.model.load import load_base_model
+
+    path, name = expand_adapter_dirs([adapter])[0]
+    run = adapter_run(path, name)
+    # A bare PEFT folder has no training file; predict and chat need none.
+    bare = not (run.path / "config.yaml").is_file()
+    cfg = eval_config(None, [run], ["data.path=(none)"] if bare else [])
+    model, tokenizer = load_base_model(cfg.model, device)
+    peft_model = attached_adapter(model, run.path, merge=merge).__enter__()
+    return peft_model, tokenizer, cfg
+
+
+# ---------------------------------------------------------------- chat
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    import threading
+
+    from transformers import TextIteratorStreamer
+
+    from loralab.data.render import render_prompt
+    from loralab.evaluate.generate import stop_token_ids
+
+    model, tokenizer, cfg = load_adapter_model(args.adapter, args.device)
+    system = args.system if args.system is not None else cfg.data.system_prompt
+    history: list[dict[str, str]] = []
+    device = next(model.parameters()).device
+    interactive = sys.stdin.isatty()
+    print("loralab chat: type a message; 'exit' or Ctrl-D ends.", file=sys.stderr)
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True, file=sys.stderr)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "exit":
+            return 0
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line.rstrip("\n")})
+        prompt = render_prompt(tokenizer, system, history)
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(device)
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs = dict(**ids, max_new_tokens=args.max_new_tokens, do_sample=False,
+                      eos_token_id=stop_token_ids(tokenizer, model), streamer=streamer,
+                      pad_token_id=tokenizer.pad_token_id, repetition_penalty=1.0,
+                      temperature=None, top_p=None, top_k=None)
+        worker = threading.Thread(target=model.generate, kwargs=kwargs, daemon=True)
+        worker.start()
+        parts = []
+        print("assistant> ", end="", flush=True)
+        for piece in streamer:
+            parts.append(piece)
+            print(piece, end="", flush=True)
+        worker.join()
+        print(flush=True)
+        history.append({"role": "assistant", "content": "".join(parts)})
+
+
+# ---------------------------------------------------------------- merge
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from loralab.model.merge import merge_to_folder
+
+    check = merge_to_folder(args.adapter, args.out, overwrite=args.overwrite, device=args.device)
+    print(f"merged model → {args.out}")
+    print(f"largest logit difference vs base+adapter: {check['max_abs_logit_diff']:.3g} "
+          f"(reloaded from disk, {check['prompts']} prompts, {check['dtype']})")
+    return 0

@@ -1,0 +1,432 @@
+"""Batched generation for evaluation: left padding, greedy by default, stop at end-of-turn.
+
+Two engines behind one function, `generate_texts`:
+- `static` (greedy): loralab's own loop over a preallocated KV cache with explicit masks. Its
+  decode step touches no Python state that changes between tokens, so on CUDA it is captured
+  once per batch in a CUDA graph and replayed: one launch per token instead of ~1,000 kernel
+  launches from Python, which is where HF `generate` spends most of a 7B decode step.
+- `hf`: transformers' `generate` (sampling, attention kernels the static loop cannot drive);
+  static cache on CUDA, dynamic cache on CPU.
+Prompts are sorted by length before batching so a batch pads little. A generation that never
+stops is cut at max_new_tokens and reported as not finished.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from loralab.errors import UserError
+
+ENGINES = ("auto", "static", "hf")
+CHECK_EVERY = 8  # decode steps between checks whether every sequence has stopped (one sync)
+# What the last static run did (benchmarks and metrics.json report it).
+LAST_RUN: dict[str, Any] = {"cuda_graph": False, "graph_error": None}
+
+
+@dataclass
+class GenSettings:
+    """How to generate; `min_new_tokens` = max_new_tokens forces a fixed length (benchmarks)."""
+
+    max_new_tokens: int
+    batch_size: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    engine: str = "auto"  # auto: static when greedy and the attention is sdpa/eager, else hf
+    cuda_graph: bool = True  # static engine on CUDA: replay the decode step as a CUDA graph
+    compile: bool = False  # static engine on CUDA: torch.compile the model before capture
+    min_new_tokens: int = 0
+    seed: int = 0  # sampling only
+
+
+@dataclass
+class Generation:
+    """One record's output."""
+
+    text: str
+    new_tokens: int  # tokens generated up to and including the stop token
+    finished: bool  # stopped by itself before max_new_tokens
+
+
+@dataclass
+class GenStats:
+    new_tokens: int
+    seconds: float
+    engine: str
+
+    def as_dict(self) -> dict[str, Any]:
+        rate = self.new_tokens / self.seconds if self.seconds > 0 else None
+        return {"new_tokens": self.new_tokens, "seconds": round(self.seconds, 3),
+                "tokens_per_s": rate, "engine": self.engine}
+
+
+def stop_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
+    """`<|im_end|>` when the vocabulary has it, the tokenizer's eos, the model's eos ids."""
+    ids: list[int] = []
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id and im_end is not None:
+        ids.append(im_end)
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    gen_cfg = getattr(model, "generation_config", None)
+    eos = getattr(gen_cfg, "eos_token_id", None)
+    ids += [eos] if isinstance(eos, int) else list(eos or [])
+    return sorted(set(ids))
+
+
+def default_max_new_tokens(tokenizer: Any, references: list[str]) -> int:
+    """1.5 × the longest reference answer in tokens + 16: room for the answer and its stop."""
+    longest = max((len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references),
+                  default=0)
+    return int(1.5 * longest) + 16
+
+
+def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices sorted by length (longest first, stable), cut into batches of `batch_size`."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def cut_at_stop(ids: list[int], stop_ids: list[int], limit: int) -> tuple[list[int], bool]:
+    """(tokens up to the first stop token, inclusive; whether a stop token came within limit)."""
+    stops = set(stop_ids)
+    for i, token in enumerate(ids[:limit]):
+        if token in stops:
+            return ids[: i + 1], True
+    return ids[:limit], False
+
+
+def pick_engine(model: Any, settings: GenSettings) -> str:
+    if settings.engine not in ENGINES:
+        raise UserError(f"generation engine must be one of {', '.join(ENGINES)}")
+    if settings.engine != "auto":
+        if settings.engine == "static" and settings.do_sample:
+            raise UserError("the static engine is greedy only: use engine=hf to sample")
+        return settings.engine
+    attn = getattr(_core(model).config, "_attn_implementation", "sdpa")
+    return "static" if not settings.do_sample and attn in ("sdpa", "eager") else "hf"
+
+
+def generate_texts(
+    model: Any, tokenizer: Any, prompts: list[str], settings: GenSettings
+) -> tuple[list[Generation], GenStats]:
+    """Generate for every prompt (chat-rendered text); results in prompt order."""
+    engine = pick_engine(model, settings)
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    stop_ids = stop_token_ids(tokenizer, model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    device = next(model.parameters()).device
+    _sync(device)
+    started = time.perf_counter()
+    outs = generate_ids(model, prompt_ids, settings, stop_ids, pad_id, engine)
+    _sync(device)
+    seconds = time.perf_counter() - started
+    results = []
+    for out in outs:
+        kept, finished = cut_at_stop(out, stop_ids, settings.max_new_tokens)
+        results.append(Generation(tokenizer.decode(kept, skip_special_tokens=True), len(kept),
+                                  finished))
+    stats = GenStats(sum(r.new_tokens for r in results), seconds, engine)
+    return results, stats
+
+
+def generate_ids(model: Any, prompt_ids: list[list[int]], settings: GenSettings,
+                 stop_ids: list[int], pad_id: int, engine: str = "static") -> list[list[int]]:
+    """New token ids (uncut) per prompt, in prompt order, batched by length."""
+    import torch
+
+    results: list[list[int]] = [[] for _ in prompt_ids]
+    with torch.inference_mode():
+        for batch in length_batches([len(p) for p in prompt_ids], settings.batch_size):
+            ids = [prompt_ids[i] for i in batch]
+            run = static_generate if engine == "static" else hf_generate
+            for i, out in zip(batch, run(model, ids, settings, stop_ids, pad_id), strict=True):
+                results[i] = out
+    return results
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _core(model: Any) -> Any:
+    """The transformers model inside a PeftModel (LoRA layers live in its modules)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _left_pad(ids: list[list[int]], pad_id: int, device: Any):
+    import torch
+
+    width = max(len(x) for x in ids)
+    input_ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in ids], device=device)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+    return input_ids, mask
+
+
+# ---------------------------------------------------------------- transformers' generate
+
+
+def hf_generate(
+    model: Any, ids: list[list[int]], settings: GenSettings, stop_ids: list[int], pad_id: int
+) -> list[list[int]]:
+    """New token ids per prompt through `model.generate` (explicit settings: no model defaults
+    such as Qwen's repetition_penalty or sampling leak into a greedy evaluation)."""
+    import torch
+
+    device = next(model.parameters()).device
+    input_ids, mask = _left_pad(ids, pad_id, device)
+    kwargs: dict[str, Any] = dict(
+        max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens,
+        do_sample=settings.do_sample, eos_token_id=stop_ids, pad_token_id=pad_id,
+        repetition_penalty=1.0, use_cache=True,
+    )
+    if settings.do_sample:
+        torch.manual_seed(settings.seed)
+        kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    if device.type == "cuda":
+        kwargs["cache_implementation"] = "static"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+    return [row.tolist() for row in out[:, input_ids.shape[1] :]]
+
+
+# ---------------------------------------------------------------- the static greedy engine
+
+
+def _cache_base():
+    from transformers.cache_utils import Cache
+
+    return Cache
+
+
+class StaticKV(_cache_base()):
+    """Preallocated keys/values of every layer, written at a device-side offset.
+
+    The offset lives in a tensor so the decode step is the same code every token (graph-safe);
+    it advances once per forward, after all layers wrote (`advance`).
+    """
+
+    is_compileable = True
+
+    def __init__(self, config: Any, batch: int, max_len: int, dtype: Any, device: Any) -> None:
+        import torch
+
+        # Cache.__init__ differs across transformers versions; this class needs none of it.
+        heads = config.num_key_value_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        shape = (batch, heads, max_len, head_dim)
+        n = config.num_hidden_layers
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)]
+        self.offset = torch.zeros((), dtype=torch.long, device=device)
+        self.steps = torch.arange(max_len, device=device)
+        self.layers = []
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        where = self.offset + self.steps[: key_states.shape[2]]
+        self.keys[layer_idx].index_copy_(2, where, key_states.to(self.keys[layer_idx].dtype))
+        self.values[layer_idx].index_copy_(2, where, value_states.to(self.values[layer_idx].dtype))
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # positions and masks are always given explicitly
+
+    def advance(self, n: int) -> None:
+        self.offset.add_(n)
+
+
+def _additive(valid, dtype):
+    """Boolean 'may attend' → additive mask (finite minimum: a fully masked row stays finite)."""
+    import torch
+
+    zero = torch.zeros((), dtype=dtype, device=valid.device)
+    return torch.where(valid, zero, torch.finfo(dtype).min)
+
+
+def _cache_kwarg(lm: Any) -> str:
+    """transformers renamed `past_key_values` to `cache` (5.2x); use what this version takes."""
+    import inspect
+
+    params = inspect.signature(lm.model.forward).parameters if hasattr(lm, "model") else {}
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _forward(lm: Any, input_ids, position_ids, mask, cache, cache_kwarg: str):
+    masks = {"full_attention": mask, "sliding_attention": mask}
+    out = lm(input_ids=input_ids, position_ids=position_ids, attention_mask=masks,
+             use_cache=True, logits_to_keep=1, **{cache_kwarg: cache})
+    return out.logits[:, -1]
+
+
+def grouped_decode_attention(module, query, key, value, attention_mask, dropout=0.0,
+                             scaling=None, **kwargs):
+    """One-token attention for grouped-query models without copying K/V per query head.
+
+    transformers' SDPA path repeats every K/V head for its query heads whenever a mask is given
+    (7× the cache of Qwen2.5-7B read and written per layer and token): the largest cost of a
+    decode step once launches are gone. Longer queries (prefill) use the SDPA path.
+    """
+    import torch
+
+    if query.shape[2] != 1:
+        return _SDPA["forward"](module, query, key, value, attention_mask, dropout=dropout,
+                                scaling=scaling, **kwargs)
+    batch, heads, _, dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    scale = scaling if scaling is not None else dim ** -0.5
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)
+    scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * scale
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, :, :length].float()  # [batch, 1, 1, length]
+    probs = torch.softmax(scores, dim=-1).to(value.dtype)
+    out = torch.matmul(probs, value)  # [batch, kv_heads, group, dim]
+    return out.reshape(batch, 1, heads, dim), None
+
+
+_SDPA: dict[str, Any] = {}
+
+
+class _decode_attention:  # noqa: N801 - a context manager
+    """Route transformers' 'sdpa' attention through grouped_decode_attention while inside."""
+
+    def __enter__(self) -> None:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        self.table = ALL_ATTENTION_FUNCTIONS
+        self.had_local = "sdpa" in getattr(self.table, "_local_mapping", {})
+        self.previous = self.table["sdpa"]
+        _SDPA["forward"] = self.previous
+        self.table["sdpa"] = grouped_decode_attention
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.had_local:
+            self.table["sdpa"] = self.previous
+        else:
+            del self.table["sdpa"]
+
+
+def static_generate(
+    model: Any, ids: list[list[int]], settings: GenSettings, stop_ids: list[int], pad_id: int
+) -> list[list[int]]:
+    """Greedy new token ids per prompt (always max_new_tokens of them unless all stopped)."""
+    with _decode_attention():
+        return _static_generate(model, ids, settings, stop_ids, pad_id)
+
+
+def _static_generate(model, ids, settings, stop_ids, pad_id) -> list[list[int]]:
+    import torch
+
+    lm = _core(model)
+    device = next(lm.parameters()).device
+    dtype = next(p.dtype for p in lm.parameters() if p.is_floating_point())
+    input_ids, mask = _left_pad(ids, pad_id, device)
+    batch, width = input_ids.shape
+    steps = settings.max_new_tokens
+    max_len = width + steps
+    cache = StaticKV(lm.config, batch, max_len, dtype, device)
+    valid = mask.bool()
+    key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+    key_valid[:, :width] = valid
+    # Prefill: causal over the prompt, padding never attended; a pad row attends to itself so
+    # its (unused) output stays finite and cannot poison the values the real tokens read.
+    causal = torch.ones(width, max_len, dtype=torch.bool, device=device).tril()
+    allowed = causal[None] & key_valid[:, None, :]
+    allowed |= torch.eye(width, max_len, dtype=torch.bool, device=device)[None]
+    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+    kwarg = _cache_kwarg(lm)
+    logits = _forward(lm, input_ids, positions, _additive(allowed[:, None], dtype), cache, kwarg)
+    cache.advance(width)
+    out = torch.full((batch, steps), pad_id, dtype=torch.long, device=device)
+    token = logits.argmax(-1)
+    out[:, 0] = token
+    state = _DecodeState(token[:, None].clone(), positions[:, -1:] + 1, key_valid,
+                         torch.ones((), dtype=torch.long, device=device), out)
+    stop = torch.tensor(stop_ids, device=device)
+    step_fn = _make_step(lm, cache, state, dtype, settings, kwarg)
+    runner = _graph_runner(step_fn, device, settings)
+    force = settings.min_new_tokens >= steps
+    for done in range(1, steps):
+        runner()
+        if not force and (done + 1) % CHECK_EVERY == 0 and _all_stopped(out[:, : done + 1], stop):
+            break
+    return out.tolist()
+
+
+@dataclass
+class _DecodeState:
+    token: Any  # [batch, 1] the last token, input of the next step
+    position: Any  # [batch, 1] its position id
+    key_valid: Any  # [batch, max_len] which cache slots may be attended
+    written: Any  # () how many new tokens are in `out`
+    out: Any  # [batch, max_new_tokens] generated ids
+
+
+def _make_step(lm, cache: StaticKV, s: _DecodeState, dtype, settings: GenSettings, kwarg: str):
+    """One greedy token for every row; reads and writes only tensors held by `s` and `cache`."""
+    forward = _forward
+    if settings.compile and s.token.device.type == "cuda":
+        import torch
+
+        forward = torch.compile(_forward, dynamic=False)
+
+    def step() -> None:
+        s.key_valid.index_fill_(1, cache.offset.view(1), True)  # the slot this token fills
+        mask = _additive(s.key_valid[:, None, None, :], dtype)
+        logits = forward(lm, s.token, s.position, mask, cache, kwarg)
+        token = logits.argmax(-1)
+        cache.advance(1)
+        s.position.add_(1)
+        s.token.copy_(token[:, None])
+        s.out.index_copy_(1, s.written.view(1), token[:, None])
+        s.written.add_(1)
+
+    return step
+
+
+def _graph_runner(step, device, settings: GenSettings):
+    """`step` itself on CPU; on CUDA two eager warm-up steps, then a captured graph's replay."""
+    import torch
+
+    if device.type != "cuda" or not settings.cuda_graph:
+        return step
+    calls = {"n": 0, "graph": None}
+    side = torch.cuda.Stream(device)
+
+    def run() -> None:
+        if calls["graph"] is not None:
+            calls["graph"].replay()
+            return
+        calls["n"] += 1
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            step()  # warm-up steps are real steps: capture below records without running
+        torch.cuda.current_stream(device).wait_stream(side)
+        if calls["n"] == 2:
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    step()
+            except Exception as exc:  # an op that cannot be captured: stay eager, say so once
+                LAST_RUN["graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
+                warnings.warn(f"CUDA graph capture failed, decoding eagerly: {exc}", stacklevel=2)
+                calls["n"] = -(10**9)
+                return
+            calls["graph"] = graph
+            LAST_RUN["cuda_graph"] = True
+
+    return run
+
+
+def _all_stopped(out, stop) -> bool:
+    import torch
+
+    return bool(torch.isin(out, stop).any(dim=1).all())

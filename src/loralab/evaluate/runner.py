@@ -1,0 +1,340 @@
+"""`loralab eval`: load the base once, generate and score with it and every adapter, compare.
+
+Everything the user can get wrong (folders, bases, the eval file, the config) is checked
+before any weights are loaded. Files written follow the contract in `loralab.evaluate.tasks`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loralab.config import Config, get_dotted, load_config, read_yaml_mapping
+from loralab.errors import UserError
+from loralab.evaluate.tasks import COMPARISON_DIRNAME
+
+ADAPTER_CONFIG = "adapter_config.json"
+SWEEP_MANIFEST = "sweep.json"
+RUN_EVAL_DIRNAME = "eval"
+BASE_DIRNAME = "base"
+
+
+@dataclass
+class AdapterRun:
+    """One adapter to evaluate: its folder, display name and the base it was trained on."""
+
+    path: Path
+    name: str
+    base: str  # the run's model.path, else adapter_config's base_model_name_or_path
+    system_prompt: str | None
+
+
+# ---------------------------------------------------------------- folders and bases
+
+
+def expand_adapter_dirs(paths: list[Path]) -> list[tuple[Path, str]]:
+    """(adapter folder, name) for run folders and the finished trials of sweep folders."""
+    found: list[tuple[Path, str]] = []
+    for path in paths:
+        path = Path(path)
+        if not path.is_dir():
+            raise UserError(f"adapter folder not found: {path}")
+        if (path / SWEEP_MANIFEST).is_file() and not (path / ADAPTER_CONFIG).is_file():
+            found += _finished_trials(path)
+        elif (path / ADAPTER_CONFIG).is_file():
+            found.append((path, path.resolve().name))
+        else:
+            raise UserError(f"{path} holds no {ADAPTER_CONFIG} or {SWEEP_MANIFEST}: "
+                            "give a trained run folder or a sweep folder")
+    return found
+
+
+def _finished_trials(sweep_dir: Path) -> list[tuple[Path, str]]:
+    manifest = sweep_dir / SWEEP_MANIFEST
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise UserError(f"{manifest} is not valid JSON: {exc}") from None
+    trials = data.get("trials") if isinstance(data, dict) else None
+    if not isinstance(trials, list):
+        raise UserError(f'{manifest} must hold {{"trials": [...]}}')
+    done = [t for t in trials if isinstance(t, dict) and t.get("status") == "done"]
+    if not done:
+        raise UserError(f"sweep {sweep_dir} has no finished trial ({len(trials)} trials): "
+                        "nothing to evaluate yet")
+    out = []
+    for trial in done:
+        path = (sweep_dir / str(trial.get("path", ""))).resolve()
+        if not (path / ADAPTER_CONFIG).is_file():
+            raise UserError(f"trial {trial.get('name')} is marked done but {path} has no adapter")
+        out.append((path, str(trial.get("name") or path.name)))
+    return out
+
+
+def run_config_raw(run_dir: Path) -> dict[str, Any]:
+    """The run's config.yaml as a mapping ({} for a bare PEFT adapter folder)."""
+    path = Path(run_dir) / "config.yaml"
+    return read_yaml_mapping(path) if path.is_file() else {}
+
+
+def adapter_run(path: Path, name: str) -> AdapterRun:
+    raw = run_config_raw(path)
+    adapter_cfg = _read_adapter_config(path)
+    base = get_dotted(raw, "model.path") or adapter_cfg.get("base_model_name_or_path") or ""
+    return AdapterRun(Path(path), name, str(base), get_dotted(raw, "data.system_prompt"))
+
+
+def _read_adapter_config(path: Path) -> dict[str, Any]:
+    file = Path(path) / ADAPTER_CONFIG
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise UserError(f"{file} is not readable JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{file} must hold a JSON object")
+    return data
+
+
+def same_base(a: str, b: str) -> bool:
+    """Equal ids, or two paths to the same folder."""
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def check_same_base(model_path: str, resolved: str | None, runs: list[AdapterRun]) -> None:
+    """Every adapter must come from the base being loaded: a LoRA is a delta on one base."""
+    for run in runs:
+        ok = same_base(run.base, model_path) or (resolved is not None and same_base(run.base, resolved))
+        if not ok:
+            raise UserError(
+                f"adapter {run.path} was trained on base {run.base!r}, but this evaluation's base is "
+                f"{model_path!r}: evaluate adapters of one base model at a time"
+            )
+
+
+def eval_config(config: Path | None, runs: list[AdapterRun], overrides: list[str]) -> Config:
+    """--config, else the first adapter run's config.yaml; key=value overrides on top."""
+    if config is not None:
+        return load_config(config, overrides)
+    if runs and (runs[0].path / "config.yaml").is_file():
+        return load_config(runs[0].path / "config.yaml", overrides)
+    if runs:
+        return load_config(None, [f"model.path={runs[0].base}", *overrides])
+    return load_config(None, overrides)
+
+
+# ---------------------------------------------------------------- records
+
+
+def read_eval_records(path: str | Path, limit: int | None) -> list:
+    """The eval records (any training-file format), the first `limit` of them."""
+    from loralab.data.records import read_records
+
+    if limit is not None and limit <= 0:
+        raise UserError(f"--limit must be > 0, got {limit}")
+    records = read_records(path)
+    return records[:limit] if limit else records
+
+
+def last_user_text(record: Any) -> str:
+    return next(m["content"] for m in reversed(record.messages) if m["role"] == "user")
+
+
+def check_references(task: Any, records: list) -> None:
+    """Score an empty answer against every reference now: a bad eval file fails in seconds."""
+    for record in records:
+        try:
+            task.score("", record.answer)
+        except UserError as exc:
+            raise UserError(f"eval record {record.index}: {exc}") from None
+
+
+def render_prompts(tokenizer: Any, records: list, system_prompt: str | None) -> list[str]:
+    from loralab.data.records import apply_system_prompt
+    from loralab.data.render import render_prompt
+
+    return [render_prompt(tokenizer, r.system, r.messages)
+            for r in apply_system_prompt(records, system_prompt)]
+
+
+# ---------------------------------------------------------------- one target
+
+
+def gen_settings(cfg: Config, max_new_tokens: int, engine: str = "auto"):
+    from loralab.evaluate.generate import GenSettings
+
+    e = cfg.eval
+    return GenSettings(max_new_tokens=max_new_tokens, batch_size=e.batch_size,
+                       do_sample=e.do_sample, temperature=e.temperature, top_p=e.top_p,
+                       engine=engine, seed=cfg.train.seed)
+
+
+def evaluate_target(model: Any, tokenizer: Any, records: list, prompts: list[str], task: Any,
+                    settings: Any, meta: dict[str, Any], folder: Path, bootstrap: int) -> dict:
+    """Generate, score and write one target's predictions.jsonl and metrics.json."""
+    from loralab.evaluate.generate import generate_texts
+    from loralab.evaluate.tasks import score_predictions, write_target_results
+
+    generations, stats = generate_texts(model, tokenizer, prompts, settings)
+    rows = [
+        {"input": last_user_text(r), "reference": r.answer, "generation": g.text,
+         "finished": g.finished, "new_tokens": g.new_tokens}
+        for r, g in zip(records, generations, strict=True)
+    ]
+    scored, metrics = score_predictions(task, rows, bootstrap=bootstrap)
+    gen = {**stats.as_dict(), "max_new_tokens": settings.max_new_tokens,
+           "batch_size": settings.batch_size, "do_sample": settings.do_sample}
+    metrics = {**meta, **metrics, "gen": gen}
+    write_target_results(folder, scored, metrics)
+    return metrics
+
+
+def log_to_tracker(run: AdapterRun, metrics: dict[str, Any]) -> None:
+    """Eval metrics into the trial's tracker (SwanLab) as '<run>-eval'; never fails the eval."""
+    import importlib.util
+
+    from loralab.config import config_from_dict
+
+    raw = run_config_raw(run.path)
+    try:
+        tracking = config_from_dict({"tracking": raw.get("tracking") or {}}).tracking
+    except UserError:
+        return
+    if tracking.backend != "swanlab" or importlib.util.find_spec("swanlab") is None:
+        return
+    try:
+        from loralab.train.tracking import start_tracker
+
+        tracking.experiment = f"{tracking.experiment or run.path.name}-eval"
+        tracker = start_tracker(tracking, run.path, {"run_dir": str(run.path), **raw})
+        numbers = {f"eval/{k}": v for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        tracker.log(numbers, int(get_dotted(_result(run.path), "steps") or 0))
+        tracker.finish()
+    except Exception as exc:  # tracking is a convenience; the files are the record
+        print(f"loralab: tracking of {run.name} skipped ({type(exc).__name__}: {exc})")
+
+
+def _result(run_dir: Path) -> dict:
+    path = run_dir / "result.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except ValueError:
+        return {}
+
+
+# ---------------------------------------------------------------- the command
+
+
+def comparison_dir(out: Path | None, adapter_args: list[Path]) -> Path:
+    if out is not None:
+        return Path(out)
+    if not adapter_args:
+        raise UserError("--base without --adapters needs --out for the comparison folder")
+    return Path(adapter_args[0]) / COMPARISON_DIRNAME
+
+
+def run_eval(data: Path | None, adapter_args: list[Path], base: bool, limit: int | None,
+             out: Path | None, config: Path | None, overrides: list[str],
+             engine: str = "auto", device: str | None = None) -> dict[str, Any]:
+    """The whole `loralab eval`; returns {"comparison_dir", "targets"}."""
+    from loralab.data.records import read_records
+    from loralab.evaluate.references import score_references
+    from loralab.evaluate.tasks import get_task, hyperparams_from_run, write_targets_manifest
+    from loralab.model.load import load_tokenizer_for, resolve_tokenizer_path
+
+    if not adapter_args and not base:
+        raise UserError("nothing to evaluate: give --adapters RUN_OR_SWEEP ... and/or --base")
+    runs = [adapter_run(p, n) for p, n in expand_adapter_dirs(adapter_args)]
+    cfg = eval_config(config, runs, overrides)
+    check_same_base(cfg.model.path, None, runs)
+    comp = comparison_dir(out, adapter_args)
+    eval_path = data or cfg.data.eval_path
+    if not eval_path:
+        raise UserError("no eval file: give --data EVAL.json or set data.eval_path")
+    records = read_eval_records(eval_path, limit)
+    task = get_task(cfg.eval)
+    check_references(task, records)
+    train_answers = [r.answer for r in read_records(cfg.data.path)]
+    tokenizer = load_tokenizer_for(resolve_tokenizer_path(cfg.model))
+    max_new = cfg.eval.max_new_tokens or _default_max_new(tokenizer, records)
+    settings = gen_settings(cfg, max_new, engine)
+    model, tokenizer = _load_base(cfg, device)
+    targets: list[Path] = []
+    bootstrap = cfg.eval.bootstrap
+    if base:
+        prompts = render_prompts(tokenizer, records, cfg.data.system_prompt)
+        meta = {"target": "base", "kind": "base", "run_dir": None}
+        _announce("base", evaluate_target(model, tokenizer, records, prompts, task, settings, meta,
+                                          comp / BASE_DIRNAME, bootstrap), task)
+        targets.append(comp / BASE_DIRNAME)
+    for run in runs:
+        prompts = render_prompts(tokenizer, records, run.system_prompt or cfg.data.system_prompt)
+        meta = {"target": run.name, "kind": "adapter", "run_dir": str(run.path.resolve()),
+                "hyperparams": hyperparams_from_run(run.path)
+                if (run.path / "config.yaml").is_file() else {}}
+        folder = run.path / RUN_EVAL_DIRNAME
+        with attached_adapter(model, run.path, merge=cfg.eval.merge) as peft_model:
+            metrics = evaluate_target(peft_model, tokenizer, records, prompts, task, settings,
+                                      meta, folder, bootstrap)
+        _announce(run.name, metrics, task)
+        if cfg.tracking.backend != "none":
+            log_to_tracker(run, metrics)
+        targets.append(folder)
+    eval_rows = [{"input": last_user_text(r), "reference": r.answer} for r in records]
+    targets += score_references(cfg.eval, train_answers, eval_rows, comp, bootstrap=bootstrap)
+    write_targets_manifest(comp, targets)
+    return {"comparison_dir": comp, "targets": targets}
+
+
+def _default_max_new(tokenizer: Any, records: list) -> int:
+    from loralab.evaluate.generate import default_max_new_tokens
+
+    return default_max_new_tokens(tokenizer, [r.answer for r in records])
+
+
+def _announce(name: str, metrics: dict[str, Any], task: Any) -> None:
+    gen = metrics.get("gen", {})
+    shown = ", ".join(f"{m} {metrics[m]:.3f}" for m in task.headline if m in metrics)
+    rate = gen.get("tokens_per_s") or 0
+    print(f"{name}: {shown} ({gen.get('new_tokens')} new tokens, {rate:,.0f} tokens/s)",
+          flush=True)
+
+
+def _load_base(cfg: Config, device: str | None):
+    from loralab.model.load import load_base_model
+
+    return load_base_model(cfg.model, device)
+
+
+class attached_adapter:  # noqa: N801 - used as a context manager, reads like one
+    """PeftModel of `model` + the adapter in `path`, merged for generation when asked; on exit
+    unmerged and unloaded, so the same base serves the next adapter."""
+
+    def __init__(self, model: Any, path: Path, merge: bool) -> None:
+        self.model, self.path, self.merge = model, Path(path), merge
+        self.peft_model = None
+
+    def __enter__(self) -> Any:
+        from peft import PeftModel
+
+        try:
+            self.peft_model = PeftModel.from_pretrained(self.model, str(self.path))
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise UserError(f"cannot attach adapter {self.path} to the base: "
+                            f"{str(exc).splitlines()[0]}") from None
+        self.peft_model.eval()
+        if self.merge:
+            self.peft_model.merge_adapter()
+        return self.peft_model
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.peft_model is None:
+            return
+        if self.merge:
+            self.peft_model.unmerge_adapter()
+        self.peft_model.unload()

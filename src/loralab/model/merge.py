@@ -1,0 +1,112 @@
+"""`loralab merge`: fold an adapter into its base and save a plain transformers model folder.
+
+The merged folder is checked the way a user will use it: reloaded from disk with
+`AutoModelForCausalLM.from_pretrained` and compared, logit by logit, with base + adapter.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from loralab.errors import UserError
+from loralab.io import write_json
+
+CHECK_FILE = "merge_check.json"
+CHECK_PROMPTS = (
+    "Hello! Who are you?",
+    "将以下文本按照标签纬度进行关联度评分：新能源汽车销量创新高。",
+    "Write one sentence about the sea.",
+)
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"--out {out} is not empty: use --overwrite to replace it")
+
+
+def check_prompts(tokenizer: Any, system: str | None) -> list[str]:
+    from loralab.data.render import render_prompt
+
+    return [render_prompt(tokenizer, system, [{"role": "user", "content": p}])
+            for p in CHECK_PROMPTS]
+
+
+def prompt_logits(model: Any, tokenizer: Any, prompts: list[str]) -> list[Any]:
+    """Full logits of every prompt (fp32, CPU), one prompt at a time: no padding involved."""
+    import torch
+
+    device = next(model.parameters()).device
+    out = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(device)
+            out.append(model(**ids).logits.float().cpu())
+    return out
+
+
+def max_difference(a: list[Any], b: list[Any]) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
+
+
+def merge_to_folder(adapter: Path, out: Path, overwrite: bool = False,
+                    device: str | None = None) -> dict[str, Any]:
+    """Write the merged model (safetensors, config, tokenizer, merge_check.json) atomically."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from loralab.evaluate.runner import adapter_run, eval_config, expand_adapter_dirs
+    from loralab.model.load import load_base_model
+
+    out = Path(out)
+    check_out_dir(out, overwrite)
+    path, name = expand_adapter_dirs([Path(adapter)])[0]
+    run = adapter_run(path, name)
+    bare = not (path / "config.yaml").is_file()
+    cfg = eval_config(None, [run], ["data.path=(none)"] if bare else [])
+    model, tokenizer = load_base_model(cfg.model, device or "cpu")
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(path))
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise UserError(f"cannot attach adapter {path}: {str(exc).splitlines()[0]}") from None
+    peft_model.eval()
+    prompts = check_prompts(tokenizer, run.system_prompt)
+    expected = prompt_logits(peft_model, tokenizer, prompts)
+    merged = peft_model.merge_and_unload()
+    merged.config.use_cache = True
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=merged.dtype)
+        reloaded.to(next(merged.parameters()).device).eval()
+        check = {
+            "adapter": str(path.resolve()),
+            "base": cfg.model.path,
+            "dtype": str(merged.dtype).replace("torch.", ""),
+            "prompts": len(prompts),
+            "max_abs_logit_diff": max_difference(expected, prompt_logits(reloaded, tokenizer, prompts)),
+            "max_abs_logit": max(float(x.abs().max()) for x in expected),
+        }
+        write_json(tmp / CHECK_FILE, check)
+        _swap_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return check
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished folder to `out`; an old `out` (--overwrite) goes only afterwards."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+        os.replace(out, old / "dir")
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,169 @@
+"""The fast path's levers: resolve `auto` settings for this device and data, apply, undo.
+
+Each lever is a TrainConfig key; `auto` means on for CUDA and the plain path on CPU (so the
+CPU tests' default numbers are those of HF + PEFT). None of them changes the math: packing
+keeps attention inside each sequence, the fused LoRA forward computes PEFT's function, and the
+micro-batch chosen by `memory: auto` divides the effective batch (loss is token-normalised).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from loralab.model.memory import Estimate, StepShape, card_budget, plan_memory, shape_of
+
+CUDA_PACK_MULTIPLE = 64  # packed rows are filled to a multiple of this on CUDA (few shapes)
+
+
+@dataclass
+class FastPath:
+    """The levers as resolved for one run."""
+
+    packing: bool
+    attention: str  # varlen | flex | sdpa (packed rows only)
+    fused_lora: bool
+    compile: bool
+    checkpointing: bool
+    micro_batch: int
+    grad_accum: int
+    labelled_only: bool
+    pad_multiple: int
+    predicted_gib: dict[str, float] | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _on(value: str, cuda: bool) -> bool:
+    return value == "on" or (value == "auto" and cuda)
+
+
+def resolve(cfg: Any, model: torch.nn.Module, device: torch.device, examples: list) -> FastPath:
+    """Turn the config's auto|on|off levers into concrete choices for this device and data."""
+    from loralab.model.attention import pick_backend
+
+    tcfg, cuda = cfg.train, device.type == "cuda"
+    packing = _on(tcfg.packing, cuda)
+    attention = pick_backend(tcfg.attention, device) if packing else "sdpa"
+    fused = _on(tcfg.fused_lora, cuda) and not cfg.lora.dora
+    pad_multiple = tcfg.pack_multiple if tcfg.pack_multiple else (CUDA_PACK_MULTIPLE if cuda else 1)
+    step = step_shape(cfg, fused, attention != "sdpa" or not packing and cuda, _on(tcfg.compile, cuda))
+    micro, accum = tcfg.batch_size, tcfg.grad_accum
+    ckpt = tcfg.gradient_checkpointing == "on"
+    predicted = None
+    if cuda:
+        lengths = [len(e.input_ids) for e in examples]
+        labelled = [sum(1 for x in e.labels[1:] if x != -100) for e in examples]
+        shape = shape_of(model.config, sum(p.numel() for p in model.parameters()))
+        if tcfg.memory == "auto":
+            plan = plan_memory(shape, lengths, labelled, micro * accum, card_budget(device), step,
+                               packing, tcfg.gradient_checkpointing, pad_multiple)
+            micro, ckpt = plan.micro_batch, plan.checkpointing
+            accum = tcfg.batch_size * tcfg.grad_accum // micro
+        predicted = _predict(shape, lengths, labelled, micro, ckpt, step, packing, pad_multiple)
+    return FastPath(
+        packing=packing,
+        attention=attention,
+        fused_lora=fused,
+        compile=_on(tcfg.compile, cuda),
+        checkpointing=ckpt,
+        micro_batch=micro,
+        grad_accum=accum,
+        labelled_only=tcfg.labelled_logits,
+        pad_multiple=pad_multiple if packing else 1,
+        predicted_gib=predicted.gib() if predicted else None,
+    )
+
+
+def step_shape(cfg: Any, fused: bool, kv_heads_kept: bool, compiled: bool) -> StepShape:
+    return StepShape(
+        compiled=compiled,
+        fused_lora=fused,
+        dropout=cfg.lora.dropout,
+        varlen_attention=kv_heads_kept,
+        labelled_only=cfg.train.labelled_logits,
+        loss_chunk=cfg.train.loss_chunk,
+        r=cfg.lora.r,
+        targets=tuple(cfg.lora.target_modules),
+    )
+
+
+def predict_peak_gib(cfg: Any, model: torch.nn.Module, fast: FastPath, tokens: int,
+                     labelled: int) -> float:
+    """loralab's memory model for a micro-batch of this size run with these levers."""
+    from loralab.model.memory import GIB, estimate
+
+    step = step_shape(cfg, fast.fused_lora, fast.attention != "sdpa" or not fast.packing,
+                      fast.compile)
+    shape = shape_of(model.config, sum(p.numel() for p in model.parameters()))
+    return round(estimate(shape, tokens, labelled, fast.micro_batch, fast.checkpointing,
+                          step).total / GIB, 2)
+
+
+def _predict(shape, lengths, labelled, micro, ckpt, step, packing, pad_multiple) -> Estimate:
+    from loralab.model.memory import estimate, worst_micro_batch
+
+    tokens, lab = worst_micro_batch(lengths, labelled, micro, packing, pad_multiple)
+    return estimate(shape, tokens, lab, micro, ckpt, step)
+
+
+def apply(fast: FastPath, model: torch.nn.Module, peft_model: torch.nn.Module) -> Callable[[], None]:
+    """Switch the levers on for training; returns the function that switches them back off.
+
+    The base model is shared by a sweep's trials and by evaluation: everything done here to it
+    (attention implementation, checkpointing, compiled layers) is undone by the returned call.
+    """
+    from loralab.model.attention import packed_attention_on
+    from loralab.model.fast_lora import disable_fast_lora, enable_fast_lora
+
+    undo: list[Callable[[], None]] = []
+    if fast.fused_lora:
+        enable_fast_lora(peft_model)
+        undo.append(lambda: disable_fast_lora(peft_model))
+    if fast.packing:
+        ctx = packed_attention_on(model, fast.attention)
+        ctx.__enter__()
+        undo.append(lambda: ctx.__exit__(None, None, None))
+    if fast.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        undo.append(model.gradient_checkpointing_disable)
+    if fast.compile:
+        undo.append(compile_layers(model))
+
+    def restore() -> None:
+        for step in reversed(undo):
+            step()
+
+    return restore
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    inner = getattr(model, "model", model)
+    return list(getattr(inner, "layers", []))
+
+
+def compile_layers(model: torch.nn.Module) -> Callable[[], None]:
+    """torch.compile each decoder layer (one graph shared by all layers: regional compilation).
+
+    Norms, RoPE, SiLU·mul and the LoRA casts/adds fuse into few kernels. The packed attention
+    call is left out of the graph (torch.compiler.disable), so row lengths and boundaries do
+    not cause recompiles; shapes are marked dynamic after the first change.
+    """
+    import torch._dynamo as dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo.config, name):
+            setattr(dynamo.config, name, max(64, getattr(dynamo.config, name)))
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile()
+
+    def uncompile() -> None:
+        for layer in layers:
+            layer._compiled_call_impl = None
+
+    return uncompile

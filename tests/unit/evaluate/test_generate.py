@@ -1,0 +1,126 @@
+"""The generation engine: batching, stopping, and the static greedy loop against HF generate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loralab.data.render import render_prompt
+from loralab.evaluate import generate as gen
+from loralab.evaluate.generate import (
+    GenSettings,
+    cut_at_stop,
+    default_max_new_tokens,
+    generate_texts,
+    grouped_decode_attention,
+    length_batches,
+    stop_token_ids,
+)
+
+IM_END = 151645
+
+
+@pytest.fixture(scope="module")
+def lively_model():
+    """A tiny random Qwen2 whose greedy outputs vary from token to token (large init)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=151936,
+                      tie_word_embeddings=True, initializer_range=0.5)
+    cfg._attn_implementation = "sdpa"
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def prompts(qwen_tokenizer):
+    texts = ["hi", "hello world " * 9, "一二三四五", "tags please " * 4, "x"]
+    return [render_prompt(qwen_tokenizer, "system", [{"role": "user", "content": t}])
+            for t in texts]
+
+
+def test_length_batches_sorts_longest_first_and_covers_every_index():
+    lengths = [3, 9, 1, 9, 5, 2, 7]
+    batches = length_batches(lengths, 3)
+    assert [len(b) for b in batches] == [3, 3, 1]
+    assert sorted(i for b in batches for i in b) == list(range(7))
+    flat = [lengths[i] for b in batches for i in b]
+    assert flat == sorted(lengths, reverse=True)
+    assert batches[0][:2] == [1, 3]  # ties keep file order
+
+
+def test_cut_at_stop():
+    assert cut_at_stop([5, 6, IM_END, 7], [IM_END], 10) == ([5, 6, IM_END], True)
+    assert cut_at_stop([5, 6, 7, 8], [IM_END], 3) == ([5, 6, 7], False)
+    assert cut_at_stop([IM_END], [IM_END], 1) == ([IM_END], True)
+    assert cut_at_stop([5, 6, 7, IM_END], [IM_END], 3) == ([5, 6, 7], False)
+
+
+def test_stop_ids_and_default_max_new_tokens(qwen_tokenizer):
+    assert IM_END in stop_token_ids(qwen_tokenizer)
+    answer = '{"其他": 0, "云计算": 7}'
+    n = len(qwen_tokenizer(answer, add_special_tokens=False)["input_ids"])
+    assert default_max_new_tokens(qwen_tokenizer, ["{}", answer]) == int(1.5 * n) + 16
+
+
+def test_grouped_decode_attention_matches_repeated_heads():
+    torch.manual_seed(1)
+    q = torch.randn(3, 8, 1, 16)
+    k, v = torch.randn(3, 2, 10, 16), torch.randn(3, 2, 10, 16)
+    valid = torch.rand(3, 10) > 0.3
+    valid[:, 0] = True
+    mask = torch.where(valid, 0.0, torch.finfo(torch.float32).min)[:, None, None, :]
+    out, _ = grouped_decode_attention(None, q, k, v, mask, scaling=0.25)
+    rk, rv = k.repeat_interleave(4, dim=1), v.repeat_interleave(4, dim=1)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, rk, rv, attn_mask=mask, scale=0.25)
+    torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_size", [2, 5])
+def test_static_engine_equals_hf_generate_greedy(lively_model, qwen_tokenizer, prompts, batch_size):
+    settings = dict(max_new_tokens=10, batch_size=batch_size)
+    hf, hf_stats = generate_texts(lively_model, qwen_tokenizer, prompts,
+                                  GenSettings(**settings, engine="hf"))
+    static, stats = generate_texts(lively_model, qwen_tokenizer, prompts,
+                                   GenSettings(**settings, engine="static"))
+    assert [g.text for g in static] == [g.text for g in hf]
+    assert len({g.text for g in static}) == len(prompts)  # outputs depend on the prompt
+    assert stats.engine == "static" and hf_stats.engine == "hf"
+    assert all(g.new_tokens == 10 and not g.finished for g in static)  # bounded, not finished
+    assert stats.new_tokens == 10 * len(prompts)
+
+
+def test_static_engine_batching_does_not_change_outputs(lively_model, qwen_tokenizer, prompts):
+    one = [g.text for g in generate_texts(lively_model, qwen_tokenizer, prompts,
+                                          GenSettings(max_new_tokens=6, batch_size=1))[0]]
+    all_ = [g.text for g in generate_texts(lively_model, qwen_tokenizer, prompts,
+                                           GenSettings(max_new_tokens=6, batch_size=8))[0]]
+    assert one == all_
+
+
+def test_generation_that_stops_is_finished_and_exits_early(lively_model, qwen_tokenizer, prompts):
+    calls = {"n": 0}
+
+    def force_stop(module, inputs, output):
+        calls["n"] += 1
+        output[..., IM_END] = 1e4
+        return output
+
+    handle = lively_model.lm_head.register_forward_hook(force_stop)
+    try:
+        for engine in ("static", "hf"):
+            calls["n"] = 0
+            outs, _ = generate_texts(lively_model, qwen_tokenizer, prompts,
+                                     GenSettings(max_new_tokens=40, batch_size=8, engine=engine))
+            assert all(g.finished and g.new_tokens == 1 and g.text == "" for g in outs)
+            assert calls["n"] <= gen.CHECK_EVERY + 1  # did not run to 40 tokens
+    finally:
+        handle.remove()
+
+
+def test_sampling_needs_the_hf_engine(lively_model):
+    with pytest.raises(Exception, match="greedy only"):
+        gen.pick_engine(lively_model, GenSettings(max_new_tokens=4, do_sample=True, engine="static"))
+    assert gen.pick_engine(lively_model, GenSettings(max_new_tokens=4, do_sample=True)) == "hf"
+    assert gen.pick_engine(lively_model, GenSettings(max_new_tokens=4)) == "static"
