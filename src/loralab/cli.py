@@ -17,6 +17,7 @@ from loralab.errors import UserError
 # Areas that add subcommands; each module exposes register(subparsers) and sets `func` defaults.
 COMMAND_MODULES = (
     "loralab.train.cli",
+    "loralab.train.estimate_cli",
     "loralab.sweep.cli",
     "loralab.evaluate.cli",
     "loralab.report.cli",

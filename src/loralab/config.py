@@ -186,7 +186,7 @@ class EvalConfig:
     score_max: int = 10  # tag_scores: highest score
     tolerance: int = 2  # tag_scores: |pred - truth| counted as right
     max_new_tokens: int | None = None  # default: 1.5x the longest reference answer + 16
-    batch_size: int = 64  # prompts per generation batch
+    batch_size: int = 128  # prompts per generation batch (one batch of 77 beat two of 64 on an H200)
     do_sample: bool = False  # greedy by default
     temperature: float = 1.0  # only with do_sample
     top_p: float = 1.0  # only with do_sample
