@@ -119,6 +119,7 @@ def generate_texts(
     stop_ids = stop_token_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     device = next(model.parameters()).device
+    LAST_RUN.update(cuda_graph=False, graph_error=None)
     _sync(device)
     started = time.perf_counter()
     outs = generate_ids(model, prompt_ids, settings, stop_ids, pad_id, engine)

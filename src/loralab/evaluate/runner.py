@@ -164,19 +164,20 @@ def render_prompts(tokenizer: Any, records: list, system_prompt: str | None) -> 
 # ---------------------------------------------------------------- one target
 
 
-def gen_settings(cfg: Config, max_new_tokens: int, engine: str = "auto"):
+def gen_settings(cfg: Config, max_new_tokens: int, engine: str = "auto",
+                 compile_decode: bool = False):
     from loralab.evaluate.generate import GenSettings
 
     e = cfg.eval
     return GenSettings(max_new_tokens=max_new_tokens, batch_size=e.batch_size,
                        do_sample=e.do_sample, temperature=e.temperature, top_p=e.top_p,
-                       engine=engine, seed=cfg.train.seed)
+                       engine=engine, seed=cfg.train.seed, compile=compile_decode)
 
 
 def evaluate_target(model: Any, tokenizer: Any, records: list, prompts: list[str], task: Any,
                     settings: Any, meta: dict[str, Any], folder: Path, bootstrap: int) -> dict:
     """Generate, score and write one target's predictions.jsonl and metrics.json."""
-    from loralab.evaluate.generate import generate_texts
+    from loralab.evaluate.generate import LAST_RUN, generate_texts
     from loralab.evaluate.tasks import score_predictions, write_target_results
 
     generations, stats = generate_texts(model, tokenizer, prompts, settings)
@@ -187,7 +188,8 @@ def evaluate_target(model: Any, tokenizer: Any, records: list, prompts: list[str
     ]
     scored, metrics = score_predictions(task, rows, bootstrap=bootstrap)
     gen = {**stats.as_dict(), "max_new_tokens": settings.max_new_tokens,
-           "batch_size": settings.batch_size, "do_sample": settings.do_sample}
+           "batch_size": settings.batch_size, "do_sample": settings.do_sample,
+           "cuda_graph": stats.engine == "static" and bool(LAST_RUN["cuda_graph"])}
     metrics = {**meta, **metrics, "gen": gen}
     write_target_results(folder, scored, metrics)
     return metrics
@@ -240,7 +242,8 @@ def comparison_dir(out: Path | None, adapter_args: list[Path]) -> Path:
 
 def run_eval(data: Path | None, adapter_args: list[Path], base: bool, limit: int | None,
              out: Path | None, config: Path | None, overrides: list[str],
-             engine: str = "auto", device: str | None = None) -> dict[str, Any]:
+             engine: str = "auto", device: str | None = None,
+             compile_decode: bool = False) -> dict[str, Any]:
     """The whole `loralab eval`; returns {"comparison_dir", "targets"}."""
     from loralab.data.records import read_records
     from loralab.evaluate.references import score_references
@@ -262,7 +265,7 @@ def run_eval(data: Path | None, adapter_args: list[Path], base: bool, limit: int
     train_answers = [r.answer for r in read_records(cfg.data.path)]
     tokenizer = load_tokenizer_for(resolve_tokenizer_path(cfg.model))
     max_new = cfg.eval.max_new_tokens or _default_max_new(tokenizer, records)
-    settings = gen_settings(cfg, max_new, engine)
+    settings = gen_settings(cfg, max_new, engine, compile_decode)
     model, tokenizer = _load_base(cfg, device)
     targets: list[Path] = []
     bootstrap = cfg.eval.bootstrap

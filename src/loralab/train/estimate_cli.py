@@ -1,0 +1,141 @@
+"""`loralab estimate CONFIG [k=v ...]`: predicted peak GPU memory of the training step.
+
+Reads only the model's config.json (no weights) and, when the data file exists, its token
+lengths; prints the seed's rule of thumb and loralab's memory model for the micro-batch and
+checkpointing the config gives, and what `train.memory: auto` would choose on a card.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from loralab.errors import UserError
+
+
+def register(sub: Any) -> None:
+    """Add the `estimate` command to the CLI's subparsers."""
+    p = sub.add_parser("estimate", help="predicted peak GPU memory of a training config")
+    p.add_argument("config", help="training config YAML")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=16")
+    p.add_argument("--gpu-gib", type=float, default=None,
+                   help="card memory for the auto plan (default: this machine's GPU, else 24)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from loralab.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    for line in estimate_lines(cfg, args.gpu_gib):
+        print(line)
+    return 0
+
+
+def estimate_lines(cfg: Any, gpu_gib: float | None = None) -> list[str]:
+    """The report `loralab estimate` prints, as lines."""
+    from loralab.model.memory import (
+        CARD_SHARE,
+        GIB,
+        StepShape,
+        estimate,
+        plan_memory,
+        worst_micro_batch,
+    )
+
+    shape = model_shape(cfg)
+    lengths, labelled, source = data_lengths(cfg)
+    tcfg = cfg.train
+    cuda_like = True  # the estimate is for the GPU path: auto levers resolve as on CUDA
+    packed = tcfg.packing != "off"
+    compiled = tcfg.compile != "off"
+    step = StepShape(
+        fused_lora=tcfg.fused_lora != "off" and not cfg.lora.dora, dropout=cfg.lora.dropout,
+        varlen_attention=packed and tcfg.attention != "sdpa", labelled_only=tcfg.labelled_logits,
+        loss_chunk=tcfg.loss_chunk, r=cfg.lora.r, targets=tuple(cfg.lora.target_modules),
+        compiled=compiled and cuda_like,
+    )
+    pad = tcfg.pack_multiple or 64
+    ckpt = tcfg.gradient_checkpointing == "on"
+    tokens, lab = worst_micro_batch(lengths, labelled, tcfg.batch_size, packed, pad)
+    given = estimate(shape, tokens, lab, tcfg.batch_size, ckpt, step)
+    card = gpu_gib if gpu_gib is not None else _this_gpu_gib()
+    effective = tcfg.batch_size * tcfg.grad_accum
+    auto = plan_memory(shape, lengths, labelled, effective, int(card * GIB * CARD_SHARE), step,
+                       packed, tcfg.gradient_checkpointing, pad)
+    lines = [
+        f"model {cfg.model.path}: {shape.params:,} parameters, {shape.layers} layers, "
+        f"hidden {shape.hidden}, LoRA r={cfg.lora.r} on {len(cfg.lora.target_modules)} "
+        "projections",
+        f"data: {source}; packing {'on' if packed else 'off'}, compile "
+        f"{'on' if compiled else 'off'}, dropout {cfg.lora.dropout}",
+        f"seed's formula 2P + 16 P_LoRA: {given.seed_formula / GIB:.2f} GiB (no activations)",
+        _describe("as configured", given),
+        _describe(f"train.memory=auto on a {card:.0f} GiB card (effective batch {effective})",
+                  auto),
+    ]
+    if auto.total > card * GIB * CARD_SHARE:
+        lines.append("  does not fit even with micro-batch 1 and checkpointing")
+    return lines
+
+
+def _describe(title: str, est: Any) -> str:
+    g = est.gib()
+    return (
+        f"{title}: micro-batch {est.micro_batch} ({est.tokens} tokens), checkpointing "
+        f"{'on' if est.checkpointing else 'off'} -> peak {g['total']:.2f} GiB = weights "
+        f"{g['weights']:.2f} + LoRA states {g['lora_states']:.2f} + activations "
+        f"{g['activations']:.2f} + logits {g['logits']:.2f} + workspace {g['workspace']:.2f}"
+    )
+
+
+def model_shape(cfg: Any) -> Any:
+    """ModelShape from the model's config.json only (a hub id fetches just that file)."""
+    from loralab.model.memory import shape_of
+
+    if cfg.model.path.startswith("builtin:"):
+        from transformers import Qwen2Config
+
+        from loralab.model.load import TINY_QWEN2, builtin_model_name
+
+        builtin_model_name(cfg.model.path)
+        return shape_of(Qwen2Config(**TINY_QWEN2))
+    from transformers import AutoConfig
+
+    try:
+        hf_config = AutoConfig.from_pretrained(
+            cfg.model.path, trust_remote_code=cfg.model.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read the model config of {cfg.model.path}: {exc}") from None
+    return shape_of(hf_config)
+
+
+def data_lengths(cfg: Any) -> tuple[list[int], list[int], str]:
+    """(lengths, labelled counts, where they came from): the data when readable, else max_length."""
+    from pathlib import Path
+
+    if cfg.data.path and Path(cfg.data.path).is_file():
+        from loralab.data.summary import build_dataset
+        from loralab.model.load import resolve_tokenizer_path
+        from loralab.model.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(resolve_tokenizer_path(cfg.model))
+        examples, _ = build_dataset(cfg.data, tokenizer, cfg.train.seed)
+        lengths = [len(e.input_ids) for e in examples]
+        labelled = [sum(1 for x in e.labels[1:] if x != -100) for e in examples]
+        return lengths, labelled, f"{len(examples)} examples of {cfg.data.path}"
+    n = max(1, cfg.train.batch_size * cfg.train.grad_accum)
+    longest = cfg.data.max_length
+    return [longest] * n, [longest // 4] * n, f"no data file: every sequence {longest} tokens"
+
+
+def _this_gpu_gib() -> float:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(0).total_memory / 2**30
+    except ImportError:
+        pass
+    return 24.0
