@@ -282,11 +282,11 @@ def summary() -> dict[str, Any]:
     out: dict[str, Any] = {"losses": losses, "targets": {}}
     for name, folder in targets.items():
         metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
-        rows = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
         out["targets"][name] = {
             **{k: metrics.get(k) for k in keys},
             "ci": {k: metrics.get("ci", {}).get(k) for k in keys},
-            "finished_rate": sum(bool(r.get("finished", True)) for r in rows) / len(rows),
+            "finished_rate": metrics.get("finished_rate"),  # None for reference predictors
+            "n": metrics.get("n"),
             "gen": metrics.get("gen"),
         }
     print(json.dumps(out, ensure_ascii=False, indent=1))

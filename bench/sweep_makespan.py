@@ -214,7 +214,11 @@ def main(argv: list[str] | None = None) -> int:
         real = limits if args.baseline_limits is None else [
             None if x.strip() in ("null", "all", "none") else int(x) for x in args.baseline_limits.split(",")]
         sweep_s = run_sweep(py, sweep_yaml, out, env, 0)["sweep"]
-        seed = run_seed_recipe(model_path, records_path, limits, args.epochs, real, out, env)
+        from loralab.config import ModelConfig
+        from loralab.model.load import resolve_model_path
+
+        folder = resolve_model_path(ModelConfig(path=model_path))  # the seed script needs a folder
+        seed = run_seed_recipe(folder, records_path, limits, args.epochs, real, out, env)
         separate_s = sum(m["wall_s"] for part in ("measured", "estimated") for m in seed[part].values())
         extra = {"seed_recipe": seed, "separate_estimated_trials": sorted(seed["estimated"])}
     else:
