@@ -51,7 +51,7 @@ def test_seed_formula_is_2p_plus_16_lora(seven_b):
     assert est.total > est.seed_formula  # activations and logits on top
 
 
-# Peaks measured on one H200 by bench/train_speed.py (docs/benchmarks_train.md):
+# Peaks measured on one H200 by bench/train_speed.py (docs/benchmarks.md):
 # (tokens in the largest micro-batch, labelled, micro, checkpointing, StepShape kwargs, GiB).
 MEASURED = [
     (4736, 1180, 16, False, dict(compiled=True), 38.7),  # loralab, dropout 0
