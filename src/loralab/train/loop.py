@@ -7,9 +7,9 @@ Data flow: records → Examples (tokens + labels) → per-step plan of micro-bat
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
-import resource
 import signal
 import time
 from dataclasses import dataclass, field
@@ -19,9 +19,11 @@ from typing import Any
 import torch
 
 from loralab.config import Config, save_config
-from loralab.io import append_jsonl, git_commit, versions, write_json
+from loralab.io import append_jsonl, write_json
 from loralab.train import checkpoint as ckpt
+from loralab.train.eval_loss import held_out_loss
 from loralab.train.progress import StepProgress
+from loralab.train.results import final_numbers, peak_memory_gb, run_identity
 from loralab.train.tracking import start_tracker
 
 
@@ -49,7 +51,6 @@ class StepStats:
     tokens: int = 0  # labelled tokens
     seen_tokens: int = 0  # all real (unpadded) tokens processed
     largest_batch: tuple[int, int] = (0, 0)  # (tokens incl. padding, labelled) of the largest
-    losses: list[float] = field(default_factory=list)
 
 
 def make_schedule(cfg: Config, n_examples: int) -> Schedule:
@@ -159,155 +160,225 @@ def _prepare_dir(run_dir: Path, cfg: Config, summary: dict, resume: bool, overwr
     write_json(run_dir / "data_summary.json", summary)
 
 
+@dataclass
+class Progress:
+    """What the loop has done so far; checkpoints save it and --resume restores it."""
+
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    tokens: int = 0  # real tokens trained on
+    train_seconds: float = 0.0
+    largest: tuple[int, int] = (0, 0)  # largest micro-batch: (tokens incl. padding, labelled)
+
+
+@dataclass
+class Optim:
+    params: list
+    optimizer: Any
+    scheduler: Any
+    schedule: Schedule
+
+
 def _train(
     cfg, accelerator, base, peft_model, examples, summary, resume, started, show_progress
 ) -> dict[str, Any]:
-    from loralab.data.batching import plan_steps
     from loralab.model.lora import LabelledLoss, count_parameters
     from loralab.train import levers
 
     run_dir = Path(cfg.output_dir)
-    tcfg = cfg.train
-    torch.manual_seed(tcfg.seed)
+    torch.manual_seed(cfg.train.seed)
     fast = levers.resolve(cfg, base.model, base.device, examples)
     peft_model.train()
-    loss_module = LabelledLoss(peft_model, tcfg.loss_chunk, fast.labelled_only)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    schedule = make_schedule(cfg, len(examples))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, schedule, tcfg.scheduler)
-    )
-    loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
-
-    start_step, state = 0, {}
-    found = ckpt.list_checkpoints(run_dir) if resume else []
-    if found:
-        state = ckpt.load_checkpoint(found[-1], peft_model)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
-        start_step = state["step"]
-    if resume:
-        ckpt.trim_metrics(run_dir / "metrics.jsonl", start_step)
-    trainable, total = count_parameters(peft_model)
-    result = {**_base_result(cfg, summary, schedule, trainable, total), "fast_path": fast.describe()}
+    loss_module = LabelledLoss(peft_model, cfg.train.loss_chunk, fast.labelled_only)
+    opt = _make_optimizer(cfg, peft_model, len(examples))
+    loss_module, opt.optimizer = accelerator.prepare(loss_module, opt.optimizer)
+    done = _restore(run_dir, resume, peft_model, opt)
+    result = {
+        **run_identity(
+            cfg,
+            summary,
+            opt.schedule.total_steps,
+            opt.schedule.steps_per_epoch,
+            *count_parameters(peft_model),
+        ),
+        "fast_path": fast.describe(),
+    }
     ckpt.write_result(run_dir, {**result, "status": "running"})
-    tracker = (
-        start_tracker(cfg.tracking, run_dir, cfg.to_dict()) if accelerator.is_main_process else None
-    )
-
-    lengths = [len(e.input_ids) for e in examples]
-    pad_id = base.tokenizer.pad_token_id
-    plans: dict[int, list] = {}
-    all_losses: list[float] = list(state.get("losses", []))
-    tokens_done = int(state.get("tokens", 0))
-    largest = (0, 0)
-    train_seconds = float(state.get("train_seconds", 0.0))
-    progress = StepProgress(
-        schedule.total_steps, start_step, enabled=show_progress and accelerator.is_main_process
-    )
+    main = accelerator.is_main_process
+    tracker = start_tracker(cfg.tracking, run_dir, cfg.to_dict()) if main else None
+    held_out = _held_out_examples(cfg, base.tokenizer)
+    bar = StepProgress(opt.schedule.total_steps, done.step, enabled=show_progress and main)
     undo_levers = levers.apply(fast, base.model, peft_model)
     try:
-        for step in range(start_step, schedule.total_steps):
-            epoch, index = divmod(step, schedule.steps_per_epoch)
-            if epoch not in plans:
-                plans = {
-                    epoch: plan_steps(
-                        lengths,
-                        fast.micro_batch,
-                        fast.grad_accum,
-                        tcfg.seed,
-                        epoch,
-                        cfg.data.shuffle,
-                        tcfg.group_by_length,
-                    )
-                }
-            micro_batches = plans[epoch][index]
-            t0 = time.perf_counter()
-            stats = accumulate_step(
-                accelerator, loss_module, examples, micro_batches, pad_id,
-                packed=fast.packing, pad_multiple=fast.pad_multiple,
-            )
-            grad_norm = _clip(accelerator, params, tcfg.max_grad_norm)
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            seconds = time.perf_counter() - t0
-            train_seconds += seconds
-            loss = stats.loss_sum / max(1, stats.tokens)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at step {step + 1}: try a lower train.lr")
-            all_losses.append(loss)
-            largest = max(largest, stats.largest_batch)
-            tokens_done += stats.seen_tokens
-            row = {
-                "step": step + 1,
-                "epoch": round((step + 1) / schedule.steps_per_epoch, 4),
-                "loss": loss,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "tokens_per_s": stats.seen_tokens / seconds,
-                "labelled_tokens": stats.tokens,
-                "memory_gb": peak_memory_gb(),
-            }
-            if accelerator.is_main_process and (
-                (step + 1) % tcfg.log_every == 0 or step + 1 == schedule.total_steps
+        for step in range(done.step, opt.schedule.total_steps):
+            row = _train_step(cfg, accelerator, loss_module, opt, examples, step, fast, base, done)
+            if held_out and (step + 1) % cfg.train.eval_every == 0:
+                row["eval_loss"] = held_out_loss(
+                    loss_module,
+                    peft_model,
+                    held_out,
+                    fast.micro_batch,
+                    base.tokenizer.pad_token_id,
+                    base.device,
+                    fast.packing,
+                    fast.pad_multiple,
+                )
+            if main and (
+                (step + 1) % cfg.train.log_every == 0 or step + 1 == opt.schedule.total_steps
             ):
                 append_jsonl(run_dir / "metrics.jsonl", row)
-                tracker.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step + 1)
-            progress.update(step + 1, loss, row["tokens_per_s"])
-            if (
-                tcfg.save_every
-                and (step + 1) % tcfg.save_every == 0
-                and step + 1 < schedule.total_steps
-            ):
-                _checkpoint(
-                    accelerator,
-                    run_dir,
-                    step + 1,
-                    peft_model,
-                    optimizer,
-                    scheduler,
-                    all_losses,
-                    tokens_done,
-                    train_seconds,
-                )
+                tracker.log(_tracker_metrics(row), step + 1)
+            bar.update(step + 1, row["loss"], row["tokens_per_s"])
+            every = cfg.train.save_every
+            if main and every and (step + 1) % every == 0 and step + 1 < opt.schedule.total_steps:
+                _checkpoint(run_dir, peft_model, opt, done)
             _test_kill_hook(step + 1)
     except BaseException as exc:
-        progress.close()
-        if accelerator.is_main_process:
+        bar.close()
+        if main:
             status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            error = f"{type(exc).__name__}: {exc}"
             ckpt.write_result(
-                run_dir,
-                {
-                    **result,
-                    "status": status,
-                    "error": f"{type(exc).__name__}: {exc}",
-                    "steps": len(all_losses),
-                },
+                run_dir, {**result, "status": status, "error": error, "steps": done.step}
             )
-            if tracker:
-                tracker.finish()
+            tracker.finish()
         raise
     finally:
         undo_levers()  # the base and the adapter layers go back to plain HF + PEFT
-    progress.close()
+    bar.close()
     peft_model.eval()
-    if accelerator.is_main_process:
+    if main:
         ckpt.save_adapter_files(
             accelerator.unwrap_model(loss_module).peft_model, base.tokenizer, run_dir
         )
-        result.update(_final_numbers(all_losses, tokens_done, train_seconds, started))
-        if base.device.type == "cuda" and largest[0]:
+        result.update(final_numbers(done.losses, done.tokens, done.train_seconds, started))
+        if base.device.type == "cuda" and done.largest[0]:
             # Predicted for the largest micro-batch this run actually had, to set against
             # peak_memory_gb (the fast_path's own figure is the plan's worst case).
-            result["predicted_peak_gb"] = levers.predict_peak_gib(cfg, base.model, fast, *largest)
+            result["predicted_peak_gb"] = levers.predict_peak_gib(
+                cfg, base.model, fast, *done.largest
+            )
         ckpt.write_result(run_dir, {**result, "status": "done"})
         tracker.finish()
         result["tracker"] = {"backend": tracker.name, "log_dir": tracker.where}
     return {**result, "status": "done"}
+
+
+def _make_optimizer(cfg: Config, peft_model: Any, n_examples: int) -> Optim:
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    schedule = make_schedule(cfg, n_examples)
+    kind = cfg.train.scheduler
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, schedule, kind))
+    return Optim(params, optimizer, scheduler, schedule)
+
+
+def _restore(run_dir: Path, resume: bool, peft_model: Any, opt: Optim) -> Progress:
+    """The last checkpoint's weights, optimizer, schedule and RNG; metrics after it dropped."""
+    if not resume:
+        return Progress()
+    done = Progress()
+    found = ckpt.list_checkpoints(run_dir)
+    if found:
+        state = ckpt.load_checkpoint(found[-1], peft_model)
+        opt.optimizer.load_state_dict(state["optimizer"])
+        opt.scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        done = Progress(
+            state["step"],
+            list(state["losses"]),
+            int(state["tokens"]),
+            float(state["train_seconds"]),
+        )
+    ckpt.trim_metrics(run_dir / "metrics.jsonl", done.step)
+    return done
+
+
+def _train_step(
+    cfg, accelerator, loss_module, opt: Optim, examples, step: int, fast, base, done: Progress
+) -> dict[str, Any]:
+    """One optimizer step: plan, accumulate, clip, update; returns its metrics row."""
+    schedule = opt.schedule
+    epoch, index = divmod(step, schedule.steps_per_epoch)
+    lengths = tuple(len(e.input_ids) for e in examples)
+    plan = _epoch_plan(
+        lengths,
+        fast.micro_batch,
+        fast.grad_accum,
+        cfg.train.seed,
+        epoch,
+        cfg.data.shuffle,
+        cfg.train.group_by_length,
+    )
+    t0 = time.perf_counter()
+    stats = accumulate_step(
+        accelerator,
+        loss_module,
+        examples,
+        plan[index],
+        base.tokenizer.pad_token_id,
+        packed=fast.packing,
+        pad_multiple=fast.pad_multiple,
+    )
+    grad_norm = _clip(accelerator, opt.params, cfg.train.max_grad_norm)
+    lr = opt.scheduler.get_last_lr()[0]
+    opt.optimizer.step()
+    opt.scheduler.step()
+    opt.optimizer.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - t0
+    loss = stats.loss_sum / max(1, stats.tokens)
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss} at step {step + 1}: try a lower train.lr")
+    done.step = step + 1
+    done.losses.append(loss)
+    done.tokens += stats.seen_tokens
+    done.train_seconds += seconds
+    done.largest = max(done.largest, stats.largest_batch)
+    return {
+        "step": step + 1,
+        "epoch": round((step + 1) / schedule.steps_per_epoch, 4),
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "tokens_per_s": stats.seen_tokens / seconds,
+        "labelled_tokens": stats.tokens,
+        "memory_gb": peak_memory_gb(),
+    }
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_plan(
+    lengths: tuple[int, ...],
+    micro: int,
+    accum: int,
+    seed: int,
+    epoch: int,
+    shuffle: bool,
+    group_by_length: bool,
+) -> list:
+    """An epoch's plan is a pure function of these: recomputing it on resume is free."""
+    from loralab.data.batching import plan_steps
+
+    return plan_steps(list(lengths), micro, accum, seed, epoch, shuffle, group_by_length)
+
+
+def _tracker_metrics(row: dict[str, Any]) -> dict[str, float]:
+    out = {f"train/{k}": v for k, v in row.items() if k not in ("step", "eval_loss")}
+    if "eval_loss" in row:
+        out["eval/loss"] = row["eval_loss"]
+    return out
+
+
+def _held_out_examples(cfg: Config, tokenizer: Any) -> list:
+    """The eval file's examples when train.eval_every asks for a held-out loss."""
+    if not cfg.train.eval_every or not cfg.data.eval_path:
+        return []
+    from loralab.data.summary import build_dataset
+
+    examples, _ = build_dataset(
+        cfg.data, tokenizer, cfg.train.seed, path=cfg.data.eval_path, select=False
+    )
+    return examples
 
 
 def accumulate_step(
@@ -347,70 +418,20 @@ def _clip(accelerator, params, max_norm: float) -> float:
     return float(torch.stack(grads).norm()) if grads else 0.0
 
 
-def _checkpoint(
-    accelerator, run_dir, step, peft_model, optimizer, scheduler, losses, tokens, seconds
-) -> None:
-    if not accelerator.is_main_process:
-        return
+def _checkpoint(run_dir: Path, peft_model: Any, opt: Optim, done: Progress) -> None:
     state = {
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
+        "step": done.step,
+        "optimizer": opt.optimizer.state_dict(),
+        "scheduler": opt.scheduler.state_dict(),
         "rng": ckpt.rng_state(),
-        "losses": list(losses),
-        "tokens": tokens,
-        "train_seconds": seconds,
+        "losses": list(done.losses),
+        "tokens": done.tokens,
+        "train_seconds": done.train_seconds,
     }
-    ckpt.save_checkpoint(run_dir, step, peft_model, state)
+    ckpt.save_checkpoint(run_dir, done.step, peft_model, state)
 
 
 def _test_kill_hook(step: int) -> None:
     # Lets the resume test kill a real run at a chosen step (SIGKILL: no cleanup of any kind).
     if os.environ.get("LORALAB_KILL_AT_STEP") == str(step):
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def peak_memory_gb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def _base_result(
-    cfg: Config, summary: dict, schedule: Schedule, trainable: int, total: int
-) -> dict[str, Any]:
-    return {
-        "run_dir": str(Path(cfg.output_dir).resolve()),
-        "total_steps": schedule.total_steps,
-        "steps_per_epoch": schedule.steps_per_epoch,
-        "examples": summary.get("kept"),
-        "trainable_params": trainable,
-        "total_params": total,
-        "versions": versions(),
-        "git_commit": git_commit(),
-        "device": _device_name(),
-    }
-
-
-def _device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"cpu ({os.cpu_count()} cores)"
-
-
-def _final_numbers(
-    losses: list[float], tokens: int, train_seconds: float, started: float
-) -> dict[str, Any]:
-    tail = losses[-max(1, len(losses) // 10) :]
-    return {
-        "steps": len(losses),
-        "first_loss": losses[0] if losses else None,
-        "final_loss": losses[-1] if losses else None,
-        "final_loss_avg": sum(tail) / len(tail) if tail else None,
-        "mean_loss": sum(losses) / len(losses) if losses else None,
-        "tokens": tokens,
-        "train_seconds": round(train_seconds, 3),
-        "wall_seconds": round(time.time() - started, 3),
-        "tokens_per_s": tokens / train_seconds if train_seconds else None,
-        "peak_memory_gb": round(peak_memory_gb(), 3),
-    }

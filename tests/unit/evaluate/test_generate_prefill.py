@@ -1,0 +1,98 @@
+"""The static engine's prefill shortcuts (shared prefix, row groups) change no output."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loralab.data.render import render_prompt
+from loralab.evaluate import generate as gen
+from loralab.evaluate.generate import (
+    GenSettings,
+    common_prefix_length,
+    generate_texts,
+    row_groups,
+)
+
+
+@pytest.fixture(scope="module")
+def lively_model():
+    """A tiny random Qwen2 whose greedy outputs vary from token to token (large init)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=151936,
+                      tie_word_embeddings=True, initializer_range=0.5)
+    cfg._attn_implementation = "sdpa"
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def prompts(qwen_tokenizer):
+    texts = ["hi", "hello world " * 9, "一二三四五", "tags please " * 4, "x", "abc " * 7]
+    system = "Score the text against every tag, JSON only."
+    return [render_prompt(qwen_tokenizer, system, [{"role": "user", "content": t}])
+            for t in texts]
+
+
+def _texts(model, tokenizer, prompts, **kw):
+    outs, _ = generate_texts(model, tokenizer, prompts, GenSettings(max_new_tokens=8, **kw))
+    return [g.text for g in outs]
+
+
+def test_common_prefix_length_leaves_every_sequence_a_token():
+    assert common_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert common_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
+    assert common_prefix_length([[7], [7, 8]]) == 0
+    assert common_prefix_length([[1, 2], [3, 2]]) == 0
+
+
+def test_row_groups_cover_rows_in_order():
+    assert row_groups(7, 3) == [(0, 2), (2, 5), (5, 7)]
+    assert row_groups(2, 3) == [(0, 1), (1, 2)]
+    assert row_groups(5, 1) == [(0, 5)]
+
+
+def test_shared_prefix_and_row_groups_match_hf_generate(lively_model, qwen_tokenizer, prompts):
+    hf = _texts(lively_model, qwen_tokenizer, prompts, engine="hf", batch_size=8)
+    plain = _texts(lively_model, qwen_tokenizer, prompts, engine="static", batch_size=8,
+                   shared_prefix=False, prefill_chunks=1)
+    assert gen.LAST_RUN["shared_prefix"] == 0
+    shared = _texts(lively_model, qwen_tokenizer, prompts, engine="static", batch_size=8,
+                    shared_prefix=True, prefill_chunks=1)
+    assert gen.LAST_RUN["shared_prefix"] >= 10  # the system turn was prefilled once
+    grouped = _texts(lively_model, qwen_tokenizer, prompts, engine="static", batch_size=8,
+                     shared_prefix=False, prefill_chunks=3)
+    both = _texts(lively_model, qwen_tokenizer, prompts, engine="static", batch_size=8,
+                  shared_prefix=True, prefill_chunks=4)
+    assert len(set(hf)) == len(prompts)  # outputs depend on the prompt
+    assert plain == hf and shared == hf and grouped == hf and both == hf
+
+
+def test_prefill_groups_give_the_same_first_logits(lively_model, qwen_tokenizer, prompts):
+    """Closer than text equality: the prefill's next-token logits agree to float rounding."""
+    ids = [qwen_tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    ids.sort(key=len, reverse=True)
+    captured = []
+    hook = lively_model.lm_head.register_forward_hook(
+        lambda m, i, o: captured.append(o[:, -1].detach().clone()))
+    try:
+        runs = []
+        for shared, chunks in [(False, 1), (True, 3)]:
+            captured.clear()
+            settings = GenSettings(max_new_tokens=1, shared_prefix=shared, prefill_chunks=chunks)
+            with torch.inference_mode():
+                gen.static_generate(lively_model, ids, settings, [151645], 151643)
+            runs.append(torch.cat(captured[-chunks:]))
+    finally:
+        hook.remove()
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-4, atol=1e-4)
+
+
+def test_prompts_without_a_common_prefix(lively_model, qwen_tokenizer):
+    raw = ["alpha beta", "gamma " * 6, "delta"]
+    hf = _texts(lively_model, qwen_tokenizer, raw, engine="hf", batch_size=4)
+    static = _texts(lively_model, qwen_tokenizer, raw, engine="static", batch_size=4)
+    assert gen.LAST_RUN["shared_prefix"] == 0
+    assert static == hf
