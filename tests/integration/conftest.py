@@ -62,3 +62,35 @@ def tiny_base(isolated_cache):
     cfg = load_config(demo_config_path())
     model, tokenizer = load_base_model(cfg.model, "cpu")
     return Base(model, tokenizer, torch.device("cpu"))
+
+
+PROBE = [[151644, 8948, 198, 108386, 151645, 198, 151644, 77091, 198]]
+
+
+@pytest.fixture
+def assert_reloads_in_plain_peft():
+    """The check below, as a fixture (test modules cannot import conftest)."""
+    return _assert_reloads_in_plain_peft
+
+
+def _assert_reloads_in_plain_peft(peft_model, run_dir: Path) -> None:
+    """The adapter saved in run_dir, loaded with plain PEFT on a fresh base, gives the trained
+    model's logits. Unloads `peft_model` (the shared tiny base must be left clean)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    probe = torch.tensor(PROBE)
+    peft_model.eval()
+    with torch.no_grad():
+        expected = peft_model(input_ids=probe).logits
+    peft_model.unload()
+    adapter_cfg = json.loads((run_dir / "adapter_config.json").read_text())
+    fresh = AutoModelForCausalLM.from_pretrained(adapter_cfg["base_model_name_or_path"])
+    with torch.no_grad():
+        plain = fresh(input_ids=probe).logits
+    reloaded = PeftModel.from_pretrained(fresh, str(run_dir)).eval()
+    with torch.no_grad():
+        got = reloaded(input_ids=probe).logits
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    assert not torch.allclose(plain, expected, atol=1e-5), "the adapter must change the logits"

@@ -70,23 +70,10 @@ def test_fast_levers_give_plain_hf_peft_losses(tiny_base, overrides, tmp_path):
     assert tiny_base.model.config._attn_implementation == "sdpa"  # levers undone
 
 
-def test_fast_path_adapter_reloads_in_plain_peft(tiny_base, overrides, tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
+def test_fast_path_adapter_reloads_in_plain_peft(tiny_base, overrides, tmp_path, assert_reloads_in_plain_peft):
     cfg = load_config(DEMO_CONFIG, [*overrides, *LEVERS_ON, "train.max_steps=1"])
     peft_model, _ = train_adapter(cfg, tiny_base, show_progress=False)
-    probe = torch.tensor([[151644, 8948, 198, 108386, 151645, 198, 151644, 77091, 198]])
-    peft_model.eval()
-    with torch.no_grad():
-        expected = peft_model(input_ids=probe).logits
-    peft_model.unload()
-    adapter_cfg = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
-    fresh = AutoModelForCausalLM.from_pretrained(adapter_cfg["base_model_name_or_path"])
-    reloaded = PeftModel.from_pretrained(fresh, str(tmp_path / "run")).eval()
-    with torch.no_grad():
-        got = reloaded(input_ids=probe).logits
-    assert torch.allclose(got, expected, atol=1e-5)
+    assert_reloads_in_plain_peft(peft_model, tmp_path / "run")
 
 
 def test_estimate_prints_both_predictions(small_data):

@@ -29,8 +29,9 @@ EVAL_RECORDS = 4
 
 
 def _rows(folder: Path) -> list[dict]:
-    lines = (folder / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    from loralab.io import read_jsonl
+
+    return read_jsonl(folder / "predictions.jsonl")
 
 
 @pytest.mark.slow
@@ -39,6 +40,7 @@ def test_real_qwen_two_steps_then_eval(tmp_path):
         pytest.skip("real Qwen2.5 folder not prepared: run `python bench/real_qwen_cpu.py prepare`")
     from loralab.config import load_config
     from loralab.evaluate.runner import run_eval
+    from loralab.io import read_jsonl
     from loralab.train.loop import train_run
 
     config = BENCH.parents[1] / "configs" / "qwen2.5-7b-instruct.yaml"
@@ -49,7 +51,7 @@ def test_real_qwen_two_steps_then_eval(tmp_path):
     ])
     result = train_run(cfg, show_progress=False)
     assert result["steps"] == 2
-    losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().split()]
+    losses = [row["loss"] for row in read_jsonl(run_dir / "metrics.jsonl")]
     assert len(losses) == 2 and all(0 < loss < 20 for loss in losses)
     assert (run_dir / "adapter_model.safetensors").is_file()
 

@@ -102,6 +102,16 @@ def load_base(trial: Trial) -> Any:
     return Base(model, tokenizer, device)
 
 
+def base_for(trial: Trial, base: Any, loaded_key: str | None) -> tuple[Any, str]:
+    """The loaded base if the trial shares it, else the old one freed and the trial's loaded."""
+    key = base_key(trial.config)
+    if base is not None and key == loaded_key:
+        return base, key
+    del base
+    free_memory()
+    return load_base(trial), key
+
+
 def execute_trial(trial: Trial, base: Any, show_progress: bool) -> tuple[str, dict[str, Any]]:
     """Train one trial on `base`; any failure but Ctrl-C is a result, not a crash of the sweep."""
     from loralab.train.loop import train_run
@@ -146,11 +156,7 @@ def _run_in_process(spec: SweepSpec, manifest: dict, todo: list[Trial], show_pro
     for trial in todo:
         _report(spec, manifest, trial.name, "running", {"worker": None})
         try:
-            if base_key(trial.config) != loaded_key:
-                base, loaded_key = None, None
-                free_memory()
-                base = load_base(trial)
-                loaded_key = base_key(trial.config)
+            base, loaded_key = base_for(trial, base, loaded_key)
             status, fields = execute_trial(trial, base, show_progress)
         except KeyboardInterrupt:
             _report(spec, manifest, trial.name, "interrupted", {"error": INTERRUPTED})
@@ -240,11 +246,7 @@ def worker_main(index: int, device: str | None, tasks: Any, results: Any, thread
     while (trial := tasks.get()) is not None:
         results.put((index, trial.name, "running", {"worker": index, "device": device or "cpu"}))
         try:
-            if base_key(trial.config) != loaded_key:
-                base, loaded_key = None, None
-                free_memory()
-                base = load_base(trial)
-                loaded_key = base_key(trial.config)
+            base, loaded_key = base_for(trial, base, loaded_key)
             status, fields = execute_trial(trial, base, show_progress=False)
         except Exception as exc:
             status, fields = "failed", {"error": f"base model: {type(exc).__name__}: {exc}"}
