@@ -16,19 +16,6 @@ from loralab.evaluate.generate import (
 
 
 @pytest.fixture(scope="module")
-def lively_model():
-    """A tiny random Qwen2 whose greedy outputs vary from token to token (large init)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, vocab_size=151936,
-                      tie_word_embeddings=True, initializer_range=0.5)
-    cfg._attn_implementation = "sdpa"
-    return Qwen2ForCausalLM(cfg).eval()
-
-
-@pytest.fixture(scope="module")
 def prompts(qwen_tokenizer):
     texts = ["hi", "hello world " * 9, "一二三四五", "tags please " * 4, "x", "abc " * 7]
     system = "Score the text against every tag, JSON only."
