@@ -34,6 +34,13 @@ def _rows(folder: Path) -> list[dict]:
     return read_jsonl(folder / "predictions.jsonl")
 
 
+def _largest_lora_b(path: Path) -> float:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    return max(t.abs().max().item() for k, t in tensors.items() if "lora_B" in k)
+
+
 @pytest.mark.slow
 def test_real_qwen_two_steps_then_eval(tmp_path):
     if MODEL_DIR is None:
@@ -48,12 +55,15 @@ def test_real_qwen_two_steps_then_eval(tmp_path):
     cfg = load_config(config, [
         f"model.path={MODEL_DIR}", f"output_dir={run_dir}", "tracking.backend=none",
         "data.limit=8", "train.batch_size=4", "train.grad_accum=1", "train.max_steps=2",
+        # At the seed's 1e-4, 2 steps of 4 records leave every answer as the base's (a tag
+        # name); 10x gives the format a chance to move in a test-sized run.
+        "train.lr=1e-3",
     ])
     result = train_run(cfg, show_progress=False)
     assert result["steps"] == 2
     losses = [row["loss"] for row in read_jsonl(run_dir / "metrics.jsonl")]
     assert len(losses) == 2 and all(0 < loss < 20 for loss in losses)
-    assert (run_dir / "adapter_model.safetensors").is_file()
+    assert _largest_lora_b(run_dir / "adapter_model.safetensors") > 0  # B starts at zero
 
     comp = tmp_path / "comparison"
     run_eval(None, [run_dir], True, EVAL_RECORDS, comp, None, [])
@@ -64,7 +74,11 @@ def test_real_qwen_two_steps_then_eval(tmp_path):
         assert all(r["new_tokens"] > 0 and r["generation"].strip() for r in rows)
     metrics = {n: json.loads((f / "metrics.json").read_text()) for n, f in
                (("base", comp / "base"), ("adapter", run_dir / "eval"))}
-    # The pretrained instruct model already answers JSON for most articles; two steps of the
-    # seed recipe with the inference prompt must not make that worse.
+    # Training on the 9-tag JSON answers with the inference prompt must not make the model
+    # answer JSON less often than the base (which, in docs/real_model.md, answers a tag name).
     assert metrics["adapter"]["json_rate"] >= metrics["base"]["json_rate"]
-    assert 0.0 <= metrics["adapter"]["weighted_accuracy"] <= 1.0
+    # The merged adapter must reach generation: some answer differs from the base's.
+    assert [r["generation"] for r in adapter] != [r["generation"] for r in base]
+    # Part 4's definitions tie the two (range 10); unbounded, since scores may leave 0..10.
+    for m in metrics.values():
+        assert m["weighted_accuracy"] == pytest.approx(1 - m["weighted_error"] / 10)
