@@ -89,17 +89,10 @@ def worker_count(parallel: str | int, n_trials: int) -> int:
 
 
 def load_base(trial: Trial) -> Any:
-    """The trial's base model on this process's device (cuda:current or cpu)."""
-    import torch
+    """The trial's base model on this process's device."""
+    from loralab.train.loop import load_base as load_config_base
 
-    from loralab.model.load import load_base_model
-    from loralab.train.loop import Base
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = trial.config
-    precision = None if cfg.train.precision == "auto" else cfg.train.precision
-    model, tokenizer = load_base_model(cfg.model, device, precision)
-    return Base(model, tokenizer, device)
+    return load_config_base(trial.config)
 
 
 def base_for(trial: Trial, base: Any, loaded_key: str | None) -> tuple[Any, str]:

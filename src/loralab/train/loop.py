@@ -90,15 +90,13 @@ def train_run(
     data = None
     if base is None:
         from loralab.data.summary import build_dataset
-        from loralab.model.load import load_base_model, resolve_tokenizer_path
+        from loralab.model.load import resolve_tokenizer_path
         from loralab.model.tokenizer import load_tokenizer
 
         ckpt.check_run_dir(Path(cfg.output_dir), resume, overwrite)
         tokenizer = load_tokenizer(resolve_tokenizer_path(cfg.model))
         data = build_dataset(cfg.data, tokenizer, cfg.train.seed)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model, tokenizer = load_base_model(cfg.model, device, _precision(cfg))
-        base = Base(model, tokenizer, device)
+        base = load_base(cfg)
     peft_model, result = train_adapter(
         cfg, base, data=data, resume=resume, overwrite=overwrite, show_progress=show_progress
     )
@@ -146,8 +144,14 @@ def train_adapter(
     return peft_model, result
 
 
-def _precision(cfg: Config) -> str | None:
-    return None if cfg.train.precision == "auto" else cfg.train.precision
+def load_base(cfg: Config) -> Base:
+    """The config's base model on this process's device (cuda:current, else cpu)."""
+    from loralab.model.load import load_base_model
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = None if cfg.train.precision == "auto" else cfg.train.precision
+    model, tokenizer = load_base_model(cfg.model, device, precision)
+    return Base(model, tokenizer, device)
 
 
 def _prepare_dir(run_dir: Path, cfg: Config, summary: dict, resume: bool, overwrite: bool) -> None:
