@@ -395,7 +395,7 @@ def accumulate_step(
     """
     from loralab.data.batching import collate_for_model, real_tokens, to_device
 
-    shard = micro_batches[accelerator.process_index :: accelerator.num_processes]
+    shard = process_shard(micro_batches, accelerator.process_index, accelerator.num_processes)
     groups = [[examples[i] for i in mb] for mb in shard]
     batches = [collate_for_model(group, pad_id, packed, pad_multiple) for group in groups]
     local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
@@ -413,6 +413,15 @@ def accumulate_step(
         size = (batch["input_ids"].numel(), int(n))
         stats.largest_batch = max(stats.largest_batch, size)
     return stats
+
+
+def process_shard(micro_batches: list[list[int]], index: int, processes: int) -> list[list[int]]:
+    """This process's micro-batches of a step. Under DDP every process must run a backward, so
+    a step planned as fewer micro-batches than processes (memory auto plans one) is re-split."""
+    if processes > 1 and len(micro_batches) < processes:
+        flat = [i for mb in micro_batches for i in mb]
+        micro_batches = [flat[k::processes] for k in range(processes)]
+    return [mb for mb in micro_batches[index::processes] if mb]
 
 
 def _clip(accelerator, params, max_norm: float) -> float:
