@@ -72,7 +72,7 @@ def test_gradient_accumulation_is_token_normalised(tiny_base, small_data):
 
     from loralab.data.summary import build_dataset
     from loralab.model.lora import LabelledLoss, attach_lora
-    from loralab.train.loop import accumulate_step
+    from loralab.train.step import accumulate_step
 
     cfg = load_config(DEMO_CONFIG, [f"data.path={small_data}", "lora.dropout=0", "data.max_length=256"])
     examples, _ = build_dataset(cfg.data, tiny_base.tokenizer, 0)

@@ -1,6 +1,6 @@
 """Each DDP process gets a share of every step, even when the step was planned as one batch."""
 
-from loralab.train.loop import process_shard
+from loralab.train.step import process_shard
 
 
 def test_single_process_keeps_the_plan():
