@@ -27,9 +27,13 @@ def accumulate_step(
     from loralab.data.batching import collate_for_model, real_tokens, to_device
 
     shard = process_shard(micro_batches, accelerator.process_index, accelerator.num_processes)
+    # A process left without a sequence (a step smaller than the process count) must still join
+    # DDP's gradient all-reduce: it runs one sequence of the step with weight 0.
+    weight = 1.0 if shard else 0.0
+    shard = shard or [micro_batches[0][:1]]
     groups = [[examples[i] for i in mb] for mb in shard]
     batches = [collate_for_model(group, pad_id, packed, pad_multiple) for group in groups]
-    local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    local = weight * sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
     step_tokens = int(accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum"))
     stats = StepStats()
     for i, (group, batch) in enumerate(zip(groups, batches, strict=True)):
@@ -37,12 +41,12 @@ def accumulate_step(
         sync = i == len(batches) - 1
         with accelerator.no_sync(loss_module) if not sync else contextlib.nullcontext():
             loss_sum, n = loss_module(**batch)
-            accelerator.backward(loss_sum / max(1, step_tokens))
-        stats.loss_sum += float(loss_sum.detach())
-        stats.tokens += int(n)
-        stats.seen_tokens += real_tokens(group)
-        size = (batch["input_ids"].numel(), int(n))
-        stats.largest_batch = max(stats.largest_batch, size)
+            accelerator.backward(loss_sum * weight / max(1, step_tokens))
+        if weight:
+            stats.loss_sum += float(loss_sum.detach())
+            stats.tokens += int(n)
+            stats.seen_tokens += real_tokens(group)
+            stats.largest_batch = max(stats.largest_batch, (batch["input_ids"].numel(), int(n)))
     return stats
 
 
