@@ -51,7 +51,7 @@ def resolve(cfg: Any, model: torch.nn.Module, device: torch.device, examples: li
     attention = pick_backend(tcfg.attention, device) if packing else "sdpa"
     fused = _on(tcfg.fused_lora, cuda) and not cfg.lora.dora
     pad_multiple = tcfg.pack_multiple if tcfg.pack_multiple else (CUDA_PACK_MULTIPLE if cuda else 1)
-    step = step_shape(cfg, fused, attention != "sdpa" or not packing and cuda, _on(tcfg.compile, cuda))
+    step = step_shape(cfg, fused, _keeps_kv_heads(attention, packing, cuda), _on(tcfg.compile, cuda))
     micro, accum = tcfg.batch_size, tcfg.grad_accum
     ckpt = tcfg.gradient_checkpointing == "on"
     predicted = None
@@ -79,6 +79,12 @@ def resolve(cfg: Any, model: torch.nn.Module, device: torch.device, examples: li
     )
 
 
+def _keeps_kv_heads(attention: str, packing: bool, cuda: bool) -> bool:
+    """Whether attention runs on the KV heads as they are (varlen/flex, or SDPA's GQA path on
+    CUDA for padded rows) rather than on heads repeated to the query count (the SDPA mask path)."""
+    return attention != "sdpa" or (not packing and cuda)
+
+
 def step_shape(cfg: Any, fused: bool, kv_heads_kept: bool, compiled: bool) -> StepShape:
     return StepShape(
         compiled=compiled,
@@ -97,7 +103,8 @@ def predict_peak_gib(cfg: Any, model: torch.nn.Module, fast: FastPath, tokens: i
     """loralab's memory model for a micro-batch of this size run with these levers."""
     from loralab.model.memory import GIB, estimate
 
-    step = step_shape(cfg, fast.fused_lora, fast.attention != "sdpa" or not fast.packing,
+    cuda = next(model.parameters()).device.type == "cuda"
+    step = step_shape(cfg, fast.fused_lora, _keeps_kv_heads(fast.attention, fast.packing, cuda),
                       fast.compile)
     shape = shape_of(model.config, sum(p.numel() for p in model.parameters()))
     return round(estimate(shape, tokens, labelled, fast.micro_batch, fast.checkpointing,
