@@ -52,25 +52,17 @@ def expand_adapter_dirs(paths: list[Path]) -> list[tuple[Path, str]]:
 
 
 def _finished_trials(sweep_dir: Path) -> list[tuple[Path, str]]:
-    manifest = sweep_dir / SWEEP_MANIFEST
-    try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as exc:
-        raise UserError(f"{manifest} is not valid JSON: {exc}") from None
-    trials = data.get("trials") if isinstance(data, dict) else None
-    if not isinstance(trials, list):
-        raise UserError(f'{manifest} must hold {{"trials": [...]}}')
-    done = [t for t in trials if isinstance(t, dict) and t.get("status") == "done"]
+    from loralab.sweep.manifest import read_manifest, trial_dirs
+
+    done = trial_dirs(sweep_dir, only_done=True)
     if not done:
-        raise UserError(f"sweep {sweep_dir} has no finished trial ({len(trials)} trials): "
+        total = len((read_manifest(sweep_dir) or {}).get("trials", []))
+        raise UserError(f"sweep {sweep_dir} has no finished trial ({total} trials): "
                         "nothing to evaluate yet")
-    out = []
-    for trial in done:
-        path = (sweep_dir / str(trial.get("path", ""))).resolve()
+    for name, path in done:
         if not (path / ADAPTER_CONFIG).is_file():
-            raise UserError(f"trial {trial.get('name')} is marked done but {path} has no adapter")
-        out.append((path, str(trial.get("name") or path.name)))
-    return out
+            raise UserError(f"trial {name} is marked done but {path} has no adapter")
+    return [(path, name) for name, path in done]
 
 
 def run_config_raw(run_dir: Path) -> dict[str, Any]:

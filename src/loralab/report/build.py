@@ -10,7 +10,6 @@ The report goes to `--out`, else the comparison folder (`DIR/comparison` for run
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from loralab.evaluate.tasks import (
     read_target,
     read_targets_manifest,
 )
-from loralab.io import atomic_write_text, read_json
+from loralab.io import atomic_write_text
 from loralab.report import html, plots, tables
 
 SWEEP_MANIFEST = "sweep.json"
@@ -56,17 +55,9 @@ def resolve_report_dir(path: Path, out: Path | None = None) -> tuple[Path, list[
 
 
 def _sweep_trials(sweep_dir: Path) -> list[Path]:
-    manifest = sweep_dir / SWEEP_MANIFEST
-    try:
-        data = read_json(manifest)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{manifest} is not valid JSON: {exc}") from None
-    trials = data.get("trials") if isinstance(data, dict) else data
-    if not isinstance(trials, list) or not all(
-        isinstance(t, dict) and isinstance(t.get("path"), str) for t in trials
-    ):
-        raise UserError(f'{manifest} must hold {{"trials": [{{"path": ...}}, ...]}}')
-    return [(sweep_dir / t["path"]).resolve() for t in trials]
+    from loralab.sweep.manifest import trial_dirs
+
+    return [path for _, path in trial_dirs(sweep_dir)]
 
 
 def _unique_paths(paths: list[Path]) -> list[Path]:

@@ -30,10 +30,21 @@ def read_manifest(sweep_dir: Path) -> dict[str, Any] | None:
     try:
         data = read_json(path)
     except ValueError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}); use --overwrite to start again") from None
+        raise UserError(f"{path} is not valid JSON ({exc}); loralab sweep --overwrite starts again") from None
     if not isinstance(data, dict) or not isinstance(data.get("trials"), list):
-        raise UserError(f"{path} is not a sweep manifest; use --overwrite to start again")
+        raise UserError(f"{path} is not a sweep manifest; loralab sweep --overwrite starts again")
     return data
+
+
+def trial_dirs(sweep_dir: Path, only_done: bool = False) -> list[tuple[str, Path]]:
+    """(name, run folder) of a sweep's trials, or of its finished ones: what eval and report read."""
+    manifest = read_manifest(sweep_dir)
+    trials = manifest["trials"] if manifest else []
+    if not all(isinstance(t, dict) and isinstance(t.get("path"), str) for t in trials):
+        raise UserError(f'{manifest_path(sweep_dir)} must hold {{"trials": [{{"path": ...}}, ...]}}')
+    chosen = [t for t in trials if not only_done or t.get("status") == "done"]
+    return [(str(t.get("name") or Path(t["path"]).name), (Path(sweep_dir) / t["path"]).resolve())
+            for t in chosen]
 
 
 def save_manifest(sweep_dir: Path, manifest: dict[str, Any]) -> None:
