@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -11,7 +12,7 @@ from typing import Any
 import torch
 
 from loralab.errors import UserError
-from loralab.io import read_json, read_jsonl, write_json
+from loralab.io import atomic_write_text, read_json, read_jsonl, write_json
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.pt"
@@ -128,23 +129,18 @@ def trim_metrics(path: Path, last_step: int) -> None:
     if not path.is_file():
         return
     rows = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
-    import json
-
-    from loralab.io import atomic_write_text
-
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def check_resume_config(run_dir: Path, new_config: dict[str, Any]) -> None:
     """Resuming with changed hyperparameters would silently mix two runs: refuse."""
-    import yaml
+    from loralab.config import read_yaml_mapping
 
-    saved_path = run_dir / "config.yaml"
-    if not saved_path.is_file():
+    if not (run_dir / "config.yaml").is_file():
         raise UserError(f"cannot resume {run_dir}: its config.yaml is missing")
-    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8"))
-    diffs = [k for k in _flatten(new_config) if _flatten(saved).get(k) != _flatten(new_config)[k]]
-    diffs = [k for k in diffs if not k.startswith("tracking.")]
+    saved = _flatten(read_yaml_mapping(run_dir / "config.yaml"))
+    wanted = _flatten(new_config)
+    diffs = [k for k, v in wanted.items() if saved.get(k) != v and not k.startswith("tracking.")]
     if diffs:
         raise UserError(
             f"cannot resume {run_dir} with a different config: {', '.join(diffs[:5])} changed"

@@ -88,13 +88,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _is_demo_run(run_dir: Path) -> bool:
-    import yaml
+    from loralab.config import get_dotted, read_yaml_mapping
 
     path = run_dir / "config.yaml"
     if not path.is_file():
         return False
-    saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    return str(saved.get("model", {}).get("path", "")).startswith("builtin:")
+    return str(get_dotted(read_yaml_mapping(path), "model.path") or "").startswith("builtin:")
 
 
 def _print_result(result: dict) -> None:
