@@ -138,19 +138,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def load_adapter_model(adapter: Path, device: str | None, merge: bool = True):
     """(model with the adapter, tokenizer, the run's Config) for predict and chat."""
-    from loralab.evaluate.runner import (
-        adapter_run,
-        attached_adapter,
-        eval_config,
-        expand_adapter_dirs,
-    )
+    from loralab.evaluate.runner import attached_adapter, single_run
     from loralab.model.load import load_base_model
 
-    path, name = expand_adapter_dirs([adapter])[0]
-    run = adapter_run(path, name)
-    # A bare PEFT folder has no training file; predict and chat need none.
-    bare = not (run.path / "config.yaml").is_file()
-    cfg = eval_config(None, [run], ["data.path=(none)"] if bare else [])
+    run, cfg = single_run(adapter)
     model, tokenizer = load_base_model(cfg.model, device)
     peft_model = attached_adapter(model, run.path, merge=merge).__enter__()
     return peft_model, tokenizer, cfg

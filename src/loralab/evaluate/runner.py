@@ -108,6 +108,15 @@ def check_same_base(model_path: str, resolved: str | None, runs: list[AdapterRun
             )
 
 
+def single_run(adapter: Path) -> tuple[AdapterRun, Config]:
+    """One adapter folder and its config, for predict, chat and merge (no weights loaded)."""
+    path, name = expand_adapter_dirs([Path(adapter)])[0]
+    run = adapter_run(path, name)
+    # A bare PEFT folder has no training file; these commands need none.
+    bare = not (run.path / "config.yaml").is_file()
+    return run, eval_config(None, [run], ["data.path=(none)"] if bare else [])
+
+
 def eval_config(config: Path | None, runs: list[AdapterRun], overrides: list[str]) -> Config:
     """--config, else the first adapter run's config.yaml; key=value overrides on top."""
     if config is not None:

@@ -57,24 +57,17 @@ def max_difference(a: list[Any], b: list[Any]) -> float:
 def merge_to_folder(adapter: Path, out: Path, overwrite: bool = False,
                     device: str | None = None) -> dict[str, Any]:
     """Write the merged model (safetensors, config, tokenizer, merge_check.json) atomically."""
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from loralab.evaluate.runner import adapter_run, eval_config, expand_adapter_dirs
+    from loralab.evaluate.runner import attached_adapter, single_run
     from loralab.model.load import load_base_model
 
     out = Path(out)
     check_out_dir(out, overwrite)
-    path, name = expand_adapter_dirs([Path(adapter)])[0]
-    run = adapter_run(path, name)
-    bare = not (path / "config.yaml").is_file()
-    cfg = eval_config(None, [run], ["data.path=(none)"] if bare else [])
+    run, cfg = single_run(Path(adapter))
+    path = run.path
     model, tokenizer = load_base_model(cfg.model, device or "cpu")
-    try:
-        peft_model = PeftModel.from_pretrained(model, str(path))
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise UserError(f"cannot attach adapter {path}: {str(exc).splitlines()[0]}") from None
-    peft_model.eval()
+    peft_model = attached_adapter(model, path, merge=False).__enter__()
     prompts = check_prompts(tokenizer, run.system_prompt)
     expected = prompt_logits(peft_model, tokenizer, prompts)
     merged = peft_model.merge_and_unload()
