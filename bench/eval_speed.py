@@ -4,7 +4,7 @@ On CUDA it builds Qwen2.5-7B-shaped random bf16 weights on the GPU (no download)
 adapter on the 7 projections, 77 prompts of 250-330 random tokens, and forces 60 new tokens per
 prompt (min_new_tokens / no early exit) so every configuration produces the same token count.
 
-    PYTHONPATH=src python bench/eval_speed.py --out eval_speed.json            # GPU
+    PYTHONPATH=src python bench/eval_speed.py --compile --step-breakdown --out eval_speed.json
     PYTHONPATH=src python bench/eval_speed.py --device cpu --model builtin:tiny-qwen2 \\
         --records 8 --new 8 --seed-prompts 2 --out /tmp/eval_speed_cpu.json      # CPU check
 """
@@ -130,12 +130,13 @@ def _hf_raw(model, prompts, new, **kw):
 
 
 def engine_run(model, prompts, new: int, batch: int, graph=True, compile_=False,
-               shared=True, chunks=3) -> int:
-    gen.LAST_RUN.update(cuda_graph=False, graph_error=None)
+               shared=True, chunks=3, fast=True, lora=None) -> int:
+    gen.LAST_RUN.update(cuda_graph=False, graph_error=None, capture_seconds=None)
     settings = GenSettings(max_new_tokens=new, min_new_tokens=new, batch_size=batch,
                            cuda_graph=graph, compile=compile_, shared_prefix=shared,
-                           prefill_chunks=chunks)
-    return sum(len(o) for o in generate_ids(model, prompts, settings, STOPS, PAD, "static"))
+                           prefill_chunks=chunks, fast_forward=fast)
+    outs = generate_ids(model, prompts, settings, STOPS, PAD, "static", lora=lora)
+    return sum(len(o) for o in outs)
 
 
 def main() -> None:
@@ -148,10 +149,9 @@ def main() -> None:
     ap.add_argument("--adapters", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile + graphs")
-    ap.add_argument("--hf-static", action="store_true", help="also time HF static cache (compiles)")
     ap.add_argument("--skip-baselines", action="store_true", help="skip (1) and (2): slow")
-    ap.add_argument("--prefill-only", action="store_true",
-                    help="only the prefill comparison (+ --compile): no batch64/unmerged/K rows")
+    ap.add_argument("--step-breakdown", action="store_true",
+                    help="also time one decode step's parts (GEMMs, attention) in CUDA graphs")
     ap.add_argument("--out", default="eval_speed.json")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -172,81 +172,90 @@ def main() -> None:
     def record(name: str, seconds: float, tokens: int, **extra) -> dict:
         row = {"name": name, "seconds": round(seconds, 3), "new_tokens": tokens,
                "new_tokens_per_s": round(tokens / seconds, 1), **extra}
-        if name.startswith("loralab_engine"):
-            row["cuda_graph"] = gen.LAST_RUN["cuda_graph"]
-            row["graph_error"] = gen.LAST_RUN["graph_error"]
-            row["shared_prefix_tokens"] = gen.LAST_RUN["shared_prefix"]
+        if name.startswith(("loralab_engine", "k")):
+            row.update({k: gen.LAST_RUN.get(k) for k in ("cuda_graph", "graph_error",
+                                                     "shared_prefix", "fast_forward",
+                                                     "capture_seconds")})
+        return save(row)
+
+    def save(row: dict) -> dict:
         print(json.dumps(row), flush=True)
         results.append(row)
         with open(args.out, "w", encoding="utf-8") as fh:  # after every row: a kill keeps them
             json.dump({**header, "results": results}, fh, indent=2)
         return row
 
+    record.save = save
+
     def median_of(fn, n=args.repeats):
         runs = [timed(device, fn) for _ in range(n)]
         return statistics.median(r[0] for r in runs), runs[0][1]
 
-    base = build_model(name, device)
-    model = add_random_adapter(base, "a0", seed=1)
+    model = add_random_adapter(build_model(name, device), "a0", seed=1)
     if not args.skip_baselines:
         baselines(model, prompts, args, device, record, median_of)
-    # (3) loralab's engine: static KV cache, CUDA graph decode, merged.
-    model.merge_adapter()
-    full = len(prompts)
-    prefill_rows(model, prompts, random_prompts, args, device, record, median_of)
-    if not args.prefill_only:
-        secs, toks = median_of(lambda: engine_run(model, prompts, args.new, 64))
-        record("loralab_engine_merged_batch64", secs, toks)
-        secs, toks = median_of(lambda: engine_run(model, prompts, args.new, full, graph=False),
-                               n=1)
-        record("loralab_engine_merged_no_graph", secs, toks)
-        model.unmerge_adapter()
-        secs, toks = median_of(lambda: engine_run(model, prompts, args.new, full), n=1)
-        record("loralab_engine_unmerged_one_batch", secs, toks)
-        # (4) K adapters one after another: merge, generate, unmerge.
-        k_adapters(model, prompts, args, device, record, results)
-    else:
-        model.unmerge_adapter()
+    model.merge_adapter()  # (3) loralab's engine on the merged model
+    engine_rows(model, prompts, random_prompts, args, device, record, median_of)
+    model.unmerge_adapter()
+    secs, toks = median_of(lambda: engine_run(model, prompts, args.new, len(prompts)), n=1)
+    record("loralab_engine_unmerged_peft", secs, toks)
+    base = k_adapters(model, prompts, args, device, record, results)  # (4) unloads PEFT
     if args.compile:
-        _optional(record, "loralab_engine_merged_compiled", model, device,
-                  lambda: engine_run(model, prompts, args.new, full, compile_=True))
-        _optional(record, "loralab_engine_merged_compiled_random_prompts", model, device,
-                  lambda: engine_run(model, random_prompts, args.new, full, compile_=True))
-    if args.hf_static:
-        model.merge_adapter()
-        _optional(record, "hf_generate_batched_merged_static_cache", model, device,
-                  lambda: sum(len(o) for o in _hf_raw(model, prompts, args.new,
-                                                      cache_implementation="static")))
+        for fast in (True, False):
+            label = "" if fast else "_hf_forward"
+            _optional(record, f"loralab_engine_plain_compiled{label}", device, lambda f=fast:
+                      engine_run(base, prompts, args.new, len(prompts), compile_=True, fast=f))
+    if args.compile:
+        for chunks in (2, 4):
+            record(f"loralab_engine_plain_compiled_prefill_groups{chunks}", *median_of(
+                lambda c=chunks: engine_run(base, prompts, args.new, len(prompts), compile_=True,
+                                            chunks=c)))
+    if args.step_breakdown and device.type == "cuda":
+        from step_breakdown import decode_step_breakdown, numerics_rows
+
+        for row in decode_step_breakdown(base, len(prompts), 390, compile_=args.compile):
+            save(row)
+        for row in numerics_rows(base, prompts):
+            save(row)
     print("RESULTS", json.dumps(results), flush=True)
 
 
-PREFILL_MODES = {  # name: (shared prefix, prefill row groups)
-    "padded": (False, 1),  # the engine before the prefill shortcuts
-    "groups3": (False, 3),
-    "shared": (True, 1),
-    "shared_groups3": (True, 3),  # the default
-}
-
-
-def prefill_rows(model, prompts, random_prompts, args, device, record, median_of) -> None:
-    """Each prefill mode on chat prompts (shared system turn), then on random prompts."""
+def engine_rows(model, prompts, random_prompts, args, device, record, median_of) -> None:
+    """Prefill alone, then whole runs, with loralab's forward (default) and transformers'."""
     full = len(prompts)
     secs0, _ = timed(device, lambda: engine_run(model, prompts, args.new, full))
-    for label, (shared, chunks) in PREFILL_MODES.items():
-        record(f"loralab_engine_prefill_plus_1_token_{label}", *median_of(
-            lambda s=shared, c=chunks: engine_run(model, prompts, 1, full, shared=s, chunks=c)))
-    for label, (shared, chunks) in PREFILL_MODES.items():
-        secs, toks = median_of(lambda s=shared, c=chunks: engine_run(
-            model, prompts, args.new, full, shared=s, chunks=c))
-        extra = {"first_call_seconds": round(secs0, 3)} if label == "shared_groups3" else {}
-        name = "loralab_engine_merged_one_batch" if label == "shared_groups3" else \
-            f"loralab_engine_merged_one_batch_{label}"
-        record(name, secs, toks, **extra)
-    for label in ("padded", "shared_groups3"):
-        shared, chunks = PREFILL_MODES[label]
-        record(f"loralab_engine_merged_one_batch_random_prompts_{label}", *median_of(
-            lambda s=shared, c=chunks: engine_run(model, random_prompts, args.new, full,
-                                                  shared=s, chunks=c)))
+    for fast, label in ((False, "_hf_forward"), (True, "")):
+        record(f"loralab_engine_prefill_plus_1_token{label}", *median_of(
+            lambda f=fast: engine_run(model, prompts, 1, full, fast=f)))
+    record("loralab_engine_merged_hf_forward", *median_of(
+        lambda: engine_run(model, prompts, args.new, full, fast=False)))
+    record("loralab_engine_merged", *median_of(
+        lambda: engine_run(model, prompts, args.new, full)), first_call_seconds=round(secs0, 3))
+    record("loralab_engine_merged_random_prompts", *median_of(
+        lambda: engine_run(model, random_prompts, args.new, full)))
+    record("loralab_engine_merged_padded_prefill", *median_of(
+        lambda: engine_run(model, prompts, args.new, full, shared=False, chunks=1)))
+    record("loralab_engine_merged_batch64", *median_of(
+        lambda: engine_run(model, prompts, args.new, 64)))
+    agreement(model, prompts, args, record)
+    record("loralab_engine_merged_no_graph", *median_of(
+        lambda: engine_run(model, prompts, args.new, full, graph=False), n=1))
+
+
+def agreement(model, prompts, args, record) -> None:
+    """How often loralab's forward picks the same greedy token as transformers' (bf16 GEMMs of
+    other shapes round differently, so near-ties can flip and a row then goes its own way)."""
+    settings = dict(max_new_tokens=args.new, min_new_tokens=args.new, batch_size=len(prompts))
+    outs = [generate_ids(model, prompts, GenSettings(**settings, fast_forward=f), STOPS, PAD,
+                         "static") for f in (True, False)]
+    first = [a[0] == b[0] for a, b in zip(*outs, strict=True)]
+    same = [a == b for a, b in zip(*outs, strict=True)]
+    prefix = [next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+              for a, b in zip(*outs, strict=True)]
+    row = {"name": "fast_vs_hf_forward_greedy_agreement", "first_token_same": sum(first),
+           "rows_identical": sum(same), "rows": len(same),
+           "mean_identical_prefix_tokens": round(sum(prefix) / len(prefix), 1)}
+    record.save(row)
 
 
 def baselines(model, prompts, args, device, record, median_of) -> None:
@@ -263,41 +272,79 @@ def baselines(model, prompts, args, device, record, median_of) -> None:
     model.unmerge_adapter()
 
 
-def k_adapters(model, prompts, args, device, record, results) -> None:
-    names = ["a0"] + [f"a{i}" for i in range(1, args.adapters)]
+def k_adapters(model, prompts, args, device, record, results):
+    """K adapter folders on disk evaluated one after another on one base, two ways: loralab's
+    (read the safetensors, fold into the stacked copy) and PEFT's (attach, merge, unmerge,
+    unload). Both against K merged runs = K x one run on an already merged model."""
+    import tempfile
+    from pathlib import Path
+
+    from loralab.evaluate.adapters import AdapterSource, attached_adapter
+    from loralab.evaluate.lora_file import read_lora
+
+    names = [f"a{i}" for i in range(args.adapters)]
     for i, n in enumerate(names[1:], 2):
         add_random_adapter(model, n, seed=i)
-    probe = dict(model.named_parameters())
-    key = next(k for k in probe if k.endswith("q_proj.base_layer.weight"))
-    original = probe[key].detach().clone()
+    root = Path(tempfile.mkdtemp(prefix="k_adapters_"))
+    for n in names:
+        model.save_pretrained(str(root), selected_adapters=[n])  # → root/n (non-default names)
+    folders = [root / n if (root / n).is_dir() else root for n in names]
+    base = model.unload()
+    probe = base.model.layers[0].self_attn.q_proj.weight
     full = len(prompts)
 
-    def one(n):
-        model.set_adapter(n)
-        model.merge_adapter()
-        toks = engine_run(model, prompts, args.new, full)
-        model.unmerge_adapter()
-        return toks
+    def loralab_way(compile_=False) -> int:
+        """The eval runner's way: AdapterSource reads the next file in a thread."""
+        source = AdapterSource(base, folders, GenSettings(max_new_tokens=args.new))
+        total = 0
+        for i, folder in enumerate(folders):
+            with source.on_base(i, folder, merge=True) as (target, lora, how):
+                assert lora is not None, how
+                total += engine_run(target, prompts, args.new, full, lora=lora,
+                                    compile_=compile_)
+        source.close()
+        return total
 
-    secs, toks = timed(device, lambda: sum(one(n) for n in names))
-    single = next(r for r in results if r["name"] == "loralab_engine_merged_one_batch")
-    drift = float((probe[key].detach().float() - original.float()).abs().max())
-    record(f"k{len(names)}_adapters_merge_generate_unmerge", secs, toks,
-           k_merged_runs_seconds=round(single["seconds"] * len(names), 3),
-           weight_drift_after_k_cycles=drift)
+    def peft_way() -> int:
+        total = 0
+        for folder in folders:
+            with attached_adapter(base, folder, merge=True) as peft_model:
+                total += engine_run(peft_model, prompts, args.new, full)
+        return total
+
+    def merged_runs(compile_=False) -> int:
+        """K runs on a model whose weights already hold an adapter (the plain base: the same
+        work, other values): what K adapters are compared with."""
+        return sum(engine_run(base, prompts, args.new, full, compile_=compile_) for _ in folders)
+
+    read_lora(folders[0], base)  # warm: the first read of a file
+    ways = [("lora_files", loralab_way, merged_runs), ("peft_attach_merge", peft_way, merged_runs)]
+    if args.compile:
+        secs, _ = timed(device, lambda: engine_run(base, prompts, args.new, full, compile_=True))
+        record("loralab_engine_compile_first_call", secs, len(prompts) * args.new)
+        ways.append(("lora_files_compiled", lambda: loralab_way(compile_=True),
+                     lambda: merged_runs(compile_=True)))
+    for label, way, reference in ways:
+        original = probe.detach().clone()
+        pairs = [(timed(device, way), timed(device, reference)) for _ in range(args.repeats)]
+        secs = statistics.median(p[0][0] for p in pairs)
+        k_merged = statistics.median(p[1][0] for p in pairs)
+        record(f"k{len(names)}_adapters_{label}", secs, pairs[0][0][1],
+               k_merged_runs_seconds=round(k_merged, 3),
+               ratio_to_k_merged_runs=round(secs / k_merged, 3),
+               ratios_each_repeat=[round(p[0][0] / p[1][0], 3) for p in pairs],
+               base_weights_unchanged=bool(torch.equal(probe, original)))
+    return base
 
 
-def _optional(record, name, model, device, fn) -> None:
-    """A configuration that may fail (compiler, cache kinds): record the error, go on."""
+def _optional(record, name, device, fn) -> None:
+    """A configuration that may fail (compiler): record the error, go on."""
     try:
-        model.merge_adapter()
         secs0, _ = timed(device, fn)
         secs, toks = timed(device, fn)
         record(name, secs, toks, first_call_seconds=round(secs0, 3))
     except Exception as exc:  # measuring: a failure is a result
         print(json.dumps({"name": name, "error": f"{type(exc).__name__}: {exc}"[:300]}), flush=True)
-    finally:
-        model.unmerge_adapter()
 
 
 if __name__ == "__main__":

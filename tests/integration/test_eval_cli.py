@@ -49,6 +49,9 @@ def test_eval_sweep_base_references_and_report(trained_run, tmp_path, capsys):
     assert metrics["kind"] == "adapter" and metrics["target"] == "r8" and metrics["n"] == 3
     assert metrics["hyperparams"]["lora.r"] == 8
     assert metrics["gen"]["max_new_tokens"] == 6 and metrics["gen"]["new_tokens"] > 0
+    # the adapter went in as tensors through loralab's own forward, not through PEFT
+    assert metrics["adapter_weights"] == "folded into loralab's forward"
+    assert metrics["gen"]["fast_forward"] is True
     assert set(metrics["ci"]) >= {"weighted_accuracy", "f1"}
     rows = read_jsonl(trained_run / "eval" / "predictions.jsonl")
     assert len(rows) == 3 and {"input", "reference", "generation", "finished", "parsed"} <= set(rows[0])

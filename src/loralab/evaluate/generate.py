@@ -26,6 +26,7 @@ from loralab.evaluate.static_engine import (  # re-exported: tests and benchmark
     _left_pad,
     common_prefix_length,
     grouped_decode_attention,
+    make_forward,
     row_groups,
     static_generate,
 )
@@ -34,7 +35,7 @@ __all__ = [
     "CHECK_EVERY", "ENGINES", "LAST_RUN", "MIN_SHARED_PREFIX", "GenSettings", "GenStats",
     "Generation", "StaticKV", "common_prefix_length", "cut_at_stop", "default_max_new_tokens",
     "generate_ids", "generate_texts", "grouped_decode_attention", "hf_generate",
-    "length_batches", "pick_engine", "row_groups", "static_generate", "stop_token_ids",
+    "length_batches", "make_forward", "pick_engine", "row_groups", "static_generate", "stop_token_ids",
 ]
 
 ENGINES = ("auto", "static", "hf")
@@ -51,7 +52,8 @@ class GenSettings:
     top_p: float = 1.0
     engine: str = "auto"  # auto: static when greedy and the attention is sdpa/eager, else hf
     cuda_graph: bool = True  # static engine on CUDA: replay the decode step as a CUDA graph
-    compile: bool = False  # static engine on CUDA: torch.compile the model before capture
+    compile: bool = False  # static engine on CUDA: torch.compile the decode step before capture
+    fast_forward: bool = True  # static engine: loralab's own forward where the model allows it
     shared_prefix: bool = True  # static engine: prefill the prompts' common prefix once
     prefill_chunks: int = 3  # static engine: prefill in this many length-sorted row groups
     min_new_tokens: int = 0
@@ -127,7 +129,8 @@ def pick_engine(model: Any, settings: GenSettings) -> str:
 
 
 def generate_texts(
-    model: Any, tokenizer: Any, prompts: list[str], settings: GenSettings
+    model: Any, tokenizer: Any, prompts: list[str], settings: GenSettings,
+    lora: dict[str, Any] | None = None,
 ) -> tuple[list[Generation], GenStats]:
     """Generate for every prompt (chat-rendered text); results in prompt order."""
     engine = pick_engine(model, settings)
@@ -138,7 +141,7 @@ def generate_texts(
     LAST_RUN.update(cuda_graph=False, graph_error=None)
     _sync(device)
     started = time.perf_counter()
-    outs = generate_ids(model, prompt_ids, settings, stop_ids, pad_id, engine)
+    outs = generate_ids(model, prompt_ids, settings, stop_ids, pad_id, engine, lora)
     _sync(device)
     seconds = time.perf_counter() - started
     results = []
@@ -151,16 +154,20 @@ def generate_texts(
 
 
 def generate_ids(model: Any, prompt_ids: list[list[int]], settings: GenSettings,
-                 stop_ids: list[int], pad_id: int, engine: str = "static") -> list[list[int]]:
-    """New token ids (uncut) per prompt, in prompt order, batched by length."""
+                 stop_ids: list[int], pad_id: int, engine: str = "static",
+                 lora: dict[str, Any] | None = None) -> list[list[int]]:
+    """New token ids (uncut) per prompt, in prompt order, batched by length. `lora`: an
+    adapter read by lora_file.read_lora, folded into the static engine's fast forward."""
     import torch
 
     results: list[list[int]] = [[] for _ in prompt_ids]
     with torch.inference_mode():
+        forward = make_forward(model, settings, lora) if engine == "static" else None
         for batch in length_batches([len(p) for p in prompt_ids], settings.batch_size):
             ids = [prompt_ids[i] for i in batch]
-            run = static_generate if engine == "static" else hf_generate
-            for i, out in zip(batch, run(model, ids, settings, stop_ids, pad_id), strict=True):
+            outs = static_generate(model, ids, settings, stop_ids, pad_id, forward) \
+                if forward is not None else hf_generate(model, ids, settings, stop_ids, pad_id)
+            for i, out in zip(batch, outs, strict=True):
                 results[i] = out
     return results
 

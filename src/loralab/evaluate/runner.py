@@ -13,6 +13,7 @@ from typing import Any
 
 from loralab.config import Config, get_dotted, load_config, read_yaml_mapping
 from loralab.errors import UserError
+from loralab.evaluate.adapters import AdapterSource
 from loralab.evaluate.tasks import COMPARISON_DIRNAME
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -165,6 +166,19 @@ def render_prompts(tokenizer: Any, records: list, system_prompt: str | None) -> 
 # ---------------------------------------------------------------- one target
 
 
+COMPILE_AUTO_TOKENS = 600_000  # planned new tokens from which compiling pays (see docs/eval.md)
+
+
+def want_compile(mode: str | bool, on_cuda: bool, planned_new_tokens: int) -> bool:
+    """--compile on/off as given; auto: on CUDA when the eval plans enough new tokens for the
+    ~20% faster steps to repay a compile (tens of seconds the first time in a process)."""
+    if mode in (True, "on"):
+        return True
+    if mode in (False, "off"):
+        return False
+    return on_cuda and planned_new_tokens >= COMPILE_AUTO_TOKENS
+
+
 def gen_settings(cfg: Config, max_new_tokens: int, engine: str = "auto",
                  compile_decode: bool = False):
     from loralab.evaluate.generate import GenSettings
@@ -176,12 +190,14 @@ def gen_settings(cfg: Config, max_new_tokens: int, engine: str = "auto",
 
 
 def evaluate_target(model: Any, tokenizer: Any, records: list, prompts: list[str], task: Any,
-                    settings: Any, meta: dict[str, Any], folder: Path, bootstrap: int) -> dict:
-    """Generate, score and write one target's predictions.jsonl and metrics.json."""
+                    settings: Any, meta: dict[str, Any], folder: Path, bootstrap: int,
+                    lora: dict[str, Any] | None = None) -> dict:
+    """Generate, score and write one target's predictions.jsonl and metrics.json. `lora`: an
+    adapter read as tensors (adapters.AdapterSource), folded into the engine's own forward."""
     from loralab.evaluate.generate import LAST_RUN, generate_texts
     from loralab.evaluate.tasks import score_predictions, write_target_results
 
-    generations, stats = generate_texts(model, tokenizer, prompts, settings)
+    generations, stats = generate_texts(model, tokenizer, prompts, settings, lora)
     rows = [
         {"input": last_user_text(r), "reference": r.answer, "generation": g.text,
          "finished": g.finished, "new_tokens": g.new_tokens}
@@ -190,7 +206,8 @@ def evaluate_target(model: Any, tokenizer: Any, records: list, prompts: list[str
     scored, metrics = score_predictions(task, rows, bootstrap=bootstrap)
     gen = {**stats.as_dict(), "max_new_tokens": settings.max_new_tokens,
            "batch_size": settings.batch_size, "do_sample": settings.do_sample,
-           "cuda_graph": stats.engine == "static" and bool(LAST_RUN["cuda_graph"])}
+           "cuda_graph": stats.engine == "static" and bool(LAST_RUN["cuda_graph"]),
+           "fast_forward": LAST_RUN.get("fast_forward") if stats.engine == "static" else None}
     metrics = {**meta, **metrics, "gen": gen}
     write_target_results(folder, scored, metrics)
     return metrics
@@ -244,7 +261,7 @@ def comparison_dir(out: Path | None, adapter_args: list[Path]) -> Path:
 def run_eval(data: Path | None, adapter_args: list[Path], base: bool, limit: int | None,
              out: Path | None, config: Path | None, overrides: list[str],
              engine: str = "auto", device: str | None = None,
-             compile_decode: bool = False) -> dict[str, Any]:
+             compile_decode: str | bool = "auto") -> dict[str, Any]:
     """The whole `loralab eval`; returns {"comparison_dir", "targets"}."""
     from loralab.data.records import read_records
     from loralab.evaluate.references import score_references
@@ -266,8 +283,10 @@ def run_eval(data: Path | None, adapter_args: list[Path], base: bool, limit: int
     train_answers = [r.answer for r in read_records(cfg.data.path)]
     tokenizer = load_tokenizer_for(resolve_tokenizer_path(cfg.model))
     max_new = cfg.eval.max_new_tokens or _default_max_new(tokenizer, records)
-    settings = gen_settings(cfg, max_new, engine, compile_decode)
     model, tokenizer = _load_base(cfg, device)
+    planned = (len(runs) + bool(base)) * len(records) * max_new
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    settings = gen_settings(cfg, max_new, engine, want_compile(compile_decode, on_cuda, planned))
     targets: list[Path] = []
     bootstrap = cfg.eval.bootstrap
     if base:
@@ -276,19 +295,21 @@ def run_eval(data: Path | None, adapter_args: list[Path], base: bool, limit: int
         _announce("base", evaluate_target(model, tokenizer, records, prompts, task, settings, meta,
                                           comp / BASE_DIRNAME, bootstrap), task)
         targets.append(comp / BASE_DIRNAME)
-    for run in runs:
+    adapters = AdapterSource(model, [run.path for run in runs], settings)
+    for run_index, run in enumerate(runs):
         prompts = render_prompts(tokenizer, records, run.system_prompt or cfg.data.system_prompt)
         meta = {"target": run.name, "kind": "adapter", "run_dir": str(run.path.resolve()),
                 "hyperparams": hyperparams_from_run(run.path)
                 if (run.path / "config.yaml").is_file() else {}}
         folder = run.path / RUN_EVAL_DIRNAME
-        with attached_adapter(model, run.path, merge=cfg.eval.merge) as peft_model:
-            metrics = evaluate_target(peft_model, tokenizer, records, prompts, task, settings,
-                                      meta, folder, bootstrap)
+        with adapters.on_base(run_index, run.path, cfg.eval.merge) as (target, lora, how):
+            metrics = evaluate_target(target, tokenizer, records, prompts, task, settings,
+                                      {**meta, "adapter_weights": how}, folder, bootstrap, lora)
         _announce(run.name, metrics, task)
         if cfg.tracking.backend != "none":
             log_to_tracker(run, metrics)
         targets.append(folder)
+    adapters.close()
     eval_rows = [{"input": last_user_text(r), "reference": r.answer} for r in records]
     targets += score_references(cfg.eval, train_answers, eval_rows, comp, bootstrap=bootstrap)
     write_targets_manifest(comp, targets)
@@ -313,32 +334,3 @@ def _load_base(cfg: Config, device: str | None):
     from loralab.model.load import load_base_model
 
     return load_base_model(cfg.model, device)
-
-
-class attached_adapter:  # noqa: N801 - used as a context manager, reads like one
-    """PeftModel of `model` + the adapter in `path`, merged for generation when asked; on exit
-    unmerged and unloaded, so the same base serves the next adapter."""
-
-    def __init__(self, model: Any, path: Path, merge: bool) -> None:
-        self.model, self.path, self.merge = model, Path(path), merge
-        self.peft_model = None
-
-    def __enter__(self) -> Any:
-        from peft import PeftModel
-
-        try:
-            self.peft_model = PeftModel.from_pretrained(self.model, str(self.path))
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise UserError(f"cannot attach adapter {self.path} to the base: "
-                            f"{str(exc).splitlines()[0]}") from None
-        self.peft_model.eval()
-        if self.merge:
-            self.peft_model.merge_adapter()
-        return self.peft_model
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.peft_model is None:
-            return
-        if self.merge:
-            self.peft_model.unmerge_adapter()
-        self.peft_model.unload()

@@ -11,6 +11,7 @@ grouped-query models reads the cache without repeating K/V per query head.
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,8 @@ if TYPE_CHECKING:
 
 CHECK_EVERY = 8  # decode steps between checks whether every sequence has stopped (one sync)
 # What the last static run did (benchmarks and metrics.json report it).
-LAST_RUN: dict[str, Any] = {"cuda_graph": False, "graph_error": None, "shared_prefix": 0}
+LAST_RUN: dict[str, Any] = {"cuda_graph": False, "graph_error": None, "shared_prefix": 0,
+                            "fast_forward": None}
 MIN_SHARED_PREFIX = 4  # a shorter common prefix is not worth its own forward
 
 
@@ -151,11 +153,47 @@ class _decode_attention:  # noqa: N801 - a context manager
 
 
 def static_generate(
-    model: Any, ids: list[list[int]], settings: GenSettings, stop_ids: list[int], pad_id: int
+    model: Any, ids: list[list[int]], settings: GenSettings, stop_ids: list[int], pad_id: int,
+    forward: Any = None,
 ) -> list[list[int]]:
-    """Greedy new token ids per prompt (always max_new_tokens of them unless all stopped)."""
+    """Greedy new token ids per prompt (always max_new_tokens of them unless all stopped).
+    `forward`: from make_forward, shared by the batches of one call (built here if None)."""
+    forward = forward or make_forward(model, settings)
     with _decode_attention():
-        return _static_generate(model, ids, settings, stop_ids, pad_id)
+        return _static_generate(model, ids, settings, stop_ids, pad_id, forward)
+
+
+class HFForward:
+    """prefill/decode through transformers' own forward (any model the engine accepts)."""
+
+    def __init__(self, lm: Any, compile_decode: bool = False) -> None:
+        import torch
+
+        self.lm, self.kwarg = lm, _cache_kwarg(lm)
+        self.step = torch.compile(_forward, dynamic=False) if compile_decode else _forward
+
+    def prefill(self, cache: StaticKV, input_ids, positions, mask, write, read):
+        writer = _PrefillWriter(cache, write, read)
+        return _forward(self.lm, input_ids, positions, mask, writer, self.kwarg)
+
+    def decode(self, cache: StaticKV, token, position, mask):
+        return self.step(self.lm, token, position, mask, cache, self.kwarg)
+
+
+def make_forward(model: Any, settings: GenSettings, lora: dict[str, Any] | None = None):
+    """loralab's FastForward (with `lora` folded in) where the model and memory allow it, else
+    HFForward; LAST_RUN["fast_forward"] is True or the reason it was not used."""
+    from loralab.evaluate.fast_forward import FastForward, unavailable
+
+    lm = _core(model)
+    reason = unavailable(lm) if settings.fast_forward else "off (fast_forward=False)"
+    LAST_RUN["fast_forward"] = reason or True
+    if lora is not None and reason:
+        raise RuntimeError(f"an adapter read as tensors needs the fast forward: {reason}")
+    compile_decode = settings.compile and lm.lm_head.weight.device.type == "cuda"
+    if reason is None:
+        return FastForward(lm, lora, compile_=compile_decode)
+    return HFForward(lm, compile_decode=compile_decode)
 
 
 def common_prefix_length(ids: list[list[int]]) -> int:
@@ -199,7 +237,7 @@ class _PrefillWriter(_cache_base()):
         return 0
 
 
-def _static_generate(model, ids, settings, stop_ids, pad_id) -> list[list[int]]:
+def _static_generate(model, ids, settings, stop_ids, pad_id, forward) -> list[list[int]]:
     import torch
 
     lm = _core(model)
@@ -219,11 +257,10 @@ def _static_generate(model, ids, settings, stop_ids, pad_id) -> list[list[int]]:
     lengths = torch.tensor([len(x) for x in suffixes], device=device)
     suffix_slots = torch.arange(width, device=device)
     key_valid[:, shared : shared + width] = suffix_slots[None] >= (width - lengths)[:, None]
-    kwarg = _cache_kwarg(lm)
     if shared:
-        _prefill_prefix(lm, ids[0][:shared], cache, dtype, kwarg)
+        _prefill_prefix(forward, ids[0][:shared], cache, dtype)
     logits = torch.cat([
-        _prefill_rows(lm, suffixes, rows, shared, width, key_valid, cache, dtype, pad_id, kwarg)
+        _prefill_rows(forward, suffixes, rows, shared, width, key_valid, cache, dtype, pad_id)
         for rows in row_groups(batch, settings.prefill_chunks)])
     cache.advance(shared + width)
     out = torch.full((batch, steps), pad_id, dtype=torch.long, device=device)
@@ -233,7 +270,7 @@ def _static_generate(model, ids, settings, stop_ids, pad_id) -> list[list[int]]:
     state = _DecodeState(token[:, None].clone(), position, key_valid,
                          torch.ones((), dtype=torch.long, device=device), out)
     stop = torch.tensor(stop_ids, device=device)
-    step_fn = _make_step(lm, cache, state, dtype, settings, kwarg)
+    step_fn = _make_step(forward, cache, state, dtype)
     runner = _graph_runner(step_fn, device, settings)
     force = settings.min_new_tokens >= steps
     for done in range(1, steps):
@@ -243,7 +280,7 @@ def _static_generate(model, ids, settings, stop_ids, pad_id) -> list[list[int]]:
     return out.tolist()
 
 
-def _prefill_prefix(lm, prefix: list[int], cache: StaticKV, dtype, kwarg: str) -> None:
+def _prefill_prefix(forward, prefix: list[int], cache: StaticKV, dtype) -> None:
     """Run the shared prefix once (batch 1) and write its keys/values into every row."""
     import torch
 
@@ -251,13 +288,13 @@ def _prefill_prefix(lm, prefix: list[int], cache: StaticKV, dtype, kwarg: str) -
     n = len(prefix)
     input_ids = torch.tensor([prefix], device=device)
     causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()
-    writer = _PrefillWriter(cache, (slice(None), 0), (slice(0, 1), n))
     positions = torch.arange(n, device=device)[None]
-    _forward(lm, input_ids, positions, _additive(causal[None, None], dtype), writer, kwarg)
+    forward.prefill(cache, input_ids, positions, _additive(causal[None, None], dtype),
+                    (slice(None), 0), (slice(0, 1), n))
 
 
-def _prefill_rows(lm, suffixes, rows: tuple[int, int], shared: int, width: int, key_valid,
-                  cache: StaticKV, dtype, pad_id: int, kwarg: str):
+def _prefill_rows(forward, suffixes, rows: tuple[int, int], shared: int, width: int, key_valid,
+                  cache: StaticKV, dtype, pad_id: int):
     """Prefill rows [a, b) padded only to their own longest suffix; their last logits."""
     import torch
 
@@ -274,8 +311,8 @@ def _prefill_rows(lm, suffixes, rows: tuple[int, int], shared: int, width: int, 
     allowed = (slots[None] <= query_slots[:, None])[None] & key_valid[a:b, None, :end]
     allowed |= (slots[None] == query_slots[:, None])[None]
     positions = shared + (mask.cumsum(1) - 1).clamp(min=0)
-    writer = _PrefillWriter(cache, (slice(a, b), first), (slice(a, b), end))
-    return _forward(lm, group_ids, positions, _additive(allowed[:, None], dtype), writer, kwarg)
+    return forward.prefill(cache, group_ids, positions, _additive(allowed[:, None], dtype),
+                           (slice(a, b), first), (slice(a, b), end))
 
 
 @dataclass
@@ -287,18 +324,13 @@ class _DecodeState:
     out: Any  # [batch, max_new_tokens] generated ids
 
 
-def _make_step(lm, cache: StaticKV, s: _DecodeState, dtype, settings: GenSettings, kwarg: str):
+def _make_step(forward, cache: StaticKV, s: _DecodeState, dtype):
     """One greedy token for every row; reads and writes only tensors held by `s` and `cache`."""
-    forward = _forward
-    if settings.compile and s.token.device.type == "cuda":
-        import torch
-
-        forward = torch.compile(_forward, dynamic=False)
 
     def step() -> None:
         s.key_valid.index_fill_(1, cache.offset.view(1), True)  # the slot this token fills
         mask = _additive(s.key_valid[:, None, None, :], dtype)
-        logits = forward(lm, s.token, s.position, mask, cache, kwarg)
+        logits = forward.decode(cache, s.token, s.position, mask)
         token = logits.argmax(-1)
         cache.advance(1)
         s.position.add_(1)
@@ -329,6 +361,7 @@ def _graph_runner(step, device, settings: GenSettings):
         torch.cuda.current_stream(device).wait_stream(side)
         if calls["n"] == 2:
             graph = torch.cuda.CUDAGraph()
+            started = time.perf_counter()
             try:
                 with torch.cuda.graph(graph):
                     step()
@@ -338,7 +371,7 @@ def _graph_runner(step, device, settings: GenSettings):
                 calls["n"] = -(10**9)
                 return
             calls["graph"] = graph
-            LAST_RUN["cuda_graph"] = True
+            LAST_RUN.update(cuda_graph=True, capture_seconds=round(time.perf_counter() - started, 4))
 
     return run
 

@@ -59,7 +59,8 @@ def merge_to_folder(adapter: Path, out: Path, overwrite: bool = False,
     """Write the merged model (safetensors, config, tokenizer, merge_check.json) atomically."""
     from transformers import AutoModelForCausalLM
 
-    from loralab.evaluate.runner import attached_adapter, single_run
+    from loralab.evaluate.adapters import attached_adapter
+    from loralab.evaluate.runner import single_run
     from loralab.model.load import load_base_model
 
     out = Path(out)

@@ -116,3 +116,12 @@ def test_unknown_task_name_is_user_error():
 
     with pytest.raises(UserError):
         headline_metrics("nope")
+
+
+def test_compile_on_off_and_automatic():
+    from loralab.evaluate.runner import COMPILE_AUTO_TOKENS, want_compile
+
+    assert want_compile("on", False, 0) and not want_compile("off", True, 10**9)
+    assert want_compile("auto", True, COMPILE_AUTO_TOKENS)
+    assert not want_compile("auto", True, COMPILE_AUTO_TOKENS - 1)
+    assert not want_compile("auto", False, 10**9)  # never on the CPU unless asked

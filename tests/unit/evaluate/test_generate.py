@@ -86,25 +86,30 @@ def test_static_engine_batching_does_not_change_outputs(lively_model, qwen_token
     assert one == all_
 
 
-def test_generation_that_stops_is_finished_and_exits_early(lively_model, qwen_tokenizer, prompts):
+@pytest.mark.parametrize("engine,fast", [("static", True), ("static", False), ("hf", False)])
+def test_generation_that_stops_is_finished_and_exits_early(lively_model, qwen_tokenizer, prompts,
+                                                           monkeypatch, engine, fast):
+    from loralab.evaluate.fast_forward import FastForward
+
     calls = {"n": 0}
 
-    def force_stop(module, inputs, output):
+    def force_stop(logits):
         calls["n"] += 1
-        output[..., IM_END] = 1e4
-        return output
+        logits[..., IM_END] = 1e4
+        return logits
 
-    handle = lively_model.lm_head.register_forward_hook(force_stop)
+    # loralab's forward computes logits from the weights, transformers' through lm_head
+    fast_logits = FastForward._logits
+    monkeypatch.setattr(FastForward, "_logits", lambda self, x: force_stop(fast_logits(self, x)))
+    handle = lively_model.lm_head.register_forward_hook(lambda m, i, out: force_stop(out))
     try:
-        for engine in ("static", "hf"):
-            calls["n"] = 0
-            outs, _ = generate_texts(lively_model, qwen_tokenizer, prompts,
-                                     GenSettings(max_new_tokens=40, batch_size=8, engine=engine))
-            assert all(g.finished and g.new_tokens == 1 and g.text == "" for g in outs)
-            # prefill (a shared prefix + up to 3 row groups) + decode: did not run to 40 tokens
-            assert calls["n"] <= gen.CHECK_EVERY + 1 + 4
+        outs, _ = generate_texts(lively_model, qwen_tokenizer, prompts, GenSettings(
+            max_new_tokens=40, batch_size=8, engine=engine, fast_forward=fast))
     finally:
         handle.remove()
+    assert all(g.finished and g.new_tokens == 1 and g.text == "" for g in outs)
+    # prefill (a shared prefix + up to 3 row groups) + decode: did not run to 40 tokens
+    assert 1 <= calls["n"] <= gen.CHECK_EVERY + 1 + 4
 
 
 def test_sampling_needs_the_hf_engine(lively_model):

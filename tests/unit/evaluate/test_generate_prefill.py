@@ -57,23 +57,39 @@ def test_shared_prefix_and_row_groups_match_hf_generate(lively_model, qwen_token
     assert plain == hf and shared == hf and grouped == hf and both == hf
 
 
-def test_prefill_groups_give_the_same_first_logits(lively_model, qwen_tokenizer, prompts):
+@pytest.mark.parametrize("fast", [True, False])
+def test_prefill_groups_give_the_same_first_logits(lively_model, qwen_tokenizer, prompts,
+                                                   monkeypatch, fast):
     """Closer than text equality: the prefill's next-token logits agree to float rounding."""
+    from loralab.evaluate.fast_forward import FastForward
+
     ids = [qwen_tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     ids.sort(key=len, reverse=True)
     captured = []
-    hook = lively_model.lm_head.register_forward_hook(
-        lambda m, i, o: captured.append(o[:, -1].detach().clone()))
+
+    def keep(logits):
+        captured.append(logits.reshape(-1, logits.shape[-1]).detach().clone())
+        return logits
+
+    fast_logits = FastForward._logits
+    monkeypatch.setattr(FastForward, "_logits", lambda self, x: keep(fast_logits(self, x)))
+    def copy_of_last(module, inputs, output) -> None:  # returns None: the output stays as is
+        keep(output[:, -1])
+
+    hook = lively_model.lm_head.register_forward_hook(copy_of_last)
     try:
         runs = []
         for shared, chunks in [(False, 1), (True, 3)]:
             captured.clear()
-            settings = GenSettings(max_new_tokens=1, shared_prefix=shared, prefill_chunks=chunks)
+            settings = GenSettings(max_new_tokens=1, shared_prefix=shared, prefill_chunks=chunks,
+                                   fast_forward=fast)
             with torch.inference_mode():
                 gen.static_generate(lively_model, ids, settings, [151645], 151643)
+            assert gen.LAST_RUN["fast_forward"] is True if fast else not fast
             runs.append(torch.cat(captured[-chunks:]))
     finally:
         hook.remove()
+    assert runs[0].shape == (len(ids), lively_model.config.vocab_size)
     torch.testing.assert_close(runs[0], runs[1], rtol=1e-4, atol=1e-4)
 
 

@@ -1,0 +1,84 @@
+"""Putting an adapter on the loaded base for generation, two ways.
+
+- As tensors (`AdapterSource`): when the static engine's own forward can run the base, the
+  adapter's A/B are read straight from its safetensors file (the next file read in a thread while
+  the GPU generates) and folded into the engine's weight copy. No PEFT modules, no merge into
+  the base, nothing to undo: an adapter costs what a merged model costs.
+- Through PEFT (`attached_adapter`): for everything else (another engine, DoRA, patterns,
+  modules_to_save, a model the fast forward does not take, too little memory for its copy);
+  merged for generation when asked, unmerged and unloaded on exit.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from loralab.errors import UserError
+
+
+class AdapterSource:
+    """Yields, per adapter, what to generate with: (model, lora tensors or None, how)."""
+
+    def __init__(self, model: Any, paths: list[Path], settings: Any) -> None:
+        from loralab.evaluate.fast_forward import unavailable
+        from loralab.evaluate.generate import pick_engine
+        from loralab.evaluate.lora_file import LoraPrefetch
+        from loralab.evaluate.static_engine import _core
+
+        self.model, self.lm = model, _core(model)
+        engine = pick_engine(model, settings)
+        self.reason = "engine=hf" if engine != "static" else (
+            unavailable(self.lm) if settings.fast_forward else "fast_forward off")
+        weight = self.lm.lm_head.weight
+        self.prefetch = LoraPrefetch(paths, weight.dtype, pin=weight.device.type == "cuda") \
+            if self.reason is None and paths else None
+
+    @contextmanager
+    def on_base(self, index: int, path: Path, merge: bool):
+        """(model to generate with, lora or None, how the adapter was applied)."""
+        from loralab.evaluate.lora_file import lora_for_model
+
+        reason = self.reason
+        if self.prefetch is not None:
+            loaded, reason = self.prefetch.get(index)
+            lora, reason = lora_for_model(loaded, self.lm) if loaded else (None, reason)
+            if lora is not None:
+                yield self.model, lora, "folded into loralab's forward"
+                return
+        with attached_adapter(self.model, path, merge=merge) as peft_model:
+            yield peft_model, None, f"peft {'merged' if merge else 'unmerged'} ({reason})"
+
+    def close(self) -> None:
+        if self.prefetch is not None:
+            self.prefetch.close()
+
+
+class attached_adapter:  # noqa: N801 - used as a context manager, reads like one
+    """PeftModel of `model` + the adapter in `path`, merged for generation when asked; on exit
+    unmerged and unloaded, so the same base serves the next adapter."""
+
+    def __init__(self, model: Any, path: Path, merge: bool) -> None:
+        self.model, self.path, self.merge = model, Path(path), merge
+        self.peft_model = None
+
+    def __enter__(self) -> Any:
+        from peft import PeftModel
+
+        try:
+            self.peft_model = PeftModel.from_pretrained(self.model, str(self.path))
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise UserError(f"cannot attach adapter {self.path} to the base: "
+                            f"{str(exc).splitlines()[0]}") from None
+        self.peft_model.eval()
+        if self.merge:
+            self.peft_model.merge_adapter()
+        return self.peft_model
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.peft_model is None:
+            return
+        if self.merge:
+            self.peft_model.unmerge_adapter()
+        self.peft_model.unload()

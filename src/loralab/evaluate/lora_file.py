@@ -1,0 +1,107 @@
+"""Read a PEFT LoRA adapter folder as plain tensors, for loralab's own forward.
+
+Evaluating an adapter through PEFT means building ~200 LoRA modules around the base, merging
+them in and out again; `read_lora` instead loads A and B straight from `adapter_model.safetensors`
+and the scale from `adapter_config.json`, and `fast_forward` adds scale·B·A while it copies the
+weights anyway. Only plain LoRA on decoder-layer linears is read; anything PEFT does beyond that
+(DoRA, rank/alpha patterns, modules_to_save, biases) returns a reason, and the caller attaches
+the adapter with PEFT instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+WEIGHTS_FILE = "adapter_model.safetensors"
+KEY = re.compile(r"^base_model\.model\.(model\.layers\.\d+\.(?:self_attn|mlp)\.[a-z_]+)"
+                 r"\.lora_([AB])\.weight$")
+PLAIN = {"peft_type": "LORA", "use_dora": False, "fan_in_fan_out": False, "bias": "none",
+         "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False,
+         "layer_replication": None}
+
+
+def _config_reason(cfg: dict[str, Any]) -> str | None:
+    for key, plain in PLAIN.items():
+        value = cfg.get(key, plain)
+        if value != plain and not (plain in (None, {}) and not value):
+            return f"adapter_config.json {key}={value!r}"
+    return None
+
+
+def load_lora_file(path: Path, dtype: Any = None,
+                   pin: bool = False) -> tuple[dict[str, Any] | None, str | None]:
+    """({"config": adapter_config, "pairs": {module: {"A": t, "B": t}}}, None) read to the CPU
+    (cast to `dtype`, in pinned memory when `pin`: a quick copy to the GPU), or (None, why not).
+    Touches no model, so it can run in a background thread."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / WEIGHTS_FILE).is_file() or not (path / "adapter_config.json").is_file():
+        return None, f"no {WEIGHTS_FILE} and adapter_config.json"
+    cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    reason = _config_reason(cfg)
+    if reason:
+        return None, reason
+    pairs: dict[str, dict[str, Any]] = {}
+    for key, tensor in load_file(str(path / WEIGHTS_FILE)).items():
+        match = KEY.match(key)
+        if match is None:
+            return None, f"adapter weight {key} is not a decoder-layer LoRA A/B"
+        tensor = tensor.to(dtype) if dtype is not None else tensor
+        pairs.setdefault(match[1], {})[match[2]] = tensor.pin_memory() if pin else tensor
+    return {"config": cfg, "pairs": pairs}, None
+
+
+def lora_for_model(loaded: dict[str, Any], lm: Any) -> tuple[dict[str, Any] | None, str | None]:
+    """({module name: (A [r, in], B [out, r], scale)} on lm's device, None) or (None, why)."""
+    cfg, device = loaded["config"], lm.lm_head.weight.device
+    modules = dict(lm.named_modules())
+    lora = {}
+    for name, pair in loaded["pairs"].items():
+        module = modules.get(name)
+        a, b = pair.get("A"), pair.get("B")
+        if module is None or a is None or b is None:
+            return None, f"{name}: no such linear in the base, or A/B missing"
+        rank = a.shape[0]
+        if tuple(a.shape) != (rank, module.in_features) or tuple(b.shape) != (
+                module.out_features, rank):
+            return None, f"{name}: adapter shapes {tuple(a.shape)}/{tuple(b.shape)} do not fit"
+        alpha = cfg.get("lora_alpha", 8)
+        scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+        lora[name] = (a.to(device, non_blocking=True), b.to(device, non_blocking=True), scale)
+    return lora, None
+
+
+def read_lora(path: Path, lm: Any) -> tuple[dict[str, Any] | None, str | None]:
+    """load_lora_file + lora_for_model."""
+    loaded, reason = load_lora_file(path)
+    return lora_for_model(loaded, lm) if loaded is not None else (None, reason)
+
+
+class LoraPrefetch:
+    """Reads adapter files one ahead in a thread: the next file loads while the GPU generates
+    for the current one, so reading costs an adapter nothing a merged model would not."""
+
+    def __init__(self, paths: list[Path], dtype: Any = None, pin: bool = False) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.paths, self.dtype, self.pin = list(paths), dtype, pin
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.pending: dict[int, Any] = {}
+
+    def get(self, index: int) -> tuple[dict[str, Any] | None, str | None]:
+        """load_lora_file(paths[index]); starts reading paths[index + 1]."""
+        current = self.pending.pop(index, None) or self._submit(index)
+        if index + 1 < len(self.paths) and index + 1 not in self.pending:
+            self.pending[index + 1] = self._submit(index + 1)
+        return current.result()
+
+    def _submit(self, index: int) -> Any:
+        return self.pool.submit(load_lora_file, self.paths[index], self.dtype, self.pin)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)

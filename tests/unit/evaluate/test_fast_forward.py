@@ -1,0 +1,116 @@
+"""loralab's own forward: same tokens and logits as transformers', adapters folded in exactly."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from loralab.evaluate import fast_forward as ff
+from loralab.evaluate.generate import LAST_RUN, GenSettings, generate_ids
+from loralab.evaluate.lora_file import read_lora
+from loralab.evaluate.static_engine import StaticKV, _additive
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+STOP, PAD = [151645], 151643
+
+
+@pytest.fixture(scope="module")
+def prompt_ids():
+    """Seven prompts sharing a 9-token head (the shared-prefix path) of different lengths."""
+    rng = random.Random(0)
+    head = [rng.randint(0, 150000) for _ in range(9)]
+    return [head + [rng.randint(0, 150000) for _ in range(rng.randint(3, 30))] for _ in range(7)]
+
+
+def _generate(model, ids, fast: bool, lora=None, **kw):
+    settings = GenSettings(max_new_tokens=12, min_new_tokens=12, batch_size=8, fast_forward=fast,
+                           **kw)
+    out = generate_ids(model, ids, settings, STOP, PAD, lora=lora)
+    return out, LAST_RUN["fast_forward"]
+
+
+@pytest.mark.parametrize("shared,chunks", [(True, 3), (False, 1)])
+def test_same_greedy_tokens_as_transformers_forward(lively_model, prompt_ids, shared, chunks):
+    fast, used = _generate(lively_model, prompt_ids, True, shared_prefix=shared,
+                           prefill_chunks=chunks)
+    slow, not_used = _generate(lively_model, prompt_ids, False, shared_prefix=shared,
+                               prefill_chunks=chunks)
+    assert used is True and not_used != True  # noqa: E712 - a reason string when not used
+    assert fast == slow
+    assert len({tuple(x) for x in fast}) == len(prompt_ids)  # outputs depend on the prompt
+
+
+def test_prefill_logits_match_transformers(lively_model, prompt_ids):
+    n = min(len(p) for p in prompt_ids)
+    ids = torch.tensor([p[:n] for p in prompt_ids])
+    causal = torch.ones(n, n, dtype=torch.bool).tril()[None, None].expand(len(ids), 1, n, n)
+    cache = StaticKV(lively_model.config, len(ids), n, torch.float32, torch.device("cpu"))
+    with torch.inference_mode():
+        ours = ff.FastForward(lively_model).prefill(
+            cache, ids, torch.arange(n)[None].expand(len(ids), n), _additive(causal, torch.float32),
+            (slice(None), 0), (slice(None), n))
+        theirs = lively_model(input_ids=ids).logits[:, -1]
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture()
+def saved_adapter(lively_model, tmp_path):
+    """A PEFT adapter with non-zero B (rsLoRA scaling, r=4) saved to disk; the base unloaded."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(lively_model, LoraConfig(
+        r=4, lora_alpha=16, target_modules=TARGETS, use_rslora=True))
+    torch.manual_seed(3)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.3)
+    peft_model.save_pretrained(tmp_path)
+    peft_model.unload()  # the session-wide model goes back to plain linears
+    return tmp_path
+
+
+def test_folded_adapter_equals_peft_merged(lively_model, saved_adapter, prompt_ids):
+    from peft import PeftModel
+
+    base = lively_model
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    lora, why = read_lora(saved_adapter, base)
+    assert why is None and len(lora) == 2 * 7
+    folded, used = _generate(base, prompt_ids, True, lora=lora)
+    assert used is True
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())  # untouched
+    plain, _ = _generate(base, prompt_ids, True)
+    peft_model = PeftModel.from_pretrained(base, str(saved_adapter))
+    try:
+        peft_model.merge_adapter()
+        merged, reason = _generate(peft_model, prompt_ids, False)
+        assert "off" in reason
+        merged_fast, used = _generate(peft_model, prompt_ids, True)  # merged PEFT layers: taken
+        assert used is True
+        peft_model.unmerge_adapter()
+        unmerged, reason = _generate(peft_model, prompt_ids, True)
+        assert "unmerged" in reason  # an unmerged adapter falls back to transformers' forward
+    finally:
+        peft_model.unload()
+    assert folded == merged == merged_fast == unmerged
+    assert folded != plain  # the adapter changes the outputs
+
+
+def test_why_not(lively_model, monkeypatch):
+    assert ff.why_not(lively_model) is None
+    monkeypatch.setattr(lively_model.config, "sliding_window", 16, raising=False)
+    assert "sliding" in ff.why_not(lively_model)
+    monkeypatch.setattr(lively_model.config, "sliding_window", None)
+    monkeypatch.setattr(lively_model.config, "model_type", "gpt2")
+    assert "gpt2" in ff.why_not(lively_model)
+
+
+def test_too_little_memory_for_the_copy_falls_back(lively_model, prompt_ids, monkeypatch):
+    monkeypatch.setattr(ff, "free_bytes", lambda device: 1024)
+    out, reason = _generate(lively_model, prompt_ids, True)
+    assert "stacked copy needs" in reason
+    assert out == _generate(lively_model, prompt_ids, False)[0]
+    with pytest.raises(RuntimeError, match="needs the fast forward"):
+        _generate(lively_model, prompt_ids, True, lora={})
