@@ -199,7 +199,7 @@ def main() -> None:
     model.unmerge_adapter()
     secs, toks = median_of(lambda: engine_run(model, prompts, args.new, len(prompts)), n=1)
     record("loralab_engine_unmerged_peft", secs, toks)
-    base = k_adapters(model, prompts, args, device, record, results)  # (4) unloads PEFT
+    base = k_adapters(model, prompts, args, device, record)  # (4) unloads PEFT
     if args.compile:
         for fast in (True, False):
             label = "" if fast else "_hf_forward"
@@ -272,7 +272,7 @@ def baselines(model, prompts, args, device, record, median_of) -> None:
     model.unmerge_adapter()
 
 
-def k_adapters(model, prompts, args, device, record, results):
+def k_adapters(model, prompts, args, device, record):
     """K adapter folders on disk evaluated one after another on one base, two ways: loralab's
     (read the safetensors, fold into the stacked copy) and PEFT's (attach, merge, unmerge,
     unload). Both against K merged runs = K x one run on an already merged model."""
@@ -305,6 +305,19 @@ def k_adapters(model, prompts, args, device, record, results):
         source.close()
         return total
 
+    def one_batch_way(compile_=False) -> int:
+        """All K adapters' rows in one batch: the decode reads the base weights once per step
+        for all of them (eval.adapter_batch)."""
+        from loralab.evaluate.generate import generate_ids_for_adapters
+
+        source = AdapterSource(base, folders, GenSettings(max_new_tokens=args.new))
+        loras = [source.tensors(i)[0] for i in range(len(folders))]
+        source.close()
+        settings = GenSettings(max_new_tokens=args.new, min_new_tokens=args.new,
+                               batch_size=full, compile=compile_)
+        outs = generate_ids_for_adapters(base, prompts, settings, STOPS, PAD, loras)
+        return sum(len(o) for per_adapter in outs for o in per_adapter)
+
     def peft_way() -> int:
         total = 0
         for folder in folders:
@@ -318,15 +331,24 @@ def k_adapters(model, prompts, args, device, record, results):
         return sum(engine_run(base, prompts, args.new, full, compile_=compile_) for _ in folders)
 
     read_lora(folders[0], base)  # warm: the first read of a file
-    ways = [("lora_files", loralab_way, merged_runs), ("peft_attach_merge", peft_way, merged_runs)]
+    ways = [("lora_files", loralab_way, merged_runs), ("peft_attach_merge", peft_way, merged_runs),
+            ("lora_files_one_batch", one_batch_way, merged_runs)]
     if args.compile:
         secs, _ = timed(device, lambda: engine_run(base, prompts, args.new, full, compile_=True))
         record("loralab_engine_compile_first_call", secs, len(prompts) * args.new)
         ways.append(("lora_files_compiled", lambda: loralab_way(compile_=True),
                      lambda: merged_runs(compile_=True)))
+        ways.append(("lora_files_one_batch_compiled", lambda: one_batch_way(compile_=True),
+                     lambda: merged_runs(compile_=True)))
     for label, way, reference in ways:
         original = probe.detach().clone()
-        pairs = [(timed(device, way), timed(device, reference)) for _ in range(args.repeats)]
+        try:
+            way()  # warm: a new batch shape (and its compile) is not what is compared
+            pairs = [(timed(device, way), timed(device, reference)) for _ in range(args.repeats)]
+        except Exception as exc:  # measuring: a failure is a result
+            record.save({"name": f"k{len(names)}_adapters_{label}",
+                         "error": f"{type(exc).__name__}: {exc}"[:400]})
+            continue
         secs = statistics.median(p[0][0] for p in pairs)
         k_merged = statistics.median(p[1][0] for p in pairs)
         record(f"k{len(names)}_adapters_{label}", secs, pairs[0][0][1],

@@ -191,7 +191,8 @@ class EvalConfig:
     temperature: float = 1.0  # only with do_sample
     top_p: float = 1.0  # only with do_sample
     bootstrap: int = 1000  # bootstrap resamples for intervals; 0 disables
-    merge: bool = True  # merge the adapter into the weights for generation (faster)
+    merge: bool = True  # PEFT fallback: merge the adapter into the weights for generation
+    adapter_batch: int = 4  # adapters whose rows share each generation batch (1: one at a time)
 
     def validate(self) -> None:
         _choice("eval.task", self.task, ("tag_scores", "generic"))
@@ -205,6 +206,8 @@ class EvalConfig:
             raise UserError(f"eval.max_new_tokens must be > 0, got {self.max_new_tokens}")
         if self.batch_size <= 0:
             raise UserError(f"eval.batch_size must be > 0, got {self.batch_size}")
+        if self.adapter_batch <= 0:
+            raise UserError(f"eval.adapter_batch must be > 0, got {self.adapter_batch}")
 
 
 @dataclass

@@ -113,3 +113,28 @@ def test_eval_missing_adapter_dir(tmp_path, capsys):
 def test_eval_needs_something_to_evaluate(capsys):
     assert main(["eval"]) == 2
     assert "nothing to evaluate" in capsys.readouterr().err
+
+
+def test_adapters_sharing_a_batch_match_one_at_a_time(trained_run, tmp_path):
+    """Two adapters generated in one batch (eval.adapter_batch) give the same predictions as
+    each evaluated alone; the second adapter is the first with B scaled, so outputs differ."""
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other"
+    shutil.copytree(trained_run, other, ignore=shutil.ignore_patterns("eval"))
+    weights = other / "adapter_model.safetensors"
+    tensors = {k: v * 40 if "lora_B" in k else v for k, v in load_file(weights).items()}
+    save_file(tensors, weights)
+    runs = [str(trained_run), str(other)]
+    texts = {}
+    for size in (2, 1):
+        out = tmp_path / f"comp{size}"
+        assert main(["eval", "--adapters", *runs, "--limit", "3", "--out", str(out),
+                     f"eval.adapter_batch={size}", "eval.max_new_tokens=8"]) == 0
+        for run in (trained_run, other):
+            how = read_json(run / "eval" / "metrics.json")["adapter_weights"]
+            assert how.endswith("2 adapters per batch") if size == 2 else how.startswith("folded")
+            texts[size, run.name] = [r["generation"] for r in read_jsonl(
+                run / "eval" / "predictions.jsonl")]
+    assert texts[2, "run"] == texts[1, "run"] and texts[2, "other"] == texts[1, "other"]
+    assert texts[1, "run"] != texts[1, "other"]

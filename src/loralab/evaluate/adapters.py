@@ -17,6 +17,8 @@ from typing import Any
 
 from loralab.errors import UserError
 
+FOLDED = "folded into loralab's forward"
+
 
 class AdapterSource:
     """Yields, per adapter, what to generate with: (model, lora tensors or None, how)."""
@@ -35,18 +37,23 @@ class AdapterSource:
         self.prefetch = LoraPrefetch(paths, weight.dtype, pin=weight.device.type == "cuda") \
             if self.reason is None and paths else None
 
-    @contextmanager
-    def on_base(self, index: int, path: Path, merge: bool):
-        """(model to generate with, lora or None, how the adapter was applied)."""
+    def tensors(self, index: int) -> tuple[dict[str, Any] | None, str | None]:
+        """(adapter `index` as tensors on the model's device, None) or (None, why not)."""
         from loralab.evaluate.lora_file import lora_for_model
 
-        reason = self.reason
-        if self.prefetch is not None:
-            loaded, reason = self.prefetch.get(index)
-            lora, reason = lora_for_model(loaded, self.lm) if loaded else (None, reason)
-            if lora is not None:
-                yield self.model, lora, "folded into loralab's forward"
-                return
+        if self.prefetch is None:
+            return None, self.reason
+        loaded, reason = self.prefetch.get(index)
+        return lora_for_model(loaded, self.lm) if loaded else (None, reason)
+
+    @contextmanager
+    def on_base(self, index: int, path: Path, merge: bool, fetched: tuple | None = None):
+        """(model to generate with, lora or None, how the adapter was applied); `fetched`:
+        what tensors(index) already returned."""
+        lora, reason = fetched or self.tensors(index)
+        if lora is not None:
+            yield self.model, lora, FOLDED
+            return
         with attached_adapter(self.model, path, merge=merge) as peft_model:
             yield peft_model, None, f"peft {'merged' if merge else 'unmerged'} ({reason})"
 

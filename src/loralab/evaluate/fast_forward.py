@@ -21,6 +21,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from loralab.evaluate.lora_batch import lora_delta, one_adapter, stack_adapters
+
 SUPPORTED_TYPES = ("qwen2", "llama", "mistral")
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -180,56 +182,63 @@ def rotate(x: Any, cos: Any, sin: Any) -> Any:
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-def _mlp(x: Any, w: Layer, s: Shape) -> Any:
+def _linear(x: Any, weight: Any, bias: Any, extra: dict | None, group: str) -> Any:
+    """x·Wᵀ + b, plus the group's unmerged adapter updates when adapters share the batch."""
     import torch.nn.functional as F  # noqa: N812
 
-    gate, up = F.linear(rms(x, w.post_norm, s.eps), w.gate_up, w.gate_up_bias).chunk(2, dim=-1)
-    return x + F.linear(F.silu(gate) * up, w.down, w.down_bias)
+    y = F.linear(x, weight, bias)
+    return y if extra is None or extra[group] is None else y + lora_delta(x, extra[group])
 
 
-def _qkv(x: Any, w: Layer, s: Shape) -> tuple[Any, Any, Any]:
+def _mlp(x: Any, w: Layer, s: Shape, extra: dict | None = None) -> Any:
     import torch.nn.functional as F  # noqa: N812
 
+    h = rms(x, w.post_norm, s.eps)
+    gate, up = _linear(h, w.gate_up, w.gate_up_bias, extra, "gate_up").chunk(2, dim=-1)
+    return x + _linear(F.silu(gate) * up, w.down, w.down_bias, extra, "down")
+
+
+def _qkv(x: Any, w: Layer, s: Shape, extra: dict | None = None) -> tuple[Any, Any, Any]:
     q_size, kv_size = s.heads * s.head_dim, s.kv_heads * s.head_dim
     h = rms(x, w.input_norm, s.eps)
-    return F.linear(h, w.qkv, w.qkv_bias).split((q_size, kv_size, kv_size), dim=-1)
+    return _linear(h, w.qkv, w.qkv_bias, extra, "qkv").split((q_size, kv_size, kv_size), dim=-1)
 
 
 def decode_layer(x: Any, w: Layer, keys: Any, values: Any, slot: Any, cos: Any, sin: Any,
-                 mask: Any, s: Shape) -> Any:
+                 mask: Any, s: Shape, extra: dict | None = None) -> Any:
     """One layer, one new token per row. x [batch, hidden]; cos/sin [batch, 1, head_dim];
-    mask additive [batch, 1, 1, cache length]; slot: the cache index written."""
-    import torch.nn.functional as F  # noqa: N812
-
+    mask additive [batch, 1, 1, cache length]; slot: the cache index written; extra: stacked
+    adapter factors when several adapters share the batch (lora_batch)."""
     batch = x.shape[0]
-    q, k, v = _qkv(x, w, s)
+    q, k, v = _qkv(x, w, s, extra)
     q = rotate(q.view(batch, s.heads, s.head_dim), cos, sin)
     k = rotate(k.view(batch, s.kv_heads, s.head_dim), cos, sin)
+    import torch.nn.functional as F  # noqa: N812
+
     keys.index_copy_(2, slot, k[:, :, None].to(keys.dtype))
     values.index_copy_(2, slot, v.view(batch, s.kv_heads, 1, s.head_dim).to(values.dtype))
     # enable_gqa: K/V are read once per K/V head, never repeated per query head (measured on
     # an H200, 7B shapes: 0.78 ms per step for all layers vs 1.72 ms with repeated K/V).
     attn = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask,
                                           scale=s.scaling, enable_gqa=True)
-    return _mlp(x + F.linear(attn.reshape(batch, -1), w.o, w.o_bias), w, s)
+    return _mlp(x + _linear(attn.reshape(batch, -1), w.o, w.o_bias, extra, "o"), w, s, extra)
 
 
-def prefill_qkv(x: Any, w: Layer, cos: Any, sin: Any, s: Shape) -> tuple[Any, Any, Any]:
+def prefill_qkv(x: Any, w: Layer, cos: Any, sin: Any, s: Shape,
+                extra: dict | None = None) -> tuple[Any, Any, Any]:
     """q, k, v [rows, heads, tokens, head_dim] of a block, rotary applied to q and k."""
     rows, tokens = x.shape[:2]
-    q, k, v = _qkv(x, w, s)
+    q, k, v = _qkv(x, w, s, extra)
     q = rotate(q.view(rows, tokens, s.heads, s.head_dim).transpose(1, 2), cos, sin)
     k = rotate(k.view(rows, tokens, s.kv_heads, s.head_dim).transpose(1, 2), cos, sin)
     return q, k, v.view(rows, tokens, s.kv_heads, s.head_dim).transpose(1, 2)
 
 
-def prefill_out(x: Any, attn: Any, w: Layer, s: Shape) -> Any:
+def prefill_out(x: Any, attn: Any, w: Layer, s: Shape, extra: dict | None = None) -> Any:
     """The layer after attention: o_proj, residual, MLP. attn [rows, heads, tokens, dim]."""
-    import torch.nn.functional as F  # noqa: N812
-
     rows, tokens = x.shape[:2]
     attn = attn.transpose(1, 2).reshape(rows, tokens, s.heads * s.head_dim)
-    return _mlp(x + F.linear(attn, w.o, w.o_bias), w, s)
+    return _mlp(x + _linear(attn, w.o, w.o_bias, extra, "o"), w, s, extra)
 
 
 def prefill_attention(q: Any, k: Any, v: Any, keys: Any, values: Any, write: tuple,
@@ -263,12 +272,16 @@ class FastForward:
     shapes, weights are arguments; prefill pieces are compiled for dynamic token counts).
     """
 
-    def __init__(self, lm: Any, lora: dict[str, Any] | None = None,
+    def __init__(self, lm: Any, lora: dict[str, Any] | list[dict[str, Any]] | None = None,
                  compile_: bool = False) -> None:
-
+        """`lora`: one adapter, folded into the copy; or a list of K adapters whose rows share
+        every batch (K equal adapter-major blocks), applied unmerged (lora_batch)."""
         cfg, attn = lm.config, lm.model.layers[0].self_attn
         self.lm = lm
-        self.layers = build_layers(lm, lora)
+        several = isinstance(lora, list)
+        self.layers = build_layers(lm, None if several else lora)
+        self.stacks = stack_adapters(lm, lora) if several else None
+        self.copies = len(lora) if several else 1
         head_dim = getattr(attn, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.shape = Shape(cfg.num_attention_heads, cfg.num_key_value_heads, head_dim,
                            lm.model.layers[0].input_layernorm.variance_epsilon,
@@ -290,20 +303,23 @@ class FastForward:
         cos, sin = model.rotary_emb(x[:, None], position)  # [batch, 1, head_dim]
         slot = cache.offset.view(1)
         for i, w in enumerate(self.layers):
+            extra = self.stacks[i] if self.stacks else None
             x = self.decode_layer(x, w, cache.keys[i], cache.values[i], slot, cos, sin, mask,
-                                  self.shape)
+                                  self.shape, extra)
         return self._logits(x)
 
     def prefill(self, cache: Any, input_ids: Any, positions: Any, mask: Any, write: tuple,
-                read: tuple) -> Any:
-        """Last-position logits [rows, vocab] of a block (write/read: prefill_attention)."""
+                read: tuple, adapter: int = 0) -> Any:
+        """Last-position logits [rows, vocab] of a block (write/read: prefill_attention);
+        `adapter`: which of several adapters the block's rows belong to."""
         model, s = self.lm.model, self.shape
+        extras = one_adapter(self.stacks, adapter) if self.stacks else [None] * len(self.layers)
         x = model.embed_tokens(input_ids)
         cos, sin = model.rotary_emb(x, positions)
         cos, sin = cos[:, None], sin[:, None]  # [rows, 1, tokens, head_dim]: per head
-        for i, w in enumerate(self.layers):
-            q, k, v = self.prefill_qkv(x, w, cos, sin, s)
+        for i, (w, extra) in enumerate(zip(self.layers, extras, strict=True)):
+            q, k, v = self.prefill_qkv(x, w, cos, sin, s, extra)
             attn = prefill_attention(q, k, v, cache.keys[i], cache.values[i], write, read,
                                      mask, s)
-            x = self.prefill_out(x, attn, w, s)
+            x = self.prefill_out(x, attn, w, s, extra)
         return self._logits(x[:, -1])

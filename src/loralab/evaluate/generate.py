@@ -34,7 +34,8 @@ from loralab.evaluate.static_engine import (  # re-exported: tests and benchmark
 __all__ = [
     "CHECK_EVERY", "ENGINES", "LAST_RUN", "MIN_SHARED_PREFIX", "GenSettings", "GenStats",
     "Generation", "StaticKV", "common_prefix_length", "cut_at_stop", "default_max_new_tokens",
-    "generate_ids", "generate_texts", "grouped_decode_attention", "hf_generate",
+    "generate_ids", "generate_ids_for_adapters", "generate_texts",
+    "generate_texts_for_adapters", "grouped_decode_attention", "hf_generate",
     "length_batches", "make_forward", "pick_engine", "row_groups", "static_generate", "stop_token_ids",
 ]
 
@@ -143,14 +144,37 @@ def generate_texts(
     started = time.perf_counter()
     outs = generate_ids(model, prompt_ids, settings, stop_ids, pad_id, engine, lora)
     _sync(device)
-    seconds = time.perf_counter() - started
+    return _decoded(tokenizer, outs, stop_ids, settings, time.perf_counter() - started, engine)
+
+
+def generate_texts_for_adapters(
+    model: Any, tokenizer: Any, prompts: list[str], settings: GenSettings,
+    loras: list[dict[str, Any]],
+) -> list[tuple[list[Generation], GenStats]]:
+    """generate_texts for K adapters (read by lora_file) at once, their rows sharing every batch
+    so each decode step reads the base weights once for all of them. Each adapter's seconds
+    are the batch's seconds / K."""
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    stop_ids = stop_token_ids(tokenizer, model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    device = next(model.parameters()).device
+    LAST_RUN.update(cuda_graph=False, graph_error=None)
+    _sync(device)
+    started = time.perf_counter()
+    outs = generate_ids_for_adapters(model, prompt_ids, settings, stop_ids, pad_id, loras)
+    _sync(device)
+    share = (time.perf_counter() - started) / len(loras)
+    return [_decoded(tokenizer, o, stop_ids, settings, share, "static") for o in outs]
+
+
+def _decoded(tokenizer: Any, outs: list[list[int]], stop_ids: list[int], settings: GenSettings,
+             seconds: float, engine: str) -> tuple[list[Generation], GenStats]:
     results = []
     for out in outs:
         kept, finished = cut_at_stop(out, stop_ids, settings.max_new_tokens)
         results.append(Generation(tokenizer.decode(kept, skip_special_tokens=True), len(kept),
                                   finished))
-    stats = GenStats(sum(r.new_tokens for r in results), seconds, engine)
-    return results, stats
+    return results, GenStats(sum(r.new_tokens for r in results), seconds, engine)
 
 
 def generate_ids(model: Any, prompt_ids: list[list[int]], settings: GenSettings,
@@ -169,6 +193,25 @@ def generate_ids(model: Any, prompt_ids: list[list[int]], settings: GenSettings,
                 if forward is not None else hf_generate(model, ids, settings, stop_ids, pad_id)
             for i, out in zip(batch, outs, strict=True):
                 results[i] = out
+    return results
+
+
+def generate_ids_for_adapters(model: Any, prompt_ids: list[list[int]], settings: GenSettings,
+                              stop_ids: list[int], pad_id: int,
+                              loras: list[dict[str, Any]]) -> list[list[list[int]]]:
+    """New token ids per adapter, per prompt (prompt order): generate_ids with K adapters'
+    rows in every batch (the static engine on loralab's forward only)."""
+    import torch
+
+    results = [[[] for _ in prompt_ids] for _ in loras]
+    with torch.inference_mode():
+        forward = make_forward(model, settings, list(loras))
+        for batch in length_batches([len(p) for p in prompt_ids], settings.batch_size):
+            outs = static_generate(model, [prompt_ids[i] for i in batch], settings, stop_ids,
+                                   pad_id, forward)
+            for k, per_adapter in enumerate(results):
+                for j, i in enumerate(batch):
+                    per_adapter[i] = outs[k * len(batch) + j]
     return results
 
 

@@ -189,21 +189,71 @@ def gen_settings(cfg: Config, max_new_tokens: int, engine: str = "auto",
                        engine=engine, seed=cfg.train.seed, compile=compile_decode)
 
 
-def evaluate_target(model: Any, tokenizer: Any, records: list, prompts: list[str], task: Any,
-                    settings: Any, meta: dict[str, Any], folder: Path, bootstrap: int,
-                    lora: dict[str, Any] | None = None) -> dict:
+@dataclass
+class EvalContext:
+    """What every adapter of one `loralab eval` is evaluated with."""
+
+    model: Any
+    tokenizer: Any
+    records: list
+    task: Any
+    settings: Any
+    bootstrap: int
+    system_prompt: str | None
+    merge: bool
+
+
+def evaluate_group(ctx: EvalContext, runs: list[AdapterRun], indices: range,
+                   adapters: AdapterSource):
+    """Yield (run, metrics) for runs[indices], in order. Adapters read as tensors that share
+    their prompts generate in one batch (eval.adapter_batch); the rest one at a time."""
+    from loralab.evaluate.generate import generate_texts_for_adapters
+    from loralab.evaluate.tasks import hyperparams_from_run
+
+    group = [i for i in indices if i < len(runs)]
+    prompts = {i: render_prompts(ctx.tokenizer, ctx.records,
+                                 runs[i].system_prompt or ctx.system_prompt) for i in group}
+    fetched = {i: adapters.tensors(i) for i in group}
+    folded = [i for i in group if fetched[i][0] is not None]
+    together = [i for i in folded if prompts[i] == prompts[folded[0]]] if folded else []
+    shared = {}
+    if len(together) > 1:
+        outs = generate_texts_for_adapters(ctx.model, ctx.tokenizer, prompts[together[0]],
+                                           ctx.settings, [fetched[i][0] for i in together])
+        shared = dict(zip(together, outs, strict=True))
+    for i in group:
+        run = runs[i]
+        meta = {"target": run.name, "kind": "adapter", "run_dir": str(run.path.resolve()),
+                "hyperparams": hyperparams_from_run(run.path)
+                if (run.path / "config.yaml").is_file() else {}}
+        if i in shared:
+            how = f"unmerged in loralab's forward, {len(together)} adapters per batch"
+            yield run, evaluate_target(ctx, ctx.model, prompts[i], {**meta, "adapter_weights": how},
+                                       run.path / RUN_EVAL_DIRNAME, generated=shared[i])
+            continue
+        with adapters.on_base(i, run.path, ctx.merge, fetched[i]) as (target, lora, how):
+            yield run, evaluate_target(ctx, target, prompts[i], {**meta, "adapter_weights": how},
+                                       run.path / RUN_EVAL_DIRNAME, lora=lora)
+
+
+def evaluate_target(ctx: EvalContext, model: Any, prompts: list[str], meta: dict[str, Any],
+                    folder: Path, lora: dict[str, Any] | None = None,
+                    generated: tuple | None = None) -> dict:
     """Generate, score and write one target's predictions.jsonl and metrics.json. `lora`: an
-    adapter read as tensors (adapters.AdapterSource), folded into the engine's own forward."""
+    adapter read as tensors (adapters.AdapterSource), folded into the engine's own forward;
+    `generated`: (generations, stats) already made with other adapters in one batch."""
     from loralab.evaluate.generate import LAST_RUN, generate_texts
     from loralab.evaluate.tasks import score_predictions, write_target_results
 
-    generations, stats = generate_texts(model, tokenizer, prompts, settings, lora)
+    records, task, settings = ctx.records, ctx.task, ctx.settings
+    generations, stats = generated or generate_texts(model, ctx.tokenizer, prompts, settings,
+                                                     lora)
     rows = [
         {"input": last_user_text(r), "reference": r.answer, "generation": g.text,
          "finished": g.finished, "new_tokens": g.new_tokens}
         for r, g in zip(records, generations, strict=True)
     ]
-    scored, metrics = score_predictions(task, rows, bootstrap=bootstrap)
+    scored, metrics = score_predictions(task, rows, bootstrap=ctx.bootstrap)
     gen = {**stats.as_dict(), "max_new_tokens": settings.max_new_tokens,
            "batch_size": settings.batch_size, "do_sample": settings.do_sample,
            "cuda_graph": stats.engine == "static" and bool(LAST_RUN["cuda_graph"]),
@@ -265,7 +315,7 @@ def run_eval(data: Path | None, adapter_args: list[Path], base: bool, limit: int
     """The whole `loralab eval`; returns {"comparison_dir", "targets"}."""
     from loralab.data.records import read_records
     from loralab.evaluate.references import score_references
-    from loralab.evaluate.tasks import get_task, hyperparams_from_run, write_targets_manifest
+    from loralab.evaluate.tasks import get_task, write_targets_manifest
     from loralab.model.load import load_tokenizer_for, resolve_tokenizer_path
 
     if not adapter_args and not base:
@@ -288,30 +338,25 @@ def run_eval(data: Path | None, adapter_args: list[Path], base: bool, limit: int
     on_cuda = next(model.parameters()).device.type == "cuda"
     settings = gen_settings(cfg, max_new, engine, want_compile(compile_decode, on_cuda, planned))
     targets: list[Path] = []
-    bootstrap = cfg.eval.bootstrap
+    ctx = EvalContext(model, tokenizer, records, task, settings, cfg.eval.bootstrap,
+                      cfg.data.system_prompt, cfg.eval.merge)
     if base:
         prompts = render_prompts(tokenizer, records, cfg.data.system_prompt)
         meta = {"target": "base", "kind": "base", "run_dir": None}
-        _announce("base", evaluate_target(model, tokenizer, records, prompts, task, settings, meta,
-                                          comp / BASE_DIRNAME, bootstrap), task)
+        _announce("base", evaluate_target(ctx, model, prompts, meta, comp / BASE_DIRNAME), task)
         targets.append(comp / BASE_DIRNAME)
     adapters = AdapterSource(model, [run.path for run in runs], settings)
-    for run_index, run in enumerate(runs):
-        prompts = render_prompts(tokenizer, records, run.system_prompt or cfg.data.system_prompt)
-        meta = {"target": run.name, "kind": "adapter", "run_dir": str(run.path.resolve()),
-                "hyperparams": hyperparams_from_run(run.path)
-                if (run.path / "config.yaml").is_file() else {}}
-        folder = run.path / RUN_EVAL_DIRNAME
-        with adapters.on_base(run_index, run.path, cfg.eval.merge) as (target, lora, how):
-            metrics = evaluate_target(target, tokenizer, records, prompts, task, settings,
-                                      {**meta, "adapter_weights": how}, folder, bootstrap, lora)
-        _announce(run.name, metrics, task)
-        if cfg.tracking.backend != "none":
-            log_to_tracker(run, metrics)
-        targets.append(folder)
+    size = cfg.eval.adapter_batch if adapters.reason is None else 1
+    for start in range(0, len(runs), size):
+        for run, metrics in evaluate_group(ctx, runs, range(start, start + size), adapters):
+            _announce(run.name, metrics, task)
+            if cfg.tracking.backend != "none":
+                log_to_tracker(run, metrics)
+            targets.append(run.path / RUN_EVAL_DIRNAME)
     adapters.close()
     eval_rows = [{"input": last_user_text(r), "reference": r.answer} for r in records]
-    targets += score_references(cfg.eval, train_answers, eval_rows, comp, bootstrap=bootstrap)
+    targets += score_references(cfg.eval, train_answers, eval_rows, comp,
+                                bootstrap=cfg.eval.bootstrap)
     write_targets_manifest(comp, targets)
     return {"comparison_dir": comp, "targets": targets}
 

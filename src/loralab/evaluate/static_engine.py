@@ -172,7 +172,7 @@ class HFForward:
         self.lm, self.kwarg = lm, _cache_kwarg(lm)
         self.step = torch.compile(_forward, dynamic=False) if compile_decode else _forward
 
-    def prefill(self, cache: StaticKV, input_ids, positions, mask, write, read):
+    def prefill(self, cache: StaticKV, input_ids, positions, mask, write, read, adapter=0):
         writer = _PrefillWriter(cache, write, read)
         return _forward(self.lm, input_ids, positions, mask, writer, self.kwarg)
 
@@ -180,9 +180,11 @@ class HFForward:
         return self.step(self.lm, token, position, mask, cache, self.kwarg)
 
 
-def make_forward(model: Any, settings: GenSettings, lora: dict[str, Any] | None = None):
-    """loralab's FastForward (with `lora` folded in) where the model and memory allow it, else
-    HFForward; LAST_RUN["fast_forward"] is True or the reason it was not used."""
+def make_forward(model: Any, settings: GenSettings,
+                 lora: dict[str, Any] | list[dict[str, Any]] | None = None):
+    """loralab's FastForward (with `lora` folded in, or a list of adapters sharing the batch)
+    where the model and memory allow it, else HFForward; LAST_RUN["fast_forward"] is True or
+    the reason it was not used."""
     from loralab.evaluate.fast_forward import FastForward, unavailable
 
     lm = _core(model)
@@ -246,8 +248,11 @@ def _static_generate(model, ids, settings, stop_ids, pad_id, forward) -> list[li
     shared = common_prefix_length(ids) if settings.shared_prefix else 0
     shared = shared if shared >= MIN_SHARED_PREFIX else 0
     LAST_RUN["shared_prefix"] = shared
-    suffixes = [x[shared:] for x in ids]
-    batch, width = len(ids), max(len(x) for x in suffixes)
+    # Several adapters in one batch (FastForward.copies): every prompt once per adapter,
+    # adapter-major, so adapter k owns rows [k·n, (k+1)·n).
+    copies, n = getattr(forward, "copies", 1), len(ids)
+    suffixes = [x[shared:] for x in ids] * copies
+    batch, width = len(suffixes), max(len(x) for x in suffixes)
     steps = settings.max_new_tokens
     max_len = shared + width + steps
     cache = StaticKV(lm.config, batch, max_len, dtype, device)
@@ -257,11 +262,14 @@ def _static_generate(model, ids, settings, stop_ids, pad_id, forward) -> list[li
     lengths = torch.tensor([len(x) for x in suffixes], device=device)
     suffix_slots = torch.arange(width, device=device)
     key_valid[:, shared : shared + width] = suffix_slots[None] >= (width - lengths)[:, None]
+    blocks = [(k, slice(k * n, (k + 1) * n)) for k in range(copies)]
     if shared:
-        _prefill_prefix(forward, ids[0][:shared], cache, dtype)
+        for k, rows in blocks:
+            _prefill_prefix(forward, ids[0][:shared], cache, dtype, rows, k)
     logits = torch.cat([
-        _prefill_rows(forward, suffixes, rows, shared, width, key_valid, cache, dtype, pad_id)
-        for rows in row_groups(batch, settings.prefill_chunks)])
+        _prefill_rows(forward, suffixes, (rows.start + a, rows.start + b), shared, width,
+                      key_valid, cache, dtype, pad_id, k)
+        for k, rows in blocks for a, b in row_groups(n, settings.prefill_chunks)])
     cache.advance(shared + width)
     out = torch.full((batch, steps), pad_id, dtype=torch.long, device=device)
     token = logits.argmax(-1)
@@ -280,8 +288,9 @@ def _static_generate(model, ids, settings, stop_ids, pad_id, forward) -> list[li
     return out.tolist()
 
 
-def _prefill_prefix(forward, prefix: list[int], cache: StaticKV, dtype) -> None:
-    """Run the shared prefix once (batch 1) and write its keys/values into every row."""
+def _prefill_prefix(forward, prefix: list[int], cache: StaticKV, dtype, rows: slice,
+                    adapter: int) -> None:
+    """Run the shared prefix once (batch 1) and write its keys/values into all `rows`."""
     import torch
 
     device = cache.offset.device
@@ -290,11 +299,11 @@ def _prefill_prefix(forward, prefix: list[int], cache: StaticKV, dtype) -> None:
     causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()
     positions = torch.arange(n, device=device)[None]
     forward.prefill(cache, input_ids, positions, _additive(causal[None, None], dtype),
-                    (slice(None), 0), (slice(0, 1), n))
+                    (rows, 0), (slice(rows.start, rows.start + 1), n), adapter)
 
 
 def _prefill_rows(forward, suffixes, rows: tuple[int, int], shared: int, width: int, key_valid,
-                  cache: StaticKV, dtype, pad_id: int):
+                  cache: StaticKV, dtype, pad_id: int, adapter: int = 0):
     """Prefill rows [a, b) padded only to their own longest suffix; their last logits."""
     import torch
 
@@ -312,7 +321,7 @@ def _prefill_rows(forward, suffixes, rows: tuple[int, int], shared: int, width: 
     allowed |= (slots[None] == query_slots[:, None])[None]
     positions = shared + (mask.cumsum(1) - 1).clamp(min=0)
     return forward.prefill(cache, group_ids, positions, _additive(allowed[:, None], dtype),
-                           (slice(a, b), first), (slice(a, b), end))
+                           (slice(a, b), first), (slice(a, b), end), adapter)
 
 
 @dataclass

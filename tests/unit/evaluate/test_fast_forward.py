@@ -114,3 +114,30 @@ def test_too_little_memory_for_the_copy_falls_back(lively_model, prompt_ids, mon
     assert out == _generate(lively_model, prompt_ids, False)[0]
     with pytest.raises(RuntimeError, match="needs the fast forward"):
         _generate(lively_model, prompt_ids, True, lora={})
+
+
+def test_adapters_sharing_a_batch_equal_each_folded_alone(lively_model, prompt_ids, tmp_path):
+    """Three adapters of different ranks and targets in one batch (unmerged, adapter-major
+    rows) give each one's own tokens; batch_size 4 makes two batches of prompts."""
+    from peft import LoraConfig, get_peft_model
+
+    from loralab.evaluate.generate import generate_ids_for_adapters
+
+    loras = []
+    for i, (rank, targets) in enumerate([(4, ["q_proj", "v_proj"]), (8, TARGETS),
+                                         (2, ["up_proj", "down_proj"])]):
+        peft_model = get_peft_model(lively_model, LoraConfig(r=rank, lora_alpha=16,
+                                                             target_modules=targets))
+        torch.manual_seed(10 + i)
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.data.normal_(0, 0.3)
+        peft_model.save_pretrained(tmp_path / str(i))
+        peft_model.unload()
+        loras.append(read_lora(tmp_path / str(i), lively_model)[0])
+    settings = GenSettings(max_new_tokens=12, min_new_tokens=12, batch_size=4)
+    alone = [generate_ids(lively_model, prompt_ids, settings, STOP, PAD, lora=lora)
+             for lora in loras]
+    together = generate_ids_for_adapters(lively_model, prompt_ids, settings, STOP, PAD, loras)
+    assert together == alone
+    assert alone[0] != alone[1] != alone[2]
