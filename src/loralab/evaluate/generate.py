@@ -135,16 +135,9 @@ def generate_texts(
 ) -> tuple[list[Generation], GenStats]:
     """Generate for every prompt (chat-rendered text); results in prompt order."""
     engine = pick_engine(model, settings)
-    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    stop_ids = stop_token_ids(tokenizer, model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    device = next(model.parameters()).device
-    LAST_RUN.update(cuda_graph=False, graph_error=None)
-    _sync(device)
-    started = time.perf_counter()
-    outs = generate_ids(model, prompt_ids, settings, stop_ids, pad_id, engine, lora)
-    _sync(device)
-    return _decoded(tokenizer, outs, stop_ids, settings, time.perf_counter() - started, engine)
+    outs, seconds, stop_ids = _timed(model, tokenizer, prompts, lambda ids, stop, pad: (
+        generate_ids(model, ids, settings, stop, pad, engine, lora)))
+    return _decoded(tokenizer, outs, stop_ids, settings, seconds, engine)
 
 
 def generate_texts_for_adapters(
@@ -154,6 +147,14 @@ def generate_texts_for_adapters(
     """generate_texts for K adapters (read by lora_file) at once, their rows sharing every batch
     so each decode step reads the base weights once for all of them. Each adapter's seconds
     are the batch's seconds / K."""
+    outs, seconds, stop_ids = _timed(model, tokenizer, prompts, lambda ids, stop, pad: (
+        generate_ids_for_adapters(model, ids, settings, stop, pad, loras)))
+    share = seconds / len(loras)
+    return [_decoded(tokenizer, o, stop_ids, settings, share, "static") for o in outs]
+
+
+def _timed(model: Any, tokenizer: Any, prompts: list[str], generate: Any):
+    """(generate(prompt ids, stop ids, pad id), its seconds between device syncs, stop ids)."""
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     stop_ids = stop_token_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
@@ -161,10 +162,9 @@ def generate_texts_for_adapters(
     LAST_RUN.update(cuda_graph=False, graph_error=None)
     _sync(device)
     started = time.perf_counter()
-    outs = generate_ids_for_adapters(model, prompt_ids, settings, stop_ids, pad_id, loras)
+    outs = generate(prompt_ids, stop_ids, pad_id)
     _sync(device)
-    share = (time.perf_counter() - started) / len(loras)
-    return [_decoded(tokenizer, o, stop_ids, settings, share, "static") for o in outs]
+    return outs, time.perf_counter() - started, stop_ids
 
 
 def _decoded(tokenizer: Any, outs: list[list[int]], stop_ids: list[int], settings: GenSettings,
