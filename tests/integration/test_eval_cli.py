@@ -138,3 +138,24 @@ def test_adapters_sharing_a_batch_match_one_at_a_time(trained_run, tmp_path):
                 run / "eval" / "predictions.jsonl")]
     assert texts[2, "run"] == texts[1, "run"] and texts[2, "other"] == texts[1, "other"]
     assert texts[1, "run"] != texts[1, "other"]
+
+
+def test_adapters_that_do_not_fit_one_batch_go_one_at_a_time(trained_run, tmp_path, capsys,
+                                                             monkeypatch):
+    import torch
+
+    from loralab.evaluate import generate
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(generate, "generate_texts_for_adapters", out_of_memory)
+    other = tmp_path / "other"
+    shutil.copytree(trained_run, other, ignore=shutil.ignore_patterns("eval"))
+    assert main(["eval", "--adapters", str(trained_run), str(other), "--limit", "2",
+                 "--out", str(tmp_path / "comp"), "eval.max_new_tokens=4"]) == 0
+    assert "ran out of GPU memory: evaluating them one at a time" in capsys.readouterr().out
+    for run in (trained_run, other):
+        metrics = read_json(run / "eval" / "metrics.json")
+        assert metrics["adapter_weights"] == "folded into loralab's forward" and metrics["n"] == 2
+

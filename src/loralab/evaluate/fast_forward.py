@@ -17,7 +17,6 @@ LoRA. Anything else keeps transformers' forward.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,9 +105,11 @@ def free_bytes(device: Any) -> int | None:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
+    try:  # MemAvailable counts reclaimable page cache, which MemFree does not
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            fields = dict(line.split(":", 1) for line in fh)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
         return None
 
 
@@ -261,7 +262,9 @@ def compiled_pieces() -> tuple[Any, Any, Any]:
     wrapper per instance would count against dynamo's recompile limit)."""
     import torch
 
-    return (torch.compile(decode_layer, dynamic=False), torch.compile(prefill_qkv, dynamic=True),
+    # decode: static shapes first; a second cache length (the next length batch, or K adapters'
+    # rows) recompiles once with dynamic sizes instead of once per shape up to dynamo's limit.
+    return (torch.compile(decode_layer, dynamic=None), torch.compile(prefill_qkv, dynamic=True),
             torch.compile(prefill_out, dynamic=True))
 
 

@@ -147,6 +147,8 @@ def generate_texts_for_adapters(
     """generate_texts for K adapters (read by lora_file) at once, their rows sharing every batch
     so each decode step reads the base weights once for all of them. Each adapter's seconds
     are the batch's seconds / K."""
+    if not loras:
+        return []
     outs, seconds, stop_ids = _timed(model, tokenizer, prompts, lambda ids, stop, pad: (
         generate_ids_for_adapters(model, ids, settings, stop, pad, loras)))
     share = seconds / len(loras)

@@ -21,14 +21,25 @@ KEY = re.compile(r"^base_model\.model\.(model\.layers\.\d+\.(?:self_attn|mlp)\.[
                  r"\.lora_([AB])\.weight$")
 PLAIN = {"peft_type": "LORA", "use_dora": False, "fan_in_fan_out": False, "bias": "none",
          "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False,
-         "layer_replication": None}
+         "layer_replication": None, "use_qalora": False}
+# Keys that say where the adapter goes or how it was initialised, not how it computes. Any
+# other key set to something (aLoRA invocation tokens, trainable tokens, arrow, a future
+# variant) sends the adapter to PEFT, which knows what it means.
+INERT = {"task_type", "base_model_name_or_path", "revision", "inference_mode", "r", "lora_alpha",
+         "lora_dropout", "use_rslora", "target_modules", "exclude_modules", "init_lora_weights",
+         "layers_to_transform", "layers_pattern", "auto_mapping", "peft_version",
+         "megatron_config", "megatron_core", "eva_config", "corda_config", "runtime_config",
+         "qalora_group_size", "ensure_weight_tying"}
 
 
 def _config_reason(cfg: dict[str, Any]) -> str | None:
-    for key, plain in PLAIN.items():
-        value = cfg.get(key, plain)
-        if value != plain and not (plain in (None, {}) and not value):
-            return f"adapter_config.json {key}={value!r}"
+    for key, value in cfg.items():
+        if key in PLAIN:
+            plain = PLAIN[key]
+            if value != plain and not (plain in (None, {}, False) and not value):
+                return f"adapter_config.json {key}={value!r}"
+        elif key not in INERT and value not in (None, False, {}, [], ""):
+            return f"adapter_config.json {key}={value!r} (only PEFT applies it)"
     return None
 
 
@@ -76,6 +87,14 @@ def lora_for_model(loaded: dict[str, Any], lm: Any) -> tuple[dict[str, Any] | No
     return lora, None
 
 
+def _load_or_reason(path: Path, dtype: Any, pin: bool) -> tuple[dict[str, Any] | None, str | None]:
+    """load_lora_file, with a failure (unreadable file, no pinned memory) as a reason."""
+    try:
+        return load_lora_file(path, dtype, pin)
+    except Exception as exc:  # the caller then attaches the adapter with PEFT, which reports
+        return None, f"reading it as tensors failed: {type(exc).__name__}: {exc}"[:300]
+
+
 def read_lora(path: Path, lm: Any) -> tuple[dict[str, Any] | None, str | None]:
     """load_lora_file + lora_for_model."""
     loaded, reason = load_lora_file(path)
@@ -101,7 +120,7 @@ class LoraPrefetch:
         return current.result()
 
     def _submit(self, index: int) -> Any:
-        return self.pool.submit(load_lora_file, self.paths[index], self.dtype, self.pin)
+        return self.pool.submit(_load_or_reason, self.paths[index], self.dtype, self.pin)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

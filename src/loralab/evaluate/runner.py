@@ -207,6 +207,8 @@ def evaluate_group(ctx: EvalContext, runs: list[AdapterRun], indices: range,
                    adapters: AdapterSource):
     """Yield (run, metrics) for runs[indices], in order. Adapters read as tensors that share
     their prompts generate in one batch (eval.adapter_batch); the rest one at a time."""
+    import torch
+
     from loralab.evaluate.generate import generate_texts_for_adapters
     from loralab.evaluate.tasks import hyperparams_from_run
 
@@ -218,9 +220,14 @@ def evaluate_group(ctx: EvalContext, runs: list[AdapterRun], indices: range,
     together = [i for i in folded if prompts[i] == prompts[folded[0]]] if folded else []
     shared = {}
     if len(together) > 1:
-        outs = generate_texts_for_adapters(ctx.model, ctx.tokenizer, prompts[together[0]],
-                                           ctx.settings, [fetched[i][0] for i in together])
-        shared = dict(zip(together, outs, strict=True))
+        try:
+            outs = generate_texts_for_adapters(ctx.model, ctx.tokenizer, prompts[together[0]],
+                                               ctx.settings, [fetched[i][0] for i in together])
+            shared = dict(zip(together, outs, strict=True))
+        except torch.cuda.OutOfMemoryError:  # K x the rows did not fit: one at a time instead
+            torch.cuda.empty_cache()
+            print(f"{len(together)} adapters per batch ran out of GPU memory: evaluating them "
+                  "one at a time (lower eval.adapter_batch or eval.batch_size)", flush=True)
     for i in group:
         run = runs[i]
         meta = {"target": run.name, "kind": "adapter", "run_dir": str(run.path.resolve()),
@@ -347,13 +354,15 @@ def run_eval(data: Path | None, adapter_args: list[Path], base: bool, limit: int
         targets.append(comp / BASE_DIRNAME)
     adapters = AdapterSource(model, [run.path for run in runs], settings)
     size = cfg.eval.adapter_batch if adapters.reason is None else 1
-    for start in range(0, len(runs), size):
-        for run, metrics in evaluate_group(ctx, runs, range(start, start + size), adapters):
-            _announce(run.name, metrics, task)
-            if cfg.tracking.backend != "none":
-                log_to_tracker(run, metrics)
-            targets.append(run.path / RUN_EVAL_DIRNAME)
-    adapters.close()
+    try:
+        for start in range(0, len(runs), size):
+            for run, metrics in evaluate_group(ctx, runs, range(start, start + size), adapters):
+                _announce(run.name, metrics, task)
+                if cfg.tracking.backend != "none":
+                    log_to_tracker(run, metrics)
+                targets.append(run.path / RUN_EVAL_DIRNAME)
+    finally:
+        adapters.close()
     eval_rows = [{"input": last_user_text(r), "reference": r.answer} for r in records]
     targets += score_references(cfg.eval, train_answers, eval_rows, comp,
                                 bootstrap=cfg.eval.bootstrap)

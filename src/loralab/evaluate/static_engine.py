@@ -99,7 +99,10 @@ def _cache_kwarg(lm: Any) -> str:
 
 
 def _forward(lm: Any, input_ids, position_ids, mask, cache, cache_kwarg: str):
-    masks = {"full_attention": mask, "sliding_attention": mask}
+    # Models with per-layer-type masks (Qwen2's has_sliding_layers) take them as a mapping;
+    # the others (Llama, Mistral) take a 4-D mask, which transformers uses as given.
+    masks = {"full_attention": mask, "sliding_attention": mask} \
+        if hasattr(getattr(lm, "model", None), "has_sliding_layers") else mask
     out = lm(input_ids=input_ids, position_ids=position_ids, attention_mask=masks,
              use_cache=True, logits_to_keep=1, **{cache_kwarg: cache})
     return out.logits[:, -1]
@@ -185,10 +188,13 @@ def make_forward(model: Any, settings: GenSettings,
     """loralab's FastForward (with `lora` folded in, or a list of adapters sharing the batch)
     where the model and memory allow it, else HFForward; LAST_RUN["fast_forward"] is True or
     the reason it was not used."""
-    from loralab.evaluate.fast_forward import FastForward, unavailable
+    from loralab.evaluate.fast_forward import FastForward, unavailable, why_not
 
     lm = _core(model)
-    reason = unavailable(lm) if settings.fast_forward else "off (fast_forward=False)"
+    # With adapters read as tensors the memory was judged when they were read (AdapterSource);
+    # judging it again here, with their factors now on the GPU, could only refuse them late.
+    check = why_not if lora is not None else unavailable
+    reason = check(lm) if settings.fast_forward else "off (fast_forward=False)"
     LAST_RUN["fast_forward"] = reason or True
     if lora is not None and reason:
         raise RuntimeError(f"an adapter read as tensors needs the fast forward: {reason}")
@@ -372,7 +378,8 @@ def _graph_runner(step, device, settings: GenSettings):
             graph = torch.cuda.CUDAGraph()
             started = time.perf_counter()
             try:
-                with torch.cuda.graph(graph):
+                # thread_local: the adapter prefetch thread may pin memory meanwhile
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                     step()
             except Exception as exc:  # an op that cannot be captured: stay eager, say so once
                 LAST_RUN["graph_error"] = f"{type(exc).__name__}: {exc}"[:300]

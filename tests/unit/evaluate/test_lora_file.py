@@ -43,6 +43,9 @@ def test_scale_and_shapes(lively_model, tmp_path, rslora, scale):
     ({"rank_pattern": {"q_proj": 8}}, "rank_pattern"),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
     ({"bias": "all"}, "bias"),
+    ({"alora_invocation_tokens": [5, 6]}, "alora_invocation_tokens"),  # only after the tokens
+    ({"trainable_token_indices": [3]}, "trainable_token_indices"),
+    ({"some_future_variant": {"on": True}}, "some_future_variant"),
 ])
 def test_what_only_peft_can_apply_is_refused(lively_model, tmp_path, config, expected):
     lora, why = read_lora(write_adapter(tmp_path, lively_model, config), lively_model)
@@ -92,3 +95,15 @@ def test_adapter_source_folds_or_falls_back_to_peft(lively_model, tmp_path):
     assert not hasattr(lively_model, "peft_config")  # PEFT unloaded on exit
     hf = AdapterSource(lively_model, [plain], GenSettings(8, engine="hf"))
     assert hf.reason == "engine=hf" and hf.prefetch is None
+
+
+def test_an_unreadable_file_becomes_a_reason(lively_model, tmp_path):
+    folder = write_adapter(tmp_path / "bad", lively_model)
+    (folder / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    prefetch = LoraPrefetch([folder])
+    try:
+        loaded, why = prefetch.get(0)
+    finally:
+        prefetch.close()
+    assert loaded is None and why.startswith("reading it as tensors failed")
+
