@@ -192,3 +192,39 @@ def test_compiled_decode_does_not_recompile_per_cache_length(lively_model, monke
             forward.decode(cache, torch.tensor([[5], [6], [7]]), torch.tensor([[1], [2], [3]]), mask)
     assert counters["stats"]["unique_graphs"] - before <= 3
     torch._dynamo.reset()
+
+
+def test_bf16_prefill_and_decode_round_like_transformers(prompt_ids):
+    """In bf16 (the GPU dtype) loralab's forward stays as close to a float32 reference as
+    transformers' own bf16 forward: casts, masks and attention keep the model's dtype."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=1000,
+                      initializer_range=0.2)
+    cfg._attn_implementation = "sdpa"
+    reference = Qwen2ForCausalLM(cfg).eval()
+    model = Qwen2ForCausalLM(cfg).eval()
+    model.load_state_dict(reference.state_dict())
+    model.to(torch.bfloat16)
+    n = min(len(p) for p in prompt_ids)
+    ids = torch.tensor([[t % 1000 for t in p[:n]] for p in prompt_ids])
+    rows = len(ids)
+    causal = torch.ones(n, n, dtype=torch.bool).tril()[None, None].expand(rows, 1, n, n)
+    with torch.inference_mode():
+        want = reference(input_ids=ids).logits[:, -1]
+        theirs = model(input_ids=ids).logits[:, -1].float()
+        cache = StaticKV(cfg, rows, n + 1, torch.bfloat16, torch.device("cpu"))
+        forward = ff.FastForward(model)
+        ours = forward.prefill(cache, ids, torch.arange(n)[None].expand(rows, n),
+                               _additive(causal, torch.bfloat16), (slice(None), 0),
+                               (slice(None), n)).float()
+        cache.advance(n)
+        step = forward.decode(cache, ids[:, -1:], torch.full((rows, 1), n),
+                              torch.zeros(rows, 1, 1, n + 1, dtype=torch.bfloat16))
+    assert ours.dtype == torch.float32 and step.dtype == torch.bfloat16
+    assert torch.isfinite(step).all()
+    ours_err = (ours - want).norm() / want.norm()
+    theirs_err = (theirs - want).norm() / want.norm()
+    assert ours_err < 1.1 * theirs_err + 1e-4, (ours_err, theirs_err)
