@@ -318,6 +318,22 @@ def k_adapters(model, prompts, args, device, record):
         outs = generate_ids_for_adapters(base, prompts, settings, STOPS, PAD, loras)
         return sum(len(o) for per_adapter in outs for o in per_adapter)
 
+    def unmerged_way(compile_=False) -> int:
+        """One adapter at a time but unmerged (the one-batch path with K = 1): no fold while
+        copying, a low-rank update per projection group instead."""
+        from loralab.evaluate.generate import generate_ids_for_adapters
+
+        source = AdapterSource(base, folders, GenSettings(max_new_tokens=args.new))
+        settings = GenSettings(max_new_tokens=args.new, min_new_tokens=args.new,
+                               batch_size=full, compile=compile_)
+        total = 0
+        for i in range(len(folders)):
+            outs = generate_ids_for_adapters(base, prompts, settings, STOPS, PAD,
+                                             [source.tensors(i)[0]])
+            total += sum(len(o) for o in outs[0])
+        source.close()
+        return total
+
     def peft_way() -> int:
         total = 0
         for folder in folders:
@@ -332,7 +348,8 @@ def k_adapters(model, prompts, args, device, record):
 
     read_lora(folders[0], base)  # warm: the first read of a file
     ways = [("lora_files", loralab_way, merged_runs), ("peft_attach_merge", peft_way, merged_runs),
-            ("lora_files_one_batch", one_batch_way, merged_runs)]
+            ("lora_files_one_batch", one_batch_way, merged_runs),
+            ("lora_files_unmerged_one_at_a_time", unmerged_way, merged_runs)]
     if args.compile:
         secs, _ = timed(device, lambda: engine_run(base, prompts, args.new, full, compile_=True))
         record("loralab_engine_compile_first_call", secs, len(prompts) * args.new)
@@ -340,6 +357,8 @@ def k_adapters(model, prompts, args, device, record):
                      lambda: merged_runs(compile_=True)))
         ways.append(("lora_files_one_batch_compiled", lambda: one_batch_way(compile_=True),
                      lambda: merged_runs(compile_=True)))
+        ways.append(("lora_files_unmerged_one_at_a_time_compiled",
+                     lambda: unmerged_way(compile_=True), lambda: merged_runs(compile_=True)))
     for label, way, reference in ways:
         original = probe.detach().clone()
         try:
