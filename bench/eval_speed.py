@@ -129,12 +129,17 @@ def _hf_raw(model, prompts, new, **kw):
     return [r for r in out[:, ids.shape[1]:].tolist()]
 
 
+def forced(new: int, batch: int, compile_: bool = False, **kw) -> GenSettings:
+    """Settings that generate exactly `new` tokens per prompt (no early stop)."""
+    return GenSettings(max_new_tokens=new, min_new_tokens=new, batch_size=batch,
+                       compile=compile_, **kw)
+
+
 def engine_run(model, prompts, new: int, batch: int, graph=True, compile_=False,
                shared=True, chunks=3, fast=True, lora=None) -> int:
     gen.LAST_RUN.update(cuda_graph=False, graph_error=None, capture_seconds=None)
-    settings = GenSettings(max_new_tokens=new, min_new_tokens=new, batch_size=batch,
-                           cuda_graph=graph, compile=compile_, shared_prefix=shared,
-                           prefill_chunks=chunks, fast_forward=fast)
+    settings = forced(new, batch, compile_, cuda_graph=graph, shared_prefix=shared,
+                      prefill_chunks=chunks, fast_forward=fast)
     outs = generate_ids(model, prompts, settings, STOPS, PAD, "static", lora=lora)
     return sum(len(o) for o in outs)
 
@@ -305,33 +310,20 @@ def k_adapters(model, prompts, args, device, record):
         source.close()
         return total
 
-    def one_batch_way(compile_=False) -> int:
-        """All K adapters' rows in one batch: the decode reads the base weights once per step
-        for all of them (eval.adapter_batch)."""
+    def unmerged_way(per_batch: int, compile_=False) -> int:
+        """Adapters applied unmerged, `per_batch` of them sharing each batch: all K (the decode
+        reads the base weights once per step for all, eval.adapter_batch) or 1 (no fold while
+        copying, a low-rank update per projection group instead)."""
         from loralab.evaluate.generate import generate_ids_for_adapters
 
         source = AdapterSource(base, folders, GenSettings(max_new_tokens=args.new))
         loras = [source.tensors(i)[0] for i in range(len(folders))]
         source.close()
-        settings = GenSettings(max_new_tokens=args.new, min_new_tokens=args.new,
-                               batch_size=full, compile=compile_)
-        outs = generate_ids_for_adapters(base, prompts, settings, STOPS, PAD, loras)
-        return sum(len(o) for per_adapter in outs for o in per_adapter)
-
-    def unmerged_way(compile_=False) -> int:
-        """One adapter at a time but unmerged (the one-batch path with K = 1): no fold while
-        copying, a low-rank update per projection group instead."""
-        from loralab.evaluate.generate import generate_ids_for_adapters
-
-        source = AdapterSource(base, folders, GenSettings(max_new_tokens=args.new))
-        settings = GenSettings(max_new_tokens=args.new, min_new_tokens=args.new,
-                               batch_size=full, compile=compile_)
         total = 0
-        for i in range(len(folders)):
-            outs = generate_ids_for_adapters(base, prompts, settings, STOPS, PAD,
-                                             [source.tensors(i)[0]])
-            total += sum(len(o) for o in outs[0])
-        source.close()
+        for start in range(0, len(loras), per_batch):
+            outs = generate_ids_for_adapters(base, prompts, forced(args.new, full, compile_),
+                                             STOPS, PAD, loras[start : start + per_batch])
+            total += sum(len(o) for per_adapter in outs for o in per_adapter)
         return total
 
     def peft_way() -> int:
@@ -348,17 +340,18 @@ def k_adapters(model, prompts, args, device, record):
 
     read_lora(folders[0], base)  # warm: the first read of a file
     ways = [("lora_files", loralab_way, merged_runs), ("peft_attach_merge", peft_way, merged_runs),
-            ("lora_files_one_batch", one_batch_way, merged_runs),
-            ("lora_files_unmerged_one_at_a_time", unmerged_way, merged_runs)]
+            ("lora_files_one_batch", lambda: unmerged_way(len(folders)), merged_runs),
+            ("lora_files_unmerged_one_at_a_time", lambda: unmerged_way(1), merged_runs)]
     if args.compile:
         secs, _ = timed(device, lambda: engine_run(base, prompts, args.new, full, compile_=True))
         record("loralab_engine_compile_first_call", secs, len(prompts) * args.new)
         ways.append(("lora_files_compiled", lambda: loralab_way(compile_=True),
                      lambda: merged_runs(compile_=True)))
-        ways.append(("lora_files_one_batch_compiled", lambda: one_batch_way(compile_=True),
+        ways.append(("lora_files_one_batch_compiled",
+                     lambda: unmerged_way(len(folders), compile_=True),
                      lambda: merged_runs(compile_=True)))
         ways.append(("lora_files_unmerged_one_at_a_time_compiled",
-                     lambda: unmerged_way(compile_=True), lambda: merged_runs(compile_=True)))
+                     lambda: unmerged_way(1, compile_=True), lambda: merged_runs(compile_=True)))
     for label, way, reference in ways:
         original = probe.detach().clone()
         try:

@@ -50,6 +50,17 @@ def events_ms(fn, repeats: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def layer_gemms(layers, x, intermediate: int, head=None) -> None:
+    """Every layer's four GEMMs (and the head's) on rows x, nothing else of the layer."""
+    for w in layers:
+        F.linear(x, w.qkv, w.qkv_bias)
+        F.linear(x, w.o)
+        up = F.linear(x, w.gate_up)
+        F.linear(up[:, :intermediate], w.down)
+    if head is not None:
+        F.linear(x, head)
+
+
 def matmul_attention(q, keys, values, mask):
     """The previous decode attention: grouped matmuls with float scores."""
     scores = torch.matmul(q, keys.transpose(-1, -2)).float() + mask.float()
@@ -95,13 +106,8 @@ def decode_step_breakdown(lm: Any, batch: int, length: int, compile_: bool) -> l
             row("decode_step_whole_compiled",
                 graph_ms(lambda: compiled.decode(cache, token, position, mask)), **shape)
 
-        def gemms() -> None:
-            for w in fast.layers:
-                F.linear(x, w.qkv, w.qkv_bias)
-                F.linear(x, w.o)
-                up = F.linear(x, w.gate_up)
-                F.linear(up[:, : cfg.intermediate_size], w.down)
-            F.linear(x, lm.lm_head.weight)
+        def gemms() -> None:  # reads x when called: the row counts below rebind it
+            layer_gemms(fast.layers, x, cfg.intermediate_size, lm.lm_head.weight)
 
         weight_bytes = sum(t.nbytes for w in fast.layers for t in (w.qkv, w.o, w.gate_up, w.down))
         weight_bytes += lm.lm_head.weight.nbytes
@@ -164,14 +170,8 @@ def prefill_breakdown(lm, fast, compiled, cache, rows: int, tokens: int) -> list
         row("prefill_group_compiled", events_ms(lambda: compiled.prefill(
             cache, ids, positions, mask, *where)))
 
-    def gemms() -> None:
-        for w in fast.layers:
-            F.linear(x, w.qkv, w.qkv_bias)
-            F.linear(x, w.o)
-            up = F.linear(x, w.gate_up)
-            F.linear(up[:, : lm.config.intermediate_size], w.down)
-
-    row("prefill_group_gemms_only", events_ms(gemms))
+    row("prefill_group_gemms_only", events_ms(
+        lambda: layer_gemms(fast.layers, x, lm.config.intermediate_size)))
     s = fast.shape
     q = torch.randn(rows, s.heads, tokens, s.head_dim, dtype=lm.dtype, device=dev)
     kv = torch.randn(rows, s.kv_heads, tokens, s.head_dim, dtype=lm.dtype, device=dev)

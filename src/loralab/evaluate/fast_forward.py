@@ -23,8 +23,13 @@ from typing import Any
 from loralab.evaluate.lora_batch import lora_delta, one_adapter, stack_adapters
 
 SUPPORTED_TYPES = ("qwen2", "llama", "mistral")
-ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
+# The projection groups of a layer: (group, owning module, linears that read the same input and
+# become one GEMM). The stacked copy (build_layers) and several adapters' factors (lora_batch)
+# are both laid out by this table.
+GROUPS = (("qkv", "self_attn", ("q_proj", "k_proj", "v_proj")),
+          ("o", "self_attn", ("o_proj",)),
+          ("gate_up", "mlp", ("gate_proj", "up_proj")),
+          ("down", "mlp", ("down_proj",)))
 MEMORY_MARGIN = 2 << 30  # bytes left free after the copy (KV cache, activations)
 
 
@@ -80,22 +85,27 @@ def why_not(lm: Any) -> str | None:
     if plain_linear(lm.lm_head) is None or type(lm.model.embed_tokens) is not torch.nn.Embedding:
         return "lm_head or embeddings are not plain modules"
     for i, layer in enumerate(lm.model.layers):
-        for owner, names in ((layer.self_attn, ATTN), (layer.mlp, MLP)):
-            for name in names:
-                if plain_linear(getattr(owner, name)) is None:
-                    kind = type(getattr(owner, name))
-                    return (f"layer {i} {name} is a {kind.__module__}.{kind.__name__} "
-                            "(an unmerged adapter or a quantised layer)")
+        for name, module in projections(layer):
+            if plain_linear(module) is None:
+                kind = type(module)
+                return (f"layer {i} {name} is a {kind.__module__}.{kind.__name__} "
+                        "(an unmerged adapter or a quantised layer)")
         if hasattr(layer.self_attn, "q_norm") or not hasattr(layer.input_layernorm,
                                                              "variance_epsilon"):
             return f"layer {i} has norms this forward does not reproduce"
     return None
 
 
+def projections(layer: Any) -> list[tuple[str, Any]]:
+    """(name, module) of every projection of a decoder layer, in GROUPS order."""
+    return [(name, getattr(getattr(layer, owner), name)) for _, owner, names in GROUPS
+            for name in names]
+
+
 def copy_bytes(lm: Any) -> int:
     """Bytes of the stacked copy: every decoder-layer linear's weight."""
-    return sum(plain_linear(getattr(owner, n)).weight.nbytes for layer in lm.model.layers
-               for owner, names in ((layer.self_attn, ATTN), (layer.mlp, MLP)) for n in names)
+    return sum(plain_linear(module).weight.nbytes for layer in lm.model.layers
+               for _, module in projections(layer))
 
 
 def free_bytes(device: Any) -> int | None:
@@ -125,29 +135,28 @@ def unavailable(lm: Any) -> str | None:
     return None
 
 
-def _weight(module: Any, name: str, lora: dict[str, Any] | None) -> Any:
+def _weight(linear: Any, name: str, lora: dict[str, Any] | None) -> Any:
     """A fresh copy of the weight, with the adapter's scale·B·A added in one addmm."""
     import torch
 
-    base = plain_linear(module).weight
     delta = (lora or {}).get(name)
     if delta is None:
-        return base.clone()
+        return linear.weight.clone()
     a, b, scale = delta
-    return torch.addmm(base, b.to(base), a.to(base), alpha=scale)
+    return torch.addmm(linear.weight, b.to(linear.weight), a.to(linear.weight), alpha=scale)
 
 
 def _stack(owner: Any, prefix: str, names: tuple[str, ...], lora: dict[str, Any] | None):
     """(weight, bias or None) of linears that read the same input, stacked."""
     import torch
 
-    weights = [_weight(getattr(owner, n), f"{prefix}.{n}", lora) for n in names]
+    linears = [plain_linear(getattr(owner, n)) for n in names]
+    weights = [_weight(m, f"{prefix}.{n}", lora) for m, n in zip(linears, names, strict=True)]
     stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
-    biases = [plain_linear(getattr(owner, n)).bias for n in names]
-    if all(b is None for b in biases):
+    if all(m.bias is None for m in linears):
         return stacked, None
-    biases = [b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, weights,
-                                                                             strict=True)]
+    biases = [m.bias if m.bias is not None else w.new_zeros(w.shape[0])
+              for m, w in zip(linears, weights, strict=True)]
     return stacked, torch.cat(biases)
 
 
@@ -156,14 +165,12 @@ def build_layers(lm: Any, lora: dict[str, Any] | None = None) -> list[Layer]:
     (`model.layers.0.self_attn.q_proj`) to (A [r, in], B [out, r], scale)."""
     layers = []
     for i, layer in enumerate(lm.model.layers):
-        attn, mlp = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
-        qkv, qkv_bias = _stack(layer.self_attn, attn, ATTN[:3], lora)
-        o, o_bias = _stack(layer.self_attn, attn, ("o_proj",), lora)
-        gate_up, gate_up_bias = _stack(layer.mlp, mlp, MLP[:2], lora)
-        down, down_bias = _stack(layer.mlp, mlp, ("down_proj",), lora)
-        layers.append(Layer(layer.input_layernorm.weight, qkv, qkv_bias, o, o_bias,
-                            layer.post_attention_layernorm.weight, gate_up, gate_up_bias,
-                            down, down_bias))
+        stacked = {}
+        for group, owner, names in GROUPS:
+            stacked[group], stacked[f"{group}_bias"] = _stack(
+                getattr(layer, owner), f"model.layers.{i}.{owner}", names, lora)
+        layers.append(Layer(input_norm=layer.input_layernorm.weight,
+                            post_norm=layer.post_attention_layernorm.weight, **stacked))
     return layers
 
 

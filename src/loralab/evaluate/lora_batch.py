@@ -5,7 +5,7 @@ their rows in one batch (adapter-major: rows [k·N, (k+1)·N) belong to adapter 
 the base weights once and adds each block's low-rank update with two batched GEMMs. Prefill is
 compute-bound and gains nothing from sharing, so it runs per adapter with the 2-D factors.
 
-Per layer and projection group (q/k/v, o, gate/up, down) the factors are padded to the largest
+Per layer and projection group (fast_forward.GROUPS: q/k/v, o, gate/up, down) the factors are padded to the largest
 rank (zero rows and columns add exact zeros) and laid out so one GEMM pair serves the group:
 A [K, members·r, in] and a block-structured B [K, out, members·r] with the scale folded in.
 """
@@ -14,15 +14,10 @@ from __future__ import annotations
 
 from typing import Any
 
-GROUPS = (("qkv", "self_attn", ("q_proj", "k_proj", "v_proj")),
-          ("o", "self_attn", ("o_proj",)),
-          ("gate_up", "mlp", ("gate_proj", "up_proj")),
-          ("down", "mlp", ("down_proj",)))
-
 
 def stack_adapters(lm: Any, loras: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per layer {group: (A [K, m·r, in], B [K, out, m·r]) or None when no adapter has it}."""
-    from loralab.evaluate.fast_forward import plain_linear
+    from loralab.evaluate.fast_forward import GROUPS, plain_linear
 
     rank = max((a.shape[0] for lora in loras for a, _, _ in lora.values()), default=1)
     return [{group: _group(lm, loras, i, owner, names, rank, plain_linear)

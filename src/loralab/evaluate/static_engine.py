@@ -169,6 +169,8 @@ def static_generate(
 class HFForward:
     """prefill/decode through transformers' own forward (any model the engine accepts)."""
 
+    copies = 1  # one adapter (or none) per row: several adapters per batch need FastForward
+
     def __init__(self, lm: Any, compile_decode: bool = False) -> None:
         import torch
 
@@ -256,7 +258,7 @@ def _static_generate(model, ids, settings, stop_ids, pad_id, forward) -> list[li
     LAST_RUN["shared_prefix"] = shared
     # Several adapters in one batch (FastForward.copies): every prompt once per adapter,
     # adapter-major, so adapter k owns rows [k·n, (k+1)·n).
-    copies, n = getattr(forward, "copies", 1), len(ids)
+    copies, n = forward.copies, len(ids)
     suffixes = [x[shared:] for x in ids] * copies
     batch, width = len(suffixes), max(len(x) for x in suffixes)
     steps = settings.max_new_tokens

@@ -17,3 +17,23 @@ def lively_model():
                       tie_word_embeddings=True, initializer_range=0.5)
     cfg._attn_implementation = "sdpa"
     return Qwen2ForCausalLM(cfg).eval()
+
+
+@pytest.fixture()
+def save_adapter():
+    """save(model, folder, seed, **LoraConfig kwargs): a PEFT adapter on `model` with random
+    non-zero B (PEFT starts B at 0, which would make it a no-op) saved to `folder`; the model
+    goes back to plain linears."""
+    from peft import LoraConfig, get_peft_model
+
+    def save(model, folder, seed: int, **lora_kwargs):
+        peft_model = get_peft_model(model, LoraConfig(**lora_kwargs))
+        torch.manual_seed(seed)
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.data.normal_(0, 0.3)
+        peft_model.save_pretrained(folder)
+        peft_model.unload()
+        return folder
+
+    return save

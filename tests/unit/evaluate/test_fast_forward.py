@@ -56,19 +56,10 @@ def test_prefill_logits_match_transformers(lively_model, prompt_ids):
 
 
 @pytest.fixture()
-def saved_adapter(lively_model, tmp_path):
+def saved_adapter(lively_model, tmp_path, save_adapter):
     """A PEFT adapter with non-zero B (rsLoRA scaling, r=4) saved to disk; the base unloaded."""
-    from peft import LoraConfig, get_peft_model
-
-    peft_model = get_peft_model(lively_model, LoraConfig(
-        r=4, lora_alpha=16, target_modules=TARGETS, use_rslora=True))
-    torch.manual_seed(3)
-    for name, param in peft_model.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.3)
-    peft_model.save_pretrained(tmp_path)
-    peft_model.unload()  # the session-wide model goes back to plain linears
-    return tmp_path
+    return save_adapter(lively_model, tmp_path, 3, r=4, lora_alpha=16, target_modules=TARGETS,
+                        use_rslora=True)
 
 
 def test_folded_adapter_equals_peft_merged(lively_model, saved_adapter, prompt_ids):
@@ -119,25 +110,18 @@ def test_too_little_memory_for_the_copy_falls_back(lively_model, prompt_ids, mon
     assert "stacked copy needs" in source.reason and source.prefetch is None
 
 
-def test_adapters_sharing_a_batch_equal_each_folded_alone(lively_model, prompt_ids, tmp_path):
+def test_adapters_sharing_a_batch_equal_each_folded_alone(lively_model, prompt_ids, tmp_path,
+                                                         save_adapter):
     """Three adapters of different ranks and targets in one batch (unmerged, adapter-major
     rows) give each one's own tokens; batch_size 4 makes two batches of prompts."""
-    from peft import LoraConfig, get_peft_model
-
     from loralab.evaluate.generate import generate_ids_for_adapters
 
     loras = []
     for i, (rank, targets) in enumerate([(4, ["q_proj", "v_proj"]), (8, TARGETS),
                                          (2, ["up_proj", "down_proj"])]):
-        peft_model = get_peft_model(lively_model, LoraConfig(r=rank, lora_alpha=16,
-                                                             target_modules=targets))
-        torch.manual_seed(10 + i)
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.data.normal_(0, 0.3)
-        peft_model.save_pretrained(tmp_path / str(i))
-        peft_model.unload()
-        loras.append(read_lora(tmp_path / str(i), lively_model)[0])
+        folder = save_adapter(lively_model, tmp_path / str(i), 10 + i, r=rank, lora_alpha=16,
+                              target_modules=targets)
+        loras.append(read_lora(folder, lively_model)[0])
     settings = GenSettings(max_new_tokens=12, min_new_tokens=12, batch_size=4)
     alone = [generate_ids(lively_model, prompt_ids, settings, STOP, PAD, lora=lora)
              for lora in loras]

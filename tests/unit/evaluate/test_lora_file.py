@@ -78,14 +78,10 @@ def test_prefetch_reads_in_order_and_casts(lively_model, tmp_path):
         prefetch.close()
 
 
-def test_adapter_source_folds_or_falls_back_to_peft(lively_model, tmp_path):
-    from peft import LoraConfig, get_peft_model
-
+def test_adapter_source_folds_or_falls_back_to_peft(lively_model, tmp_path, save_adapter):
     plain = write_adapter(tmp_path / "plain", lively_model)
-    dora_model = get_peft_model(lively_model, LoraConfig(r=2, target_modules=["q_proj"],
-                                                         use_dora=True))
-    dora_model.save_pretrained(tmp_path / "dora")
-    dora_model.unload()
+    save_adapter(lively_model, tmp_path / "dora", 0, r=2, target_modules=["q_proj"],
+                 use_dora=True)
     source = AdapterSource(lively_model, [plain, tmp_path / "dora"], GenSettings(8))
     with source.on_base(0, plain, merge=True) as (model, lora, how):
         assert model is lively_model and set(lora) == {Q} and how.startswith("folded")
