@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import platform
 import random
@@ -157,6 +158,9 @@ def main() -> None:
     ap.add_argument("--skip-baselines", action="store_true", help="skip (1) and (2): slow")
     ap.add_argument("--step-breakdown", action="store_true",
                     help="also time one decode step's parts (GEMMs, attention) in CUDA graphs")
+    ap.add_argument("--adapters-only", action="store_true",
+                    help="only the adapter rows (K adapters, a lone adapter, its overhead)")
+    ap.add_argument("--ways", default="", help="only adapter ways whose name contains this")
     ap.add_argument("--out", default="eval_speed.json")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -177,7 +181,7 @@ def main() -> None:
     def record(name: str, seconds: float, tokens: int, **extra) -> dict:
         row = {"name": name, "seconds": round(seconds, 3), "new_tokens": tokens,
                "new_tokens_per_s": round(tokens / seconds, 1), **extra}
-        if name.startswith(("loralab_engine", "k")):
+        if name.startswith(("loralab_engine", "k", "lone")):
             row.update({k: gen.LAST_RUN.get(k) for k in ("cuda_graph", "graph_error",
                                                      "shared_prefix", "fast_forward",
                                                      "capture_seconds")})
@@ -197,14 +201,18 @@ def main() -> None:
         return statistics.median(r[0] for r in runs), runs[0][1]
 
     model = add_random_adapter(build_model(name, device), "a0", seed=1)
-    if not args.skip_baselines:
+    if not (args.skip_baselines or args.adapters_only):
         baselines(model, prompts, args, device, record, median_of)
-    model.merge_adapter()  # (3) loralab's engine on the merged model
-    engine_rows(model, prompts, random_prompts, args, device, record, median_of)
-    model.unmerge_adapter()
-    secs, toks = median_of(lambda: engine_run(model, prompts, args.new, len(prompts)), n=1)
-    record("loralab_engine_unmerged_peft", secs, toks)
+    if not args.adapters_only:
+        model.merge_adapter()  # (3) loralab's engine on the merged model
+        engine_rows(model, prompts, random_prompts, args, device, record, median_of)
+        model.unmerge_adapter()
+        secs, toks = median_of(lambda: engine_run(model, prompts, args.new, len(prompts)), n=1)
+        record("loralab_engine_unmerged_peft", secs, toks)
     base = k_adapters(model, prompts, args, device, record)  # (4) unloads PEFT
+    if args.adapters_only:
+        print("RESULTS", json.dumps(results), flush=True)
+        return
     if args.compile:
         for fast in (True, False):
             label = "" if fast else "_hf_forward"
@@ -298,11 +306,11 @@ def k_adapters(model, prompts, args, device, record):
     probe = base.model.layers[0].self_attn.q_proj.weight
     full = len(prompts)
 
-    def loralab_way(compile_=False) -> int:
+    def loralab_way(paths, compile_=False) -> int:
         """The eval runner's way: AdapterSource reads the next file in a thread."""
-        source = AdapterSource(base, folders, GenSettings(max_new_tokens=args.new))
+        source = AdapterSource(base, paths, GenSettings(max_new_tokens=args.new))
         total = 0
-        for i, folder in enumerate(folders):
+        for i, folder in enumerate(paths):
             with source.on_base(i, folder, merge=True) as (target, lora, how):
                 assert lora is not None, how
                 total += engine_run(target, prompts, args.new, full, lora=lora,
@@ -310,14 +318,14 @@ def k_adapters(model, prompts, args, device, record):
         source.close()
         return total
 
-    def unmerged_way(per_batch: int, compile_=False) -> int:
+    def unmerged_way(paths, per_batch: int, compile_=False) -> int:
         """Adapters applied unmerged, `per_batch` of them sharing each batch: all K (the decode
         reads the base weights once per step for all, eval.adapter_batch) or 1 (no fold while
         copying, a low-rank update per projection group instead)."""
         from loralab.evaluate.generate import generate_ids_for_adapters
 
-        source = AdapterSource(base, folders, GenSettings(max_new_tokens=args.new))
-        loras = [source.tensors(i)[0] for i in range(len(folders))]
+        source = AdapterSource(base, paths, GenSettings(max_new_tokens=args.new))
+        loras = [source.tensors(i)[0] for i in range(len(paths))]
         source.close()
         total = 0
         for start in range(0, len(loras), per_batch):
@@ -333,41 +341,54 @@ def k_adapters(model, prompts, args, device, record):
                 total += engine_run(peft_model, prompts, args.new, full)
         return total
 
-    def merged_runs(compile_=False) -> int:
-        """K runs on a model whose weights already hold an adapter (the plain base: the same
-        work, other values): what K adapters are compared with."""
-        return sum(engine_run(base, prompts, args.new, full, compile_=compile_) for _ in folders)
+    def merged_runs(n: int, compile_=False) -> int:
+        """n runs on a model whose weights already hold an adapter (the plain base: the same
+        work, other values): what n adapters are compared with."""
+        return sum(engine_run(base, prompts, args.new, full, compile_=compile_) for _ in range(n))
 
     read_lora(folders[0], base)  # warm: the first read of a file
-    ways = [("lora_files", loralab_way, merged_runs), ("peft_attach_merge", peft_way, merged_runs),
-            ("lora_files_one_batch", lambda: unmerged_way(len(folders)), merged_runs),
-            ("lora_files_unmerged_one_at_a_time", lambda: unmerged_way(1), merged_runs)]
+    k, lone = f"k{len(folders)}_adapters_", folders[:1]
+    ways = [(k + "lora_files", lambda c: loralab_way(folders, c), len(folders)),
+            (k + "peft_attach_merge", lambda c: peft_way(), len(folders)),
+            (k + "lora_files_one_batch", lambda c: unmerged_way(folders, len(folders), c),
+             len(folders)),
+            (k + "lora_files_unmerged_one_at_a_time", lambda c: unmerged_way(folders, 1, c),
+             len(folders)),
+            ("lone_adapter_from_folder", lambda c: loralab_way(lone, c), 1),
+            ("lone_adapter_from_folder_unmerged", lambda c: unmerged_way(lone, 1, c), 1)]
     if args.compile:
         secs, _ = timed(device, lambda: engine_run(base, prompts, args.new, full, compile_=True))
         record("loralab_engine_compile_first_call", secs, len(prompts) * args.new)
-        ways.append(("lora_files_compiled", lambda: loralab_way(compile_=True),
-                     lambda: merged_runs(compile_=True)))
-        ways.append(("lora_files_one_batch_compiled",
-                     lambda: unmerged_way(len(folders), compile_=True),
-                     lambda: merged_runs(compile_=True)))
-        ways.append(("lora_files_unmerged_one_at_a_time_compiled",
-                     lambda: unmerged_way(1, compile_=True), lambda: merged_runs(compile_=True)))
-    for label, way, reference in ways:
+        ways += [(name + "_compiled", way, n) for name, way, n in ways if "peft" not in name]
+    for label, way, n in [w for w in ways if args.ways in w[0]]:
+        compile_ = label.endswith("_compiled")
         original = probe.detach().clone()
         try:
-            way()  # warm: a new batch shape (and its compile) is not what is compared
-            pairs = [(timed(device, way), timed(device, reference)) for _ in range(args.repeats)]
+            this, reference = functools.partial(way, compile_), functools.partial(
+                merged_runs, n, compile_)
+            this()  # warm: a new batch shape (and its compile) is not what is compared
+            pairs = [(timed(device, this), timed(device, reference)) for _ in range(args.repeats)]
         except Exception as exc:  # measuring: a failure is a result
-            record.save({"name": f"k{len(names)}_adapters_{label}",
-                         "error": f"{type(exc).__name__}: {exc}"[:400]})
+            record.save({"name": label, "error": f"{type(exc).__name__}: {exc}"[:400]})
             continue
         secs = statistics.median(p[0][0] for p in pairs)
-        k_merged = statistics.median(p[1][0] for p in pairs)
-        record(f"k{len(names)}_adapters_{label}", secs, pairs[0][0][1],
-               k_merged_runs_seconds=round(k_merged, 3),
-               ratio_to_k_merged_runs=round(secs / k_merged, 3),
+        merged = statistics.median(p[1][0] for p in pairs)
+        record(label, secs, pairs[0][0][1], merged_runs_seconds=round(merged, 3),
+               ratio_to_merged_runs=round(secs / merged, 3),
                ratios_each_repeat=[round(p[0][0] / p[1][0], 3) for p in pairs],
                base_weights_unchanged=bool(torch.equal(probe, original)))
+    if args.step_breakdown and device.type == "cuda":
+        from step_breakdown import adapter_overhead_rows, run_phases
+
+        for row in adapter_overhead_rows(base, folders[0]):
+            record.save(row)
+        for compile_ in (False, True):
+            for label, run in (("merged", lambda c=compile_: merged_runs(1, c)),
+                               ("lone_adapter", lambda c=compile_: loralab_way(lone, c))):
+                phases = [run_phases(run) for _ in range(3)]
+                record.save({"name": f"phases_ms_{label}{'_compiled' if compile_ else ''}",
+                             **{k: round(statistics.median(p[k] for p in phases), 1)
+                                for k in phases[0]}})
     return base
 
 

@@ -213,3 +213,100 @@ def numerics_rows(lm: Any, prompts: list[list[int]], n: int = 8) -> list[dict]:
                      "rel_l2": round(float((got - ref).norm() / ref.norm()), 5),
                      "top1_same_as_fp32": int((got.argmax(-1) == ref.argmax(-1)).sum())})
     return rows
+
+
+def wall_ms(fn, repeats: int = 3) -> float:
+    """Median wall milliseconds of `fn` (CPU work included), CUDA synchronised, after a warm-up."""
+    import time
+
+    fn()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def clone_cat_build(lm: Any, lora: dict) -> list:
+    """The stacked copy as commit d45d3e0 built it: every part cloned (or addmm'ed) on its own,
+    then concatenated, so q/k/v and gate/up were written twice. Kept to compare with."""
+    from loralab.evaluate.fast_forward import GROUPS, plain_linear
+
+    layers = []
+    for i, layer in enumerate(lm.model.layers):
+        for _, owner, names in GROUPS:
+            parts = []
+            for n in names:
+                weight = plain_linear(getattr(getattr(layer, owner), n)).weight
+                delta = lora.get(f"model.layers.{i}.{owner}.{n}")
+                parts.append(weight.clone() if delta is None else torch.addmm(
+                    weight, delta[1], delta[0], alpha=delta[2]))
+            layers.append(torch.cat(parts) if len(parts) > 1 else parts[0])
+    return layers
+
+
+def adapter_overhead_rows(lm: Any, folder: Any) -> list[dict]:
+    """What one adapter read from its folder adds to a run on merged weights: reading the file
+    (cast, pinned), copying its factors to the GPU, and building the weight copy with the fold
+    vs without it."""
+    from loralab.evaluate.fast_forward import build_layers
+    from loralab.evaluate.lora_file import load_lora_file, lora_for_model
+
+    dtype, rows = lm.lm_head.weight.dtype, []
+
+    def row(name: str, ms: float) -> None:
+        rows.append({"name": name, "ms": round(ms, 2)})
+
+    row("adapter_read_file_pinned", wall_ms(lambda: load_lora_file(folder, dtype, pin=True)))
+    row("adapter_read_file_unpinned", wall_ms(lambda: load_lora_file(folder, dtype)))
+    loaded, _ = load_lora_file(folder, dtype, pin=True)
+    row("adapter_factors_to_gpu", wall_ms(lambda: lora_for_model(loaded, lm)))
+    lora, _ = lora_for_model(loaded, lm)
+    with torch.inference_mode():
+        row("copy_build_plain", wall_ms(lambda: build_layers(lm)))
+        row("copy_build_folded", wall_ms(lambda: build_layers(lm, lora)))
+        row("copy_build_folded_clone_cat_d45d3e0", wall_ms(lambda: clone_cat_build(lm, lora)))
+    return rows
+
+
+def run_phases(run) -> dict[str, float]:
+    """Wall milliseconds of one engine run `run()` split into its phases: reading an adapter
+    (AdapterSource.tensors), the weight copy (make_forward), prefill, graph capture, and the
+    rest (decode steps, Python)."""
+    import time
+
+    from loralab.evaluate import adapters, generate, static_engine
+
+    spent = {"read": 0.0, "build": 0.0, "prefill": 0.0, "capture": 0.0}
+    originals = {}
+
+    def timing(module, name, phase):
+        original = originals[(module, name)] = getattr(module, name)
+
+        def wrapped(*args, **kwargs):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = original(*args, **kwargs)
+            torch.cuda.synchronize()
+            spent[phase] += (time.perf_counter() - start) * 1e3
+            return out
+        setattr(module, name, wrapped)
+
+    timing(adapters.AdapterSource, "tensors", "read")
+    timing(generate, "make_forward", "build")
+    timing(static_engine, "_prefill_rows", "prefill")
+    timing(static_engine, "_prefill_prefix", "prefill")
+    timing(static_engine, "_graph_runner", "capture")
+    try:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        run()
+        torch.cuda.synchronize()
+        total = (time.perf_counter() - start) * 1e3
+    finally:
+        for (module, name), original in originals.items():
+            setattr(module, name, original)
+    return {**spent, "rest": total - sum(spent.values()), "total": total}

@@ -9,7 +9,7 @@ stacked (one GEMM each) and the adapter's B·A·scale already added (`lora`, rea
 building a plain one, so an adapter costs what a merged model costs, and the base is never
 written to (nothing to unmerge, no rounding drift).
 
-Only what this reproduces op for op is accepted (`why_not`): Qwen2 / Llama / Mistral-style layers
+Only what this reproduces is accepted (`why_not`): Qwen2 / Llama / Mistral-style layers
 (RMSNorm, rotary embeddings, SiLU-gated MLP, full attention) whose linears are plain or merged
 LoRA. Anything else keeps transformers' forward.
 """
@@ -135,28 +135,31 @@ def unavailable(lm: Any) -> str | None:
     return None
 
 
-def _weight(linear: Any, name: str, lora: dict[str, Any] | None) -> Any:
-    """A fresh copy of the weight, with the adapter's scale·B·A added in one addmm."""
-    import torch
-
-    delta = (lora or {}).get(name)
-    if delta is None:
-        return linear.weight.clone()
-    a, b, scale = delta
-    return torch.addmm(linear.weight, b.to(linear.weight), a.to(linear.weight), alpha=scale)
-
-
 def _stack(owner: Any, prefix: str, names: tuple[str, ...], lora: dict[str, Any] | None):
-    """(weight, bias or None) of linears that read the same input, stacked."""
+    """(weight, bias or None) of linears that read the same input, stacked along the output
+    dimension. Each part is written once, straight into its rows of the stacked tensor (a copy,
+    or with the adapter's scale·B·A added by one addmm); a lone linear without an adapter is
+    used as it is (nothing writes to it)."""
     import torch
 
     linears = [plain_linear(getattr(owner, n)) for n in names]
-    weights = [_weight(m, f"{prefix}.{n}", lora) for m, n in zip(linears, names, strict=True)]
-    stacked = torch.cat(weights) if len(weights) > 1 else weights[0]
+    deltas = [(lora or {}).get(f"{prefix}.{n}") for n in names]
+    first = linears[0].weight
+    if len(linears) == 1 and deltas[0] is None:
+        stacked = first
+    else:
+        stacked = first.new_empty(sum(m.out_features for m in linears), first.shape[1])
+        parts = stacked.split([m.out_features for m in linears])
+        for part, linear, delta in zip(parts, linears, deltas, strict=True):
+            if delta is None:
+                part.copy_(linear.weight)
+            else:
+                a, b, scale = delta
+                torch.addmm(linear.weight, b.to(first), a.to(first), alpha=scale, out=part)
     if all(m.bias is None for m in linears):
         return stacked, None
-    biases = [m.bias if m.bias is not None else w.new_zeros(w.shape[0])
-              for m, w in zip(linears, weights, strict=True)]
+    biases = [m.bias if m.bias is not None else first.new_zeros(m.out_features)
+              for m in linears]
     return stacked, torch.cat(biases)
 
 
@@ -175,12 +178,13 @@ def build_layers(lm: Any, lora: dict[str, Any] | None = None) -> list[Layer]:
 
 
 def rms(x: Any, weight: Any, eps: float) -> Any:
-    """transformers' RMSNorm, op for op (float32 statistics, cast back, then the weight)."""
-    import torch
+    """RMSNorm as torch's fused kernel: float32 statistics, one rounding at the end.
+    transformers rounds twice (after normalising, after the weight) in ~8 kernels; the one
+    kernel made an H200 7B decode step 1.1 ms faster (7.68 -> 6.60 ms) and is, if anything,
+    closer to float32."""
+    import torch.nn.functional as F  # noqa: N812
 
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 def rotate(x: Any, cos: Any, sin: Any) -> Any:
