@@ -161,12 +161,14 @@ def main() -> None:
     ap.add_argument("--adapters-only", action="store_true",
                     help="only the adapter rows (K adapters, a lone adapter, its overhead)")
     ap.add_argument("--ways", default="", help="only adapter ways whose name contains this")
+    ap.add_argument("--commit", default=None,
+                    help="the commit measured (default: git here; a copied tree may lack it)")
     ap.add_argument("--out", default="eval_speed.json")
     args = ap.parse_args()
     device = torch.device(args.device)
     name = args.model or ("qwen2.5-7b-shapes" if device.type == "cuda" else "builtin:tiny-qwen2")
     header = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": git_commit(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": args.commit or git_commit(),
         "hardware": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor()
         or platform.machine(), "versions": versions(), "model": name, "records": args.records,
         "new_tokens_each": args.new,
@@ -352,8 +354,6 @@ def k_adapters(model, prompts, args, device, record):
             (k + "peft_attach_merge", lambda c: peft_way(), len(folders)),
             (k + "lora_files_one_batch", lambda c: unmerged_way(folders, len(folders), c),
              len(folders)),
-            (k + "lora_files_unmerged_one_at_a_time", lambda c: unmerged_way(folders, 1, c),
-             len(folders)),
             ("lone_adapter_from_folder", lambda c: loralab_way(lone, c), 1),
             ("lone_adapter_from_folder_unmerged", lambda c: unmerged_way(lone, 1, c), 1)]
     if args.compile:
@@ -384,7 +384,9 @@ def k_adapters(model, prompts, args, device, record):
             record.save(row)
         for compile_ in (False, True):
             for label, run in (("merged", lambda c=compile_: merged_runs(1, c)),
-                               ("lone_adapter", lambda c=compile_: loralab_way(lone, c))):
+                               ("lone_adapter", lambda c=compile_: loralab_way(lone, c)),
+                               (f"k{len(folders)}_adapters_one_after_another",
+                                lambda c=compile_: loralab_way(folders, c))):
                 phases = [run_phases(run) for _ in range(3)]
                 record.save({"name": f"phases_ms_{label}{'_compiled' if compile_ else ''}",
                              **{k: round(statistics.median(p[k] for p in phases), 1)

@@ -252,6 +252,8 @@ def adapter_overhead_rows(lm: Any, folder: Any) -> list[dict]:
     """What one adapter read from its folder adds to a run on merged weights: reading the file
     (cast, pinned), copying its factors to the GPU, and building the weight copy with the fold
     vs without it."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from loralab.evaluate.fast_forward import build_layers
     from loralab.evaluate.lora_file import load_lora_file, lora_for_model
 
@@ -260,10 +262,16 @@ def adapter_overhead_rows(lm: Any, folder: Any) -> list[dict]:
     def row(name: str, ms: float) -> None:
         rows.append({"name": name, "ms": round(ms, 2)})
 
-    row("adapter_read_file_pinned", wall_ms(lambda: load_lora_file(folder, dtype, pin=True)))
-    row("adapter_read_file_unpinned", wall_ms(lambda: load_lora_file(folder, dtype)))
+    row("adapter_read_file_cast_pinned", wall_ms(lambda: load_lora_file(folder, dtype, True)))
+    row("adapter_read_file_cast", wall_ms(lambda: load_lora_file(folder, dtype)))
+    row("adapter_read_file_as_stored", wall_ms(lambda: load_lora_file(folder)))
+    with ThreadPoolExecutor(max_workers=1) as pool:  # what a round trip through a thread adds
+        row("adapter_read_file_cast_pinned_in_a_thread", wall_ms(
+            lambda: pool.submit(load_lora_file, folder, dtype, True).result()))
+    stored, _ = load_lora_file(folder)
+    row("adapter_factors_to_gpu_as_stored", wall_ms(lambda: lora_for_model(stored, lm)))
     loaded, _ = load_lora_file(folder, dtype, pin=True)
-    row("adapter_factors_to_gpu", wall_ms(lambda: lora_for_model(loaded, lm)))
+    row("adapter_factors_to_gpu_cast_pinned", wall_ms(lambda: lora_for_model(loaded, lm)))
     lora, _ = lora_for_model(loaded, lm)
     with torch.inference_mode():
         row("copy_build_plain", wall_ms(lambda: build_layers(lm)))
@@ -273,33 +281,39 @@ def adapter_overhead_rows(lm: Any, folder: Any) -> list[dict]:
 
 
 def run_phases(run) -> dict[str, float]:
-    """Wall milliseconds of one engine run `run()` split into its phases: reading an adapter
-    (AdapterSource.tensors), the weight copy (make_forward), prefill, graph capture, and the
-    rest (decode steps, Python)."""
+    """Wall milliseconds of one engine run `run()` split into its phases: setting up the
+    adapter source, reading an adapter (AdapterSource.tensors), the weight copy
+    (make_forward), prefill, the decode steps (graph warm-up, capture, replays), the rest."""
     import time
 
     from loralab.evaluate import adapters, generate, static_engine
 
-    spent = {"read": 0.0, "build": 0.0, "prefill": 0.0, "capture": 0.0}
+    spent = dict.fromkeys(("source", "read", "build", "prefill", "decode"), 0.0)
     originals = {}
 
-    def timing(module, name, phase):
-        original = originals[(module, name)] = getattr(module, name)
-
+    def timed_call(fn, phase):
         def wrapped(*args, **kwargs):
             torch.cuda.synchronize()
             start = time.perf_counter()
-            out = original(*args, **kwargs)
+            out = fn(*args, **kwargs)
             torch.cuda.synchronize()
             spent[phase] += (time.perf_counter() - start) * 1e3
             return out
-        setattr(module, name, wrapped)
+        return wrapped
 
-    timing(adapters.AdapterSource, "tensors", "read")
-    timing(generate, "make_forward", "build")
-    timing(static_engine, "_prefill_rows", "prefill")
-    timing(static_engine, "_prefill_prefix", "prefill")
-    timing(static_engine, "_graph_runner", "capture")
+    def patch(owner, name, phase, wrap_result=False):
+        original = originals[(owner, name)] = getattr(owner, name)
+        fn = (lambda *a, **k: timed_call(original(*a, **k), phase)) if wrap_result else \
+            timed_call(original, phase)
+        setattr(owner, name, fn)
+
+    patch(adapters.AdapterSource, "__init__", "source")
+    patch(adapters.AdapterSource, "close", "source")
+    patch(adapters.AdapterSource, "tensors", "read")
+    patch(generate, "make_forward", "build")
+    patch(static_engine, "_prefill_rows", "prefill")
+    patch(static_engine, "_prefill_prefix", "prefill")
+    patch(static_engine, "_graph_runner", "decode", wrap_result=True)
     try:
         torch.cuda.synchronize()
         start = time.perf_counter()
@@ -307,6 +321,6 @@ def run_phases(run) -> dict[str, float]:
         torch.cuda.synchronize()
         total = (time.perf_counter() - start) * 1e3
     finally:
-        for (module, name), original in originals.items():
-            setattr(module, name, original)
+        for (owner, name), original in originals.items():
+            setattr(owner, name, original)
     return {**spent, "rest": total - sum(spent.values()), "total": total}

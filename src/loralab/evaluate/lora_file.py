@@ -113,10 +113,15 @@ class LoraPrefetch:
         self.pending: dict[int, Any] = {}
 
     def get(self, index: int) -> tuple[dict[str, Any] | None, str | None]:
-        """load_lora_file(paths[index]); starts reading paths[index + 1]."""
-        current = self.pending.pop(index, None) or self._submit(index)
+        """load_lora_file(paths[index]); starts reading paths[index + 1]. A file not read ahead
+        (the first, or a lone adapter) is read here as stored: casting and pinning on the CPU
+        only pay off while the GPU is busy with another adapter (the factors are cast on the GPU
+        when folded), and a round trip through the thread cost more than the read itself."""
+        current = self.pending.pop(index, None)
         if index + 1 < len(self.paths) and index + 1 not in self.pending:
             self.pending[index + 1] = self._submit(index + 1)
+        if current is None:
+            return _load_or_reason(self.paths[index], None, False)
         return current.result()
 
     def _submit(self, index: int) -> Any:

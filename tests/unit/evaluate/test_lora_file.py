@@ -64,16 +64,18 @@ def test_unknown_weights_and_bad_shapes_are_refused(lively_model, tmp_path):
         None, "no adapter_model.safetensors and adapter_config.json")
 
 
-def test_prefetch_reads_in_order_and_casts(lively_model, tmp_path):
+def test_prefetch_reads_ahead_and_casts_what_it_read_ahead(lively_model, tmp_path):
     folders = [write_adapter(tmp_path / str(i), lively_model) for i in range(3)]
     prefetch = LoraPrefetch(folders, dtype=torch.bfloat16)
     try:
         for i, folder in enumerate(folders):
             loaded, why = prefetch.get(i)
+            assert why is None and (i + 1 in prefetch.pending) == (i + 1 < len(folders))
             direct, _ = load_lora_file(folder)
-            assert why is None
+            # the first file is read on the spot as stored; the ones read ahead are cast
+            dtype = torch.float32 if i == 0 else torch.bfloat16
             got, want = loaded["pairs"][Q]["A"], direct["pairs"][Q]["A"]
-            assert got.dtype == torch.bfloat16 and torch.equal(got, want.to(torch.bfloat16))
+            assert got.dtype == dtype and torch.equal(got, want.to(dtype))
     finally:
         prefetch.close()
 
