@@ -117,7 +117,9 @@ def test_eval_needs_something_to_evaluate(capsys):
 
 def test_adapters_sharing_a_batch_match_one_at_a_time(trained_run, tmp_path):
     """Two adapters generated in one batch (eval.adapter_batch) give the same predictions as
-    each evaluated alone; the second adapter is the first with B scaled, so outputs differ."""
+    each evaluated alone; the second adapter is the first with B scaled, so outputs differ.
+    In float32 (model.dtype=fp32, also on a GPU): in bf16 the unmerged and folded arithmetic
+    round differently and a random tiny model's near-tie tokens flip (seen on an H200)."""
     from safetensors.torch import load_file, save_file
 
     other = tmp_path / "other"
@@ -130,7 +132,8 @@ def test_adapters_sharing_a_batch_match_one_at_a_time(trained_run, tmp_path):
     for size in (2, 1):
         out = tmp_path / f"comp{size}"
         assert main(["eval", "--adapters", *runs, "--limit", "3", "--out", str(out),
-                     f"eval.adapter_batch={size}", "eval.max_new_tokens=8"]) == 0
+                     f"eval.adapter_batch={size}", "eval.max_new_tokens=8",
+                     "model.dtype=fp32"]) == 0
         for run in (trained_run, other):
             how = read_json(run / "eval" / "metrics.json")["adapter_weights"]
             assert how.endswith("2 adapters per batch") if size == 2 else how.startswith("folded")

@@ -5,9 +5,9 @@ products (per layer ~40 small kernels: casts, norms, rotary halves, masks), and 
 adapter through PEFT means attaching modules, merging into the base and unmerging again. Here the
 engine builds, once per generation call, a copy of every layer's weights with q/k/v and gate/up
 stacked (one GEMM each) and the adapter's B·A·scale already added (`lora`, read by
-`loralab.evaluate.lora_file`). Building a merged copy costs the same pass over the weights as
-building a plain one, so an adapter costs what a merged model costs, and the base is never
-written to (nothing to unmerge, no rounding drift).
+`loralab.evaluate.lora_file`): the fold rides on a pass over the weights the copy makes anyway
+(measured on an H200, 7B: 18 ms with an adapter vs 4.6 ms without, in a ~0.9 s run), and the
+base is never written to (nothing to unmerge, no rounding drift).
 
 Only what this reproduces is accepted (`why_not`): Qwen2 / Llama / Mistral-style layers
 (RMSNorm, rotary embeddings, SiLU-gated MLP, full attention) whose linears are plain or merged
@@ -103,7 +103,8 @@ def projections(layer: Any) -> list[tuple[str, Any]]:
 
 
 def copy_bytes(lm: Any) -> int:
-    """Bytes of the stacked copy: every decoder-layer linear's weight."""
+    """Bytes the stacked copy may take: every decoder-layer linear's weight (o and down are
+    copied only when an adapter changes them; counted anyway, the adapter is not known yet)."""
     return sum(plain_linear(module).weight.nbytes for layer in lm.model.layers
                for _, module in projections(layer))
 

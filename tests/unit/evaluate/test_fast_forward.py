@@ -89,6 +89,34 @@ def test_folded_adapter_equals_peft_merged(lively_model, saved_adapter, prompt_i
     assert folded != plain  # the adapter changes the outputs
 
 
+def test_copy_writes_each_part_once_and_shares_what_no_adapter_changes(lively_model,
+                                                                        saved_adapter):
+    lora, _ = read_lora(saved_adapter, lively_model)
+    prefix = "model.layers.0."
+    some = {k: v for k, v in lora.items() if k in (prefix + "self_attn.q_proj",
+                                                   prefix + "self_attn.o_proj")}
+    with torch.inference_mode():
+        plain, folded = ff.build_layers(lively_model)[0], ff.build_layers(lively_model, some)[0]
+    attn, mlp = lively_model.model.layers[0].self_attn, lively_model.model.layers[0].mlp
+
+    def with_delta(linear, name):
+        a, b, scale = lora[prefix + name]
+        return linear.weight + scale * b @ a
+
+    # without an adapter: q/k/v and gate/up stacked, o and down the base's own tensors
+    assert torch.equal(plain.qkv, torch.cat([attn.q_proj.weight, attn.k_proj.weight,
+                                             attn.v_proj.weight]))
+    assert torch.equal(plain.gate_up, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+    assert plain.o is attn.o_proj.weight and plain.down is mlp.down_proj.weight
+    # with one: its rows folded, the other rows copied, a changed o copied, down still shared
+    q = attn.q_proj.out_features
+    torch.testing.assert_close(folded.qkv[:q], with_delta(attn.q_proj, "self_attn.q_proj"))
+    assert torch.equal(folded.qkv[q:], plain.qkv[q:])
+    torch.testing.assert_close(folded.o, with_delta(attn.o_proj, "self_attn.o_proj"))
+    assert folded.o.data_ptr() != attn.o_proj.weight.data_ptr()
+    assert folded.down is mlp.down_proj.weight
+
+
 def test_why_not(lively_model, monkeypatch):
     assert ff.why_not(lively_model) is None
     monkeypatch.setattr(lively_model.config, "sliding_window", 16, raising=False)
