@@ -93,6 +93,9 @@ def why_not(lm: Any) -> str | None:
         if hasattr(layer.self_attn, "q_norm") or not hasattr(layer.input_layernorm,
                                                              "variance_epsilon"):
             return f"layer {i} has norms this forward does not reproduce"
+        norms = {layer.input_layernorm.weight.dtype, layer.post_attention_layernorm.weight.dtype}
+        if norms != {plain_linear(layer.self_attn.q_proj).weight.dtype}:
+            return f"layer {i} keeps its norms in another dtype than its linears"
     return None
 
 

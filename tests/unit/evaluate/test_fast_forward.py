@@ -124,6 +124,14 @@ def test_why_not(lively_model, monkeypatch):
     monkeypatch.setattr(lively_model.config, "sliding_window", None)
     monkeypatch.setattr(lively_model.config, "model_type", "gpt2")
     assert "gpt2" in ff.why_not(lively_model)
+    monkeypatch.setattr(lively_model.config, "model_type", "qwen2")
+    norm = lively_model.model.layers[1].post_attention_layernorm
+    weight = norm.weight  # (monkeypatch would delete a module's parameter on undo)
+    norm.weight = torch.nn.Parameter(weight.double())
+    try:
+        assert "norms in another dtype" in ff.why_not(lively_model)  # fused RMSNorm: one dtype
+    finally:
+        norm.weight = weight
 
 
 def test_too_little_memory_for_the_copy_falls_back(lively_model, prompt_ids, monkeypatch):
