@@ -7,15 +7,23 @@ validate configs without paying for it.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from loralab.config_io import (  # noqa: F401 - re-exported: callers read config helpers here
+    build_dataclass,
+    field_type,
+    get_dotted,
+    is_relative_file_path,
+    parse_override,
+    parse_scalar,
+    read_yaml_mapping,
+    set_dotted,
+    unknown_key_message,
+)
 from loralab.errors import UserError
 
 SEED_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -250,26 +258,6 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     return config_from_dict(raw).validate()
 
 
-def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
-    """A YAML file whose top level is a mapping; one-line errors for the rest."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"config file not found: {p}")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise UserError(f"{p} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read config file {p}: {exc}") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise UserError(f"{p} must hold a mapping of config keys, got {type(raw).__name__}")
-    return raw
-
-
 def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
     """Relative paths written in a YAML file mean 'next to that file', as in docker-compose."""
     for key in PATH_KEYS:
@@ -282,67 +270,16 @@ def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
             set_dotted(raw, key, str(candidate.resolve()) if candidate.exists() else str(candidate))
 
 
-def is_relative_file_path(value: str) -> bool:
-    return not (value.startswith(("builtin:", "/", "~")) or "://" in value)
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    """`a.b=value` with the value read as YAML (so 1e-4, null, [1, 2] and true work)."""
-    if "=" not in item:
-        raise UserError(f"override {item!r} must look like key=value (e.g. lora.r=16)")
-    key, _, text = item.partition("=")
-    key = key.strip()
-    if not key:
-        raise UserError(f"override {item!r} has no key")
-    return key, parse_scalar(text)
-
-
-def parse_scalar(text: str) -> Any:
-    try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        return text
-    # YAML 1.1 reads 1e-4 as a string; people mean a number.
-    if isinstance(value, str):
-        try:
-            return float(value) if any(c in value.lower() for c in ".e") else int(value)
-        except ValueError:
-            return value
-    return value
-
-
-def get_dotted(raw: dict[str, Any], key: str) -> Any:
-    node: Any = raw
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = raw
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise UserError(f"cannot set {key}: {part} is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """Build a Config; unknown keys are errors that suggest the nearest known key."""
-    return _build(Config, raw, prefix="")
+    return build_dataclass(Config, raw, "", known_keys())
 
 
 def known_keys(cls: type = Config, prefix: str = "") -> list[str]:
     keys = []
     for f in dataclasses.fields(cls):
         name = prefix + f.name
-        ftype = _field_type(cls, f.name)
+        ftype = field_type(cls, f.name)
         if dataclasses.is_dataclass(ftype):
             keys.extend(known_keys(ftype, name + "."))
         else:
@@ -354,70 +291,7 @@ def check_key(key: str) -> None:
     """Raise UserError unless `key` (dotted) is a config key."""
     keys = known_keys()
     if key not in keys:
-        raise UserError(_unknown_key_message(key, keys))
-
-
-def _unknown_key_message(key: str, keys: list[str]) -> str:
-    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]}?" if close else ""
-    return f"unknown config key {key}{hint}"
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    if not isinstance(raw, dict):
-        raise UserError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in names:
-            raise UserError(_unknown_key_message(prefix + str(key), known_keys()))
-    kwargs = {}
-    for name, value in raw.items():
-        ftype = _field_type(cls, name)
-        if dataclasses.is_dataclass(ftype):
-            kwargs[name] = _build(ftype, value or {}, prefix + name + ".")
-        else:
-            kwargs[name] = _coerce(prefix + name, value, ftype)
-    return cls(**kwargs)
-
-
-def _field_type(cls: type, name: str) -> Any:
-    return typing.get_type_hints(cls)[name]
-
-
-def _coerce(key: str, value: Any, ftype: Any) -> Any:
-    """Check (and gently convert) a value against its annotated type."""
-    origin = typing.get_origin(ftype)
-    args = typing.get_args(ftype)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0])
-    if origin is list:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise UserError(f"{key} must be a list, got {value!r}")
-        return [_coerce(key, v, args[0]) for v in value]
-    if ftype is bool:
-        if isinstance(value, bool):
-            return value
-        raise UserError(f"{key} must be true or false, got {value!r}")
-    if ftype is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-            raise UserError(f"{key} must be an integer, got {value!r}")
-        return int(value)
-    if ftype is float:
-        if isinstance(value, str):
-            value = parse_scalar(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"{key} must be a number, got {value!r}")
-        return float(value)
-    if ftype is str:
-        if isinstance(value, (dict, list)) or value is None:
-            raise UserError(f"{key} must be a string, got {value!r}")
-        return str(value)
-    return value
+        raise UserError(unknown_key_message(key, keys))
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
