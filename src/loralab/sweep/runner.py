@@ -95,14 +95,22 @@ def load_base(trial: Trial) -> Any:
     return load_config_base(trial.config)
 
 
-def base_for(trial: Trial, base: Any, loaded_key: str | None) -> tuple[Any, str]:
-    """The loaded base if the trial shares it, else the old one freed and the trial's loaded."""
-    key = base_key(trial.config)
-    if base is not None and key == loaded_key:
-        return base, key
-    del base
-    free_memory()
-    return load_base(trial), key
+class SharedBase:
+    """The base model a process's trials share, loaded again only when a trial's differs.
+    Callers pass `get(trial)` straight on and keep no reference of their own, so the old model
+    is unreferenced (and freed) before the next one loads: two 7B bases do not fit one GPU."""
+
+    def __init__(self) -> None:
+        self.base: Any = None
+        self.key: str | None = None
+
+    def get(self, trial: Trial) -> Any:
+        key = base_key(trial.config)
+        if self.base is None or key != self.key:
+            self.base = self.key = None
+            free_memory()
+            self.base, self.key = load_base(trial), key
+        return self.base
 
 
 def execute_trial(trial: Trial, base: Any, show_progress: bool) -> tuple[str, dict[str, Any]]:
@@ -145,12 +153,11 @@ def _report(spec: SweepSpec, manifest: dict[str, Any], name: str, status: str, f
 
 
 def _run_in_process(spec: SweepSpec, manifest: dict, todo: list[Trial], show_progress: bool) -> None:
-    loaded_key, base = None, None
+    bases = SharedBase()
     for trial in todo:
         _report(spec, manifest, trial.name, "running", {"worker": None})
         try:
-            base, loaded_key = base_for(trial, base, loaded_key)
-            status, fields = execute_trial(trial, base, show_progress)
+            status, fields = execute_trial(trial, bases.get(trial), show_progress)
         except KeyboardInterrupt:
             _report(spec, manifest, trial.name, "interrupted", {"error": INTERRUPTED})
             raise
@@ -235,12 +242,11 @@ def worker_main(index: int, device: str | None, tasks: Any, results: Any, thread
         torch.cuda.set_device(0)
     else:
         torch.set_num_threads(threads)
-    loaded_key, base = None, None
+    bases = SharedBase()
     while (trial := tasks.get()) is not None:
         results.put((index, trial.name, "running", {"worker": index, "device": device or "cpu"}))
         try:
-            base, loaded_key = base_for(trial, base, loaded_key)
-            status, fields = execute_trial(trial, base, show_progress=False)
+            status, fields = execute_trial(trial, bases.get(trial), show_progress=False)
         except Exception as exc:
             status, fields = "failed", {"error": f"base model: {type(exc).__name__}: {exc}"}
         results.put((index, trial.name, status, fields))

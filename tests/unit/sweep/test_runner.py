@@ -70,6 +70,29 @@ def test_trials_with_different_bases_load_each_base_once(write_sweep, fake_train
     assert all(t["status"] == "done" for t in manifest["trials"])
 
 
+def test_the_old_base_is_let_go_before_the_next_one_loads(write_sweep, fake_training,
+                                                          monkeypatch):
+    import weakref
+
+    class Model:
+        pass
+
+    loaded = []
+
+    def load(trial):
+        # two 7B bases at once do not fit one GPU: the previous one must be unreferenced here
+        assert all(ref() is None for ref in loaded), "the previous base is still referenced"
+        model = Model()
+        loaded.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(runner, "load_base", load)
+    spec = load_sweep(write_sweep({"grid": {"train.precision": ["fp32", "bf16"]}}))
+    manifest = runner.run_sweep(spec, show_progress=False)
+    assert [t["status"] for t in manifest["trials"]] == ["done", "done"], manifest["trials"]
+    assert len(loaded) == 2
+
+
 def test_a_base_that_does_not_load_fails_its_trials_only(spec, fake_training, monkeypatch):
     monkeypatch.setattr(runner, "load_base", lambda trial: (_ for _ in ()).throw(MemoryError("oom")))
     manifest = runner.run_sweep(spec, show_progress=False)
