@@ -29,9 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--engine", default="auto", choices=["auto", "static", "hf"], help=ENGINE_HELP)
     e.add_argument("--device", help="cuda, cpu, cuda:1 ... (default: cuda when available)")
     e.add_argument("--compile", dest="compile", action="store_const", const="on", default="auto",
-                   help="CUDA: torch.compile loralab's forward (~20%% faster generation after a "
-                   "one-off compile of ~26 s); default: on when the eval plans >= 600,000 new "
-                   "tokens")
+                   help="CUDA: torch.compile loralab's forward (~15%% faster generation after a "
+                   "one-off compile of 26-35 s on a 7B); default: on when the eval plans >= "
+                   "600,000 new tokens")
     e.add_argument("--no-compile", dest="compile", action="store_const", const="off",
                    help="never compile (the default compiles large evals on CUDA)")
     e.set_defaults(func=cmd_eval)

@@ -186,16 +186,11 @@ def generate_ids(model: Any, prompt_ids: list[list[int]], settings: GenSettings,
     adapter read by lora_file.read_lora, folded into the static engine's fast forward."""
     import torch
 
-    results: list[list[int]] = [[] for _ in prompt_ids]
+    if engine == "static":
+        return _static_by_length(model, prompt_ids, settings, stop_ids, pad_id, lora)[0]
     with torch.inference_mode():
-        forward = make_forward(model, settings, lora) if engine == "static" else None
-        for batch in length_batches([len(p) for p in prompt_ids], settings.batch_size):
-            ids = [prompt_ids[i] for i in batch]
-            outs = static_generate(model, ids, settings, stop_ids, pad_id, forward) \
-                if forward is not None else hf_generate(model, ids, settings, stop_ids, pad_id)
-            for i, out in zip(batch, outs, strict=True):
-                results[i] = out
-    return results
+        return _by_length(prompt_ids, settings, 1, lambda ids: hf_generate(
+            model, ids, settings, stop_ids, pad_id))[0]
 
 
 def generate_ids_for_adapters(model: Any, prompt_ids: list[list[int]], settings: GenSettings,
@@ -203,17 +198,29 @@ def generate_ids_for_adapters(model: Any, prompt_ids: list[list[int]], settings:
                               loras: list[dict[str, Any]]) -> list[list[list[int]]]:
     """New token ids per adapter, per prompt (prompt order): generate_ids with K adapters'
     rows in every batch (the static engine on loralab's forward only)."""
+    return _static_by_length(model, prompt_ids, settings, stop_ids, pad_id, list(loras))
+
+
+def _static_by_length(model, prompt_ids, settings, stop_ids, pad_id, lora):
+    """The static engine over length batches, one forward (weight copy) for all of them."""
     import torch
 
-    results = [[[] for _ in prompt_ids] for _ in loras]
     with torch.inference_mode():
-        forward = make_forward(model, settings, list(loras))
-        for batch in length_batches([len(p) for p in prompt_ids], settings.batch_size):
-            outs = static_generate(model, [prompt_ids[i] for i in batch], settings, stop_ids,
-                                   pad_id, forward)
-            for k, per_adapter in enumerate(results):
-                for j, i in enumerate(batch):
-                    per_adapter[i] = outs[k * len(batch) + j]
+        forward = make_forward(model, settings, lora)
+        return _by_length(prompt_ids, settings, forward.copies, lambda ids: static_generate(
+            model, ids, settings, stop_ids, pad_id, forward))
+
+
+def _by_length(prompt_ids: list[list[int]], settings: GenSettings, copies: int,
+               generate: Any) -> list[list[list[int]]]:
+    """generate(ids of a length batch) per batch, its rows (`copies` adapter-major blocks of
+    the batch) put back in prompt order: [copy][prompt] -> new token ids."""
+    results: list[list[list[int]]] = [[[] for _ in prompt_ids] for _ in range(copies)]
+    for batch in length_batches([len(p) for p in prompt_ids], settings.batch_size):
+        outs = generate([prompt_ids[i] for i in batch])
+        for k, per_copy in enumerate(results):
+            for j, i in enumerate(batch):
+                per_copy[i] = outs[k * len(batch) + j]
     return results
 
 
@@ -222,7 +229,6 @@ def _sync(device: Any) -> None:
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
 
 
 # ---------------------------------------------------------------- transformers' generate

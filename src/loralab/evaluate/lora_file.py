@@ -102,8 +102,10 @@ def read_lora(path: Path, lm: Any) -> tuple[dict[str, Any] | None, str | None]:
 
 
 class LoraPrefetch:
-    """Reads adapter files one ahead in a thread: the next file loads while the GPU generates
-    for the current one, so reading costs an adapter nothing a merged model would not."""
+    """Reads adapter files one ahead in a thread (cast, pinned) while the GPU generates for the
+    current one. Measured on an H200 with a 7B (4 adapters one after another): each adapter's
+    read still took ~26 ms of its run, as much as a file read on the spot as stored; where
+    that goes (the wait, the copy to the GPU, the thread's share of the GIL) is not measured."""
 
     def __init__(self, paths: list[Path], dtype: Any = None, pin: bool = False) -> None:
         from concurrent.futures import ThreadPoolExecutor
