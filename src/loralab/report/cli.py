@@ -20,35 +20,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
+    from loralab import textout
     from loralab.report import tables
     from loralab.report.build import report_from_dir
 
     result = report_from_dir(args.dir, args.out)
     rows, headline = result["rows"], result["headline"]
-    console = Console()
-    console.print(_rich_table("Comparison (95% bootstrap intervals)",
-                              *tables.summary_table(rows, headline, compact=True)))
-    header, body = tables.differences_table(rows, headline, compact=True)
+    # A terminal gets each interval on a second line of its cell (narrower columns); a log file
+    # gets one line per target, p-values included.
+    compact = textout.is_terminal()
+    header, body = tables.summary_table(rows, headline, compact=compact)
+    textout.print_table("Comparison (95% bootstrap intervals)", _stacked(header), body)
+    header, body = tables.differences_table(rows, headline, compact=compact)
     if body:
-        console.print(_rich_table("lift vs best reference; vs base: target − base "
-                                  "(* distinguishable, p < 0.05)",
-                                  header, body))
+        textout.print_table("lift vs best reference; vs base: target − base "
+                            "(* distinguishable, p < 0.05)", _stacked(header), body)
+    for line in result.get("best_lines", []):
+        textout.print_line(line)
     for note in result["notes"]:
-        console.print(f"note: {note}", highlight=False)
-    console.print(f"report: {result['html']}", highlight=False, soft_wrap=True)
+        textout.print_line(f"note: {note}")
+    textout.print_line(f"report: {result['html']}")
     return 0
 
 
-def _rich_table(title: str, header: list[str], body: list[list[str]]):
-    """Cells wrap rather than being cut: numbers must stay whole on narrow terminals."""
-    from rich.table import Table
-
-    table = Table(title=title, title_justify="left")
-    for i, name in enumerate(header):
-        table.add_column(name, justify="left" if i == 0 else "right", overflow="fold",
-                         no_wrap=i == 0)
-    for cells in body:
-        table.add_row(*cells)
-    return table
+def _stacked(header: list[str]) -> list[str]:
+    """'weighted_accuracy vs base' as two header lines, metric name first: narrower columns."""
+    return [name.replace(" ", "\n", 1) for name in header]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from loralab.io import atomic_write_bytes, atomic_write_text, read_json, read_jsonl
 
@@ -51,7 +51,7 @@ def columns(rows: list[dict[str, Any]]) -> list[str]:
     return cols
 
 
-def format_cell(value: Any) -> str:
+def format_cell(value: Any, digits: int = 4) -> str:
     if value is None:
         return "-"
     if isinstance(value, bool):
@@ -59,17 +59,36 @@ def format_cell(value: Any) -> str:
     if isinstance(value, float):
         if abs(value) >= 100:
             return f"{value:,.0f}"
-        return f"{value:.4g}"
+        return f"{value:.{digits}g}"
     return str(value)
 
 
-def to_markdown(rows: list[dict[str, Any]], title: str) -> str:
+MAX_DIGITS = 10
+
+
+def column_digits(values: list[Any]) -> int:
+    """Significant digits (4 at least) at which a column's different numbers also read
+    differently: four trials' losses 11.5412, 11.5398, ... must not all print as 11.54."""
+    numbers = {v for v in values if isinstance(v, float) and abs(v) < 100}
+    for digits in range(4, MAX_DIGITS + 1):
+        if len({format_cell(v, digits) for v in numbers}) == len(numbers):
+            return digits
+    return MAX_DIGITS
+
+
+def formatted_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """(columns, cells as text), each numeric column with its distinguishing digits."""
     cols = columns(rows)
+    digits = {c: column_digits([row.get(c) for row in rows]) for c in cols}
+    return cols, [[format_cell(row.get(c), digits[c]) for c in cols] for row in rows]
+
+
+def to_markdown(rows: list[dict[str, Any]], title: str) -> str:
+    cols, cells = formatted_rows(rows)
     heads = [HEADERS.get(c, c) for c in cols]
     lines = [f"# Sweep {title}", "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(cols)]
-    for row in rows:
-        cells = [format_cell(row.get(c)).replace("|", "\\|") for c in cols]
-        lines.append("| " + " | ".join(cells) + " |")
+    for row in cells:
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -82,18 +101,18 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def print_table(rows: list[dict[str, Any]], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
+def print_table(rows: list[dict[str, Any]], title: str, stream: IO[str] | None = None) -> None:
+    """The sweep table, cells never split (loralab.textout); colours by status on a terminal."""
+    from loralab import textout
 
-    table = Table(title=f"sweep {title}")
+    cols, cells = formatted_rows(rows)
     styles = {"done": "green", "failed": "red", "interrupted": "yellow"}
-    for col in columns(rows):
-        table.add_column(HEADERS.get(col, col), overflow="fold", max_width=60 if col == "error" else None)
-    for row in rows:
-        style = styles.get(row["status"])
-        table.add_row(*(format_cell(row.get(c)) for c in columns(rows)), style=style)
-    Console().print(table)
+    textout.print_table(
+        f"sweep {title}", [HEADERS.get(c, c) for c in cols], cells, stream=stream,
+        right={i for i, c in enumerate(cols) if c not in ("trial", "status", "error")},
+        row_styles=[styles.get(row["status"]) for row in rows],
+        foldable={cols.index("error")} if "error" in cols else set(),
+    )
 
 
 def plot_loss_curves(manifest: dict[str, Any], out: Path) -> Path | None:
