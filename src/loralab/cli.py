@@ -7,8 +7,10 @@ file holds no logic and imports nothing heavy: `loralab --help` stays fast.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
+import re
 import sys
 
 from loralab import __version__
@@ -75,13 +77,41 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("LORALAB_DEBUG"):
             raise
         if _is_user_file_error(exc):
-            print(f"loralab: error: {exc}", file=sys.stderr)
+            print(f"loralab: error: {_one_line(exc)}", file=sys.stderr)
             return 2
         raise
 
 
-def _is_user_file_error(exc: Exception) -> bool:
-    return isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError))
+# What the machine says, not loralab: a full disk, a file-size limit, a quota, permissions.
+SYSTEM_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+_OS_ERROR_TEXT = re.compile(r"\(os error (\d+)\)")  # how Rust libraries (safetensors) say it
+
+
+def _is_user_file_error(exc: BaseException) -> bool:
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
+        return True
+    if isinstance(exc, OSError) and exc.errno in SYSTEM_ERRNOS:
+        return True
+    found = _OS_ERROR_TEXT.search(str(exc))
+    if found and int(found.group(1)) in SYSTEM_ERRNOS:
+        return True
+    cause = exc.__cause__ or exc.__context__
+    return cause is not None and cause is not exc and _is_user_file_error(cause)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The OSError behind `exc` as one line, with what a full disk or size limit means."""
+    seen = exc
+    while not isinstance(seen, OSError) and (seen.__cause__ or seen.__context__) is not None:
+        seen = seen.__cause__ or seen.__context__
+    target = seen if isinstance(seen, OSError) else exc
+    text = " ".join(str(target).split()) or type(target).__name__
+    code = getattr(target, "errno", None)
+    if code == errno.ENOSPC:
+        text += " (the disk is full: free space and run again, with --resume if it checkpointed)"
+    elif code == errno.EFBIG:
+        text += " (a file size limit: see ulimit -f)"
+    return text[:500]
 
 
 if __name__ == "__main__":

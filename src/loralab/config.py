@@ -7,6 +7,8 @@ validate configs without paying for it.
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,6 +139,8 @@ class TrainConfig:
     labelled_logits: bool = True  # LM head and loss only at labelled positions
     loss_chunk: int = 2048  # labelled positions per chunk of the chunked cross-entropy
 
+    SWITCHES = ("packing", "compile", "fused_lora", "gradient_checkpointing")  # auto/on/off
+
     def __post_init__(self) -> None:
         # YAML reads on/off as booleans, and packing/compile used to be booleans: map them back.
         for key in ("packing", "compile", "fused_lora", "gradient_checkpointing"):
@@ -254,8 +258,29 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     _resolve_paths(raw, base_dir)
     for item in overrides:
         key, value = parse_override(item)
-        set_dotted(raw, key, value)
+        set_dotted(raw, key, _override_text(key, item, value))
     return config_from_dict(raw).validate()
+
+
+def _override_text(key: str, item: str, value: Any) -> Any:
+    """On the command line a string key takes the text as typed: tracking.experiment=2024 is
+    the name "2024" (shell quotes would not survive to quote it for YAML)."""
+    if isinstance(value, str) or value is None:
+        return value
+    ftype = _key_type(key)
+    if ftype is str or (typing.get_origin(ftype) in (typing.Union, types.UnionType)
+                        and str in typing.get_args(ftype)):
+        return item.partition("=")[2].strip()
+    return value
+
+
+def _key_type(key: str) -> Any:
+    cls: Any = Config
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(cls) or part not in {f.name for f in dataclasses.fields(cls)}:
+            return None
+        cls = field_type(cls, part)
+    return cls
 
 
 def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:

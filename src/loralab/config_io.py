@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -17,13 +18,58 @@ import yaml
 from loralab.errors import UserError
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping names a key twice (PyYAML keeps the last one without a word)."""
+
+    def __init__(self, key: str, line: int) -> None:
+        super().__init__(f"duplicate key {key} (line {line}): the second would silently win")
+        self.key, self.line = key, line
+
+
+def load_yaml(text: str) -> Any:
+    """yaml.safe_load, except that a key given twice in one mapping is an error naming it
+    (dotted, e.g. `train.lr`). Merge keys (`<<`) keep their YAML meaning."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_duplicates(node, "")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_duplicates(node: yaml.Node, prefix: str, seen_nodes: set[int] | None = None) -> None:
+    seen_nodes = set() if seen_nodes is None else seen_nodes
+    if id(node) in seen_nodes:  # an alias to a node already checked
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        keys: set[Any] = set()
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else id(key_node)
+            name = f"{prefix}{key}"
+            if key in keys:
+                raise DuplicateKeyError(name, key_node.start_mark.line + 1)
+            keys.add(key)
+            _check_duplicates(value_node, f"{name}.", seen_nodes)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicates(item, f"{prefix.rstrip('.')}[{i}].", seen_nodes)
+
+
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     """A YAML file whose top level is a mapping; one-line errors for the rest."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config file not found: {p}")
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        raw = load_yaml(p.read_text(encoding="utf-8"))
+    except DuplicateKeyError as exc:
+        raise UserError(f"{p}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
@@ -54,7 +100,9 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 def parse_scalar(text: str) -> Any:
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = load_yaml(text) if text.strip() else ""
+    except DuplicateKeyError as exc:
+        raise UserError(f"value {text!r}: {exc}") from None
     except yaml.YAMLError:
         return text
     # YAML 1.1 reads 1e-4 as a string; people mean a number.
@@ -104,8 +152,11 @@ def build_dataclass(cls: type, raw: Any, prefix: str, all_keys: list[str]) -> An
         if key not in names:
             raise UserError(unknown_key_message(prefix + str(key), all_keys))
     kwargs = {}
+    switches = getattr(cls, "SWITCHES", ())
     for name, value in raw.items():
         ftype = field_type(cls, name)
+        if name in switches and isinstance(value, bool):
+            value = "on" if value else "off"  # YAML reads on/off as booleans
         if dataclasses.is_dataclass(ftype):
             kwargs[name] = build_dataclass(ftype, value or {}, prefix + name + ".", all_keys)
         else:
@@ -137,17 +188,33 @@ def _coerce(key: str, value: Any, ftype: Any) -> Any:
             return value
         raise UserError(f"{key} must be true or false, got {value!r}")
     if ftype is int:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{key} must be a finite integer, got {value!r}")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-            raise UserError(f"{key} must be an integer, got {value!r}")
+            raise UserError(f"{key} must be an integer, got {_shown(value)}")
         return int(value)
     if ftype is float:
         if isinstance(value, str):
             value = parse_scalar(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"{key} must be a number, got {value!r}")
+            raise UserError(f"{key} must be a number, got {_shown(value)}")
+        if not math.isfinite(value):
+            raise UserError(f"{key} must be a finite number, got {value!r}")
         return float(value)
     if ftype is str:
-        if isinstance(value, (dict, list)) or value is None:
-            raise UserError(f"{key} must be a string, got {value!r}")
-        return str(value)
+        if not isinstance(value, str):
+            raise UserError(f"{key} must be a string, got {_shown(value)}"
+                            + (": quote it" if isinstance(value, (bool, int, float)) else ""))
+        return value
     return value
+
+
+def _shown(value: Any) -> str:
+    """A value with the YAML type it was read as, so `yes` read as True is not a mystery."""
+    if isinstance(value, bool):
+        return f"{value!r} (YAML reads yes/no/on/off/true/false as a boolean)"
+    if isinstance(value, (int, float)):
+        return f"{value!r} (a number in YAML)"
+    if isinstance(value, (dict, list)):
+        return f"a {'mapping' if isinstance(value, dict) else 'list'} ({value!r})"[:200]
+    return repr(value)[:200]

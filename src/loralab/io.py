@@ -5,10 +5,42 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
+
+_UMASK: int | None = None
+
+
+def user_umask() -> int:
+    """The process umask, read once (from /proc without changing it; else set and restored)."""
+    global _UMASK
+    if _UMASK is None:
+        try:
+            text = Path("/proc/self/status").read_text()
+            _UMASK = int(re.search(r"^Umask:\s*([0-7]+)", text, re.M).group(1), 8)
+        except (OSError, AttributeError, ValueError):
+            _UMASK = os.umask(0o022)
+            os.umask(_UMASK)
+    return _UMASK
+
+
+def use_umask(path: Path, is_dir: bool | None = None) -> None:
+    """Give `path` the mode a plain open()/mkdir() would have: mkstemp makes files 0600 and
+    mkdtemp folders 0700, which a teammate or a serving account cannot read."""
+    path = Path(path)
+    if is_dir is None:
+        is_dir = path.is_dir()
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~user_umask())
+
+
+def make_temp_dir(prefix: str, parent: Path) -> Path:
+    """tempfile.mkdtemp in `parent`, with the user's umask instead of 0700."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    use_umask(tmp, is_dir=True)
+    return tmp
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -20,6 +52,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~user_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -26,9 +26,11 @@ class AdapterSource:
     def __init__(self, model: Any, paths: list[Path], settings: Any) -> None:
         from loralab.evaluate.fast_forward import unavailable
         from loralab.evaluate.generate import pick_engine
-        from loralab.evaluate.lora_file import LoraPrefetch
+        from loralab.evaluate.lora_file import LoraPrefetch, check_adapter_file
         from loralab.evaluate.static_engine import _core
 
+        for path in paths:  # every adapter's file, before the first one is generated with
+            check_adapter_file(path)
         self.model, self.lm = model, _core(model)
         engine = pick_engine(model, settings)
         self.reason = "engine=hf" if engine != "static" else (
@@ -73,6 +75,9 @@ class attached_adapter:  # noqa: N801 - used as a context manager, reads like on
     def __enter__(self) -> Any:
         from peft import PeftModel
 
+        from loralab.evaluate.lora_file import check_adapter_file
+
+        check_adapter_file(self.path)
         try:
             self.peft_model = PeftModel.from_pretrained(self.model, str(self.path))
         except (RuntimeError, ValueError, KeyError) as exc:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 WEIGHTS_FILE = "adapter_model.safetensors"
+BIN_FILE = "adapter_model.bin"
 KEY = re.compile(r"^base_model\.model\.(model\.layers\.\d+\.(?:self_attn|mlp)\.[a-z_]+)"
                  r"\.lora_([AB])\.weight$")
 PLAIN = {"peft_type": "LORA", "use_dora": False, "fan_in_fan_out": False, "bias": "none",
@@ -30,6 +31,36 @@ INERT = {"task_type", "base_model_name_or_path", "revision", "inference_mode", "
          "layers_to_transform", "layers_pattern", "auto_mapping", "peft_version",
          "megatron_config", "megatron_core", "eva_config", "corda_config", "runtime_config",
          "qalora_group_size", "ensure_weight_tying"}
+
+
+def check_adapter_file(folder: Path) -> Path:
+    """The adapter weights in `folder`, checked to read as plain tensors before PEFT sees them:
+    a missing, empty, cut or bad-header safetensors file, or an adapter_model.bin that is not
+    plain tensors (a pickle that would run code), is one line naming the file. Returns it."""
+    from loralab.errors import UserError
+
+    folder = Path(folder)
+    safetensors_file, bin_file = folder / WEIGHTS_FILE, folder / BIN_FILE
+    try:
+        if safetensors_file.is_file():  # PEFT reads it in preference to the .bin
+            from safetensors import safe_open
+
+            with safe_open(str(safetensors_file), "pt") as fh:
+                list(fh.keys())  # header read and the file's length checked against it
+            return safetensors_file
+        if bin_file.is_file():
+            import torch
+
+            loaded = torch.load(bin_file, map_location="cpu", weights_only=True)
+            if not isinstance(loaded, dict):
+                raise ValueError(f"holds a {type(loaded).__name__}, not a state dict")
+            return bin_file
+    except Exception as exc:  # SafetensorError, UnpicklingError, RuntimeError, OSError
+        file = safetensors_file if safetensors_file.is_file() else bin_file
+        lines = str(exc).strip().splitlines()
+        raise UserError(f"cannot read adapter weights {file} (loaded as tensors only): "
+                        f"{type(exc).__name__}: {lines[0] if lines else ''}"[:400]) from None
+    raise UserError(f"{folder} holds no adapter weights ({WEIGHTS_FILE} or {BIN_FILE})")
 
 
 def _config_reason(cfg: dict[str, Any]) -> str | None:

@@ -12,8 +12,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from loralab import rundir
 from loralab.errors import UserError
-from loralab.io import write_json
+from loralab.io import make_temp_dir, write_json
 
 CHECK_FILE = "merge_check.json"
 CHECK_PROMPTS = (
@@ -24,10 +25,24 @@ CHECK_PROMPTS = (
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
+    """--out must be new, empty, or (with --overwrite) a merged model loralab wrote and nothing
+    else: --overwrite replaces the whole folder, so a file loralab did not write is refused."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if overwrite:
+        rundir.refuse_precious(out, "merge --overwrite")
+    if rundir.is_empty(out):
+        return
+    if rundir.folder_kind(out) != "merged":
+        raise UserError(f"--out {out} is not empty and is not a merged model of loralab's "
+                        f"(no {rundir.MARKER}): choose an empty or new folder")
+    if not overwrite:
         raise UserError(f"--out {out} is not empty: use --overwrite to replace it")
+    _, other = rundir.known_contents(out, "merged")
+    if other:
+        names = ", ".join(p.name for p in other[:3]) + (" ..." if len(other) > 3 else "")
+        raise UserError(f"--overwrite refuses {out}: it holds files loralab did not write "
+                        f"({names}); move them or choose another --out")
 
 
 def check_prompts(tokenizer: Any, system: str | None) -> list[str]:
@@ -60,6 +75,7 @@ def merge_to_folder(adapter: Path, out: Path, overwrite: bool = False,
     from transformers import AutoModelForCausalLM
 
     from loralab.evaluate.adapters import attached_adapter
+    from loralab.evaluate.lora_file import check_adapter_file
     from loralab.evaluate.runner import single_run
     from loralab.model.load import load_base_model
 
@@ -67,6 +83,7 @@ def merge_to_folder(adapter: Path, out: Path, overwrite: bool = False,
     check_out_dir(out, overwrite)
     run, cfg = single_run(Path(adapter))
     path = run.path
+    check_adapter_file(path)  # before the base model loads
     model, tokenizer = load_base_model(cfg.model, device or "cpu")
     peft_model = attached_adapter(model, path, merge=False).__enter__()
     prompts = check_prompts(tokenizer, run.system_prompt)
@@ -74,7 +91,7 @@ def merge_to_folder(adapter: Path, out: Path, overwrite: bool = False,
     merged = peft_model.merge_and_unload()
     merged.config.use_cache = True
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = make_temp_dir(f".{out.name}.", out.parent)
     try:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -89,6 +106,7 @@ def merge_to_folder(adapter: Path, out: Path, overwrite: bool = False,
             "max_abs_logit": max(float(x.abs().max()) for x in expected),
         }
         write_json(tmp / CHECK_FILE, check)
+        rundir.mark(tmp, "merged")
         _swap_into_place(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

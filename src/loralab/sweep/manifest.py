@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from loralab import rundir
 from loralab.errors import UserError
 from loralab.io import read_json, write_json
 from loralab.sweep.spec import SweepSpec
@@ -48,7 +49,10 @@ def trial_dirs(sweep_dir: Path, only_done: bool = False) -> list[tuple[str, Path
 
 
 def save_manifest(sweep_dir: Path, manifest: dict[str, Any]) -> None:
+    """Write sweep.json (and loralab's marker, which makes the folder a sweep it may clear)."""
     manifest["updated"] = _now()
+    if rundir.read_marker(Path(sweep_dir)) is None:
+        rundir.mark(Path(sweep_dir), "sweep")
     write_json(manifest_path(sweep_dir), manifest)
 
 
@@ -79,6 +83,9 @@ def start_manifest(spec: SweepSpec, resume: bool, overwrite: bool) -> dict[str, 
     """The manifest this run starts from; refuses to mix two sweeps or overwrite silently."""
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other: choose one")
+    if not overwrite and rundir.folder_kind(spec.output_dir) is None:
+        _refuse_foreign_runs(spec)
+    rundir.check_output_dir(spec.output_dir, "sweep", overwrite)
     old = read_manifest(spec.output_dir)
     fresh = new_manifest(spec)
     if old is None or overwrite:
@@ -100,9 +107,7 @@ def start_manifest(spec: SweepSpec, resume: bool, overwrite: bool) -> dict[str, 
 
 
 def _refuse_foreign_runs(spec: SweepSpec) -> None:
-    from loralab.train.checkpoint import is_run_dir
-
-    taken = [t.name for t in spec.trials if is_run_dir(Path(t.config.output_dir))]
+    taken = [t.name for t in spec.trials if not rundir.is_empty(Path(t.config.output_dir))]
     if taken:
         raise UserError(
             f"{spec.output_dir} has run directories but no {MANIFEST} ({', '.join(taken[:3])}); "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -46,6 +47,8 @@ def format_value(value: Any) -> str:
 
 
 def _format_float(value: float) -> str:
+    if not math.isfinite(value):  # the config check refuses it; the name must not crash first
+        return str(value)
     if value == int(value) and abs(value) < 1e4:
         return str(int(value))
     if 1e-2 <= abs(value) < 1e4:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -219,7 +220,13 @@ def trial_overrides(spec: SweepSpec, point: dict[str, Any], name: str) -> list[s
     values.update(point)
     values["output_dir"] = str(spec.output_dir / name)
     # JSON is YAML: the value parse_override reads back is the value the sweep file held.
-    return [f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in values.items()]
+    return [f"{k}={_as_yaml(v)}" for k, v in values.items()]
+
+
+def _as_yaml(value: Any) -> str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return ".nan" if math.isnan(value) else (".inf" if value > 0 else "-.inf")
+    return json.dumps(value, ensure_ascii=False)
 
 
 def definition_hash(trials: list[Trial]) -> str:

@@ -2,39 +2,67 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from loralab import rundir
 from loralab.errors import UserError
-from loralab.io import atomic_write_text, read_json, read_jsonl, write_json
+from loralab.io import (
+    atomic_write_bytes,
+    atomic_write_text,
+    make_temp_dir,
+    read_json,
+    read_jsonl,
+    use_umask,
+    write_json,
+)
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.pt"
 KEEP_CHECKPOINTS = 2  # the newest two: one may be mid-write when a run is killed
-RUN_MARKERS = ("config.yaml", "result.json", "adapter_config.json")
+MARKER = rundir.MARKER
 
 
 def is_run_dir(path: Path) -> bool:
-    return any((path / m).exists() for m in RUN_MARKERS)
+    """A loralab run: its marker, or an older loralab's config.yaml + result.json."""
+    return rundir.folder_kind(Path(path)) == "run"
 
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to write over another run unless asked; --resume needs a run to resume."""
+    """Refuse to write over another run unless asked, and into anything that is not a run ever;
+    --resume needs a run to resume; --overwrite never clears /, home, the cwd or its parents."""
+    run_dir = Path(run_dir)
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other: choose one")
     if resume:
         if not is_run_dir(run_dir):
-            raise UserError(f"nothing to resume in {run_dir}: it holds no run")
+            raise UserError(f"nothing to resume in {run_dir}: it holds no loralab run")
         return
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"output_dir {run_dir} is a file, not a folder")
-    if run_dir.is_dir() and is_run_dir(run_dir) and not overwrite:
+    if overwrite:
+        rundir.refuse_precious(run_dir)
+    if rundir.is_empty(run_dir):
+        return
+    kind = rundir.folder_kind(run_dir)
+    if kind is None:
+        raise UserError(
+            f"output_dir {run_dir} is not empty and is not a loralab run (no {MARKER}): "
+            "loralab writes only into a new or empty folder or one of its runs; "
+            "choose another output_dir"
+        )
+    if kind != "run":
+        raise UserError(f"output_dir {run_dir} holds a loralab {kind}, not a run: "
+                        "choose another output_dir")
+    if not overwrite:
         raise UserError(
             f"output_dir {run_dir} already holds a run; use --overwrite to replace it, "
             "--resume to continue it, or output_dir=... for a new one"
@@ -42,14 +70,33 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
 
 
 def clear_run_dir(run_dir: Path) -> None:
-    """--overwrite: the old run goes only now, after config, data and model all checked out."""
-    if run_dir.is_dir():
-        for item in run_dir.iterdir():
-            if item.is_dir() and not item.is_symlink():
-                shutil.rmtree(item)
-            else:
-                item.unlink()
+    """--overwrite: the old run goes only now, after config, data and model all checked out.
+    Only what loralab wrote goes (other files stay); the checks are made again here."""
+    run_dir = Path(run_dir)
+    rundir.refuse_precious(run_dir)
+    if run_dir.is_dir() and not rundir.is_empty(run_dir):
+        if not is_run_dir(run_dir):
+            raise UserError(f"--overwrite refuses {run_dir}: it is not a loralab run (no {MARKER})")
+        rundir.remove_known(run_dir, "run")
     run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def run_lock(run_dir: Path):
+    """`with run_lock(run_dir):` one writer per folder (a run's or a sweep's): a second process
+    gets UserError "... in use by PID N"; a dead holder's lock is taken over."""
+    return rundir.folder_lock(Path(run_dir))
+
+
+def mark_run_dir(run_dir: Path, kind: str = "run") -> None:
+    """Create the folder, write loralab's marker, and clean the temporary files of an
+    interrupted write. Call it holding run_lock, right after deciding to write there."""
+    rundir.mark(Path(run_dir), kind)
+    clean_stale_temp(Path(run_dir))
+
+
+def clean_stale_temp(run_dir: Path) -> list[Path]:
+    """.adapter.*, checkpoints/.step-*, .*.tmp left by a killed write (only under run_lock)."""
+    return rundir.clean_stale_temp(Path(run_dir))
 
 
 def save_adapter_files(peft_model: Any, tokenizer: Any, folder: Path) -> None:
@@ -59,9 +106,10 @@ def save_adapter_files(peft_model: Any, tokenizer: Any, folder: Path) -> None:
     config also finds the weights that belong to it.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=folder))
+    tmp = make_temp_dir(".adapter.", folder)
     try:
-        peft_model.save_pretrained(tmp, safe_serialization=True)
+        with os_errors(tmp):
+            peft_model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         names = sorted(p.name for p in tmp.iterdir())
@@ -77,13 +125,18 @@ def save_checkpoint(run_dir: Path, step: int, peft_model: Any, state: dict[str, 
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:07d}.", dir=root))
+    tmp = make_temp_dir(f".step-{step:07d}.", root)
     try:
-        peft_model.save_pretrained(tmp, safe_serialization=True)
-        torch.save(state, tmp / STATE_FILE)
+        with os_errors(tmp):
+            peft_model.save_pretrained(tmp, safe_serialization=True)
+        # Through memory: torch.save's own writer reports a full disk as "unexpected pos".
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write_bytes(tmp / STATE_FILE, buffer.getvalue())
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        use_umask(final, is_dir=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -101,14 +154,63 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path, peft_model: Any) -> dict[str, Any]:
-    """Load the adapter weights into `peft_model`; return the trainer state."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
+    """Load the adapter weights into `peft_model`; return the trainer state.
 
-    weights = load_file(str(path / "adapter_model.safetensors"))
+    Nothing in the folder is executed: the state loads with weights_only=True (tensors, numbers,
+    lists and dicts only), so a pickle planted in a checkpoint is refused, not run."""
+    from peft import set_peft_model_state_dict
+
+    weights = read_safetensors(path / "adapter_model.safetensors")
     device = next(p for p in peft_model.parameters() if p.requires_grad).device
     set_peft_model_state_dict(peft_model, {k: v.to(device) for k, v in weights.items()})
-    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    return read_trainer_state(path / STATE_FILE)
+
+
+def read_safetensors(file: Path) -> dict[str, Any]:
+    """All tensors of a safetensors file; a missing, empty, cut or bad-header file is one line."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file))
+    except Exception as exc:  # SafetensorError, OSError
+        raise UserError(f"cannot read {file}: {_first_line(exc)}") from None
+
+
+def read_trainer_state(file: Path) -> dict[str, Any]:
+    """trainer_state.pt with weights_only=True; anything else in it is one line naming it."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError for code or unknown classes, RuntimeError, OSError
+        raise UserError(f"cannot load {file} (loralab loads tensors only, weights_only=True): "
+                        f"{_first_line(exc)}") from None
+    wanted = ("step", "optimizer", "scheduler", "rng", "losses", "tokens", "train_seconds")
+    if not isinstance(state, dict) or any(k not in state for k in wanted):
+        raise UserError(f"{file} is not a loralab trainer state")
+    return state
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+@contextlib.contextmanager
+def os_errors(where: Path):
+    """safetensors reports a full disk as SafetensorError "... (os error 28)": make it the
+    OSError it is, so the CLI prints one line and result.json says failed."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as exc:
+        found = _OS_ERROR.search(str(exc))
+        if not found:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(where)) from exc
 
 
 def rng_state() -> dict[str, Any]:
