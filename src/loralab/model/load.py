@@ -31,6 +31,7 @@ TINY_QWEN2 = dict(
     rms_norm_eps=1e-6,
 )
 TINY_SEED = 1234
+BASE_REVISION_ATTR = "loralab_base_revision"  # the hub commit a base model was loaded at
 
 
 def resolve_model_path(model_cfg: ModelConfig) -> str:
@@ -40,14 +41,19 @@ def resolve_model_path(model_cfg: ModelConfig) -> str:
         return str(builtin_model_dir(path[len(BUILTIN_PREFIX) :]))
     local = Path(path).expanduser()
     if model_cfg.source in ("auto", "local") and local.is_dir():
-        if not (local / "config.json").is_file():
-            raise UserError(f"model folder {local} has no config.json: is it a HF model folder?")
-        return str(local.resolve())
+        return str(model_folder(local))
     if model_cfg.source == "local":
         raise UserError(f"model.path {path} is not a folder (model.source=local)")
     if model_cfg.source == "modelscope":
         return _from_modelscope(path)
     return _from_hf_hub(path)
+
+
+def model_folder(local: Path) -> Path:
+    """A local HF model folder, resolved; one line when it is not one."""
+    if not (local / "config.json").is_file():
+        raise UserError(f"model folder {local} has no config.json: is it a HF model folder?")
+    return local.resolve()
 
 
 def _from_modelscope(model_id: str) -> str:
@@ -66,30 +72,51 @@ def _from_modelscope(model_id: str) -> str:
 
 
 def _from_hf_hub(model_id: str) -> str:
-    if model_id.count("/") > 1 or model_id.startswith((".", "/")):
-        raise UserError(f"model folder not found: {model_id}")
+    """The model's local snapshot: the HF cache first, the hub only when it can be reached."""
+    from loralab.model import hub
+
+    hub.require_hub_id(model_id)
+    online = hub.prepare_hub()  # before huggingface_hub is imported: it reads offline mode then
     from huggingface_hub import snapshot_download
 
     try:  # the local HF cache first: no network needed when it was downloaded before
         return snapshot_download(model_id, local_files_only=True)
     except Exception:
         pass
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise UserError(_missing_model_message(model_id, "HF_HUB_OFFLINE=1"))
+    if not online:
+        raise UserError(hub.missing_model_message(model_id, hub.offline_reason()))
     try:
         return snapshot_download(
             model_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
         )
     except Exception as exc:
-        raise UserError(_missing_model_message(model_id, type(exc).__name__)) from None
+        why = f"the hub download failed ({type(exc).__name__})"
+        raise UserError(hub.missing_model_message(model_id, why)) from None
 
 
-def _missing_model_message(model_id: str, why: str) -> str:
-    return (
-        f"model {model_id} not found: no local folder by that name, not in the HF cache, "
-        f"and the hub download failed ({why}); download it elsewhere and set "
-        f"model.path=/path/to/folder, or use model.source=modelscope"
-    )
+def loaded_from_hub(model_cfg: ModelConfig) -> bool:
+    """Whether resolve_model_path takes model.path as an HF hub id (not a folder, not builtin)."""
+    path = model_cfg.path
+    if path.startswith(BUILTIN_PREFIX) or model_cfg.source in ("local", "modelscope"):
+        return False
+    return not Path(path).expanduser().is_dir()
+
+
+def snapshot_revision(folder: str) -> str | None:
+    """The commit of an HF cache snapshot folder (`.../models--org--name/snapshots/<commit>`)."""
+    p = Path(folder)
+    if p.parent.name == "snapshots" and p.parent.parent.name.startswith("models--"):
+        return p.name
+    return None
+
+
+def keep_hub_identity(model: Any, hub_id: str, folder: str) -> None:
+    """Adapters saved from `model` name the hub id and commit, not the local cache folder
+    (which loads nowhere else). PEFT copies `name_or_path` into base_model_name_or_path;
+    attach_lora passes BASE_REVISION_ATTR on as the adapter's `revision`."""
+    model.name_or_path = hub_id
+    model.config._name_or_path = hub_id
+    setattr(model, BASE_REVISION_ATTR, snapshot_revision(folder))
 
 
 def resolve_tokenizer_path(model_cfg: ModelConfig) -> str:
@@ -102,9 +129,13 @@ def resolve_tokenizer_path(model_cfg: ModelConfig) -> str:
         return str(builtin_tokenizer_dir())
     local = Path(path).expanduser()
     if local.is_dir():
-        return str(local.resolve())
+        return str(model_folder(local))
     if model_cfg.source == "local":
         raise UserError(f"model.path {path} is not a folder (model.source=local)")
+    if model_cfg.source != "modelscope":  # offline and not cached: one line now, no retries
+        from loralab.model.hub import require_reachable_or_cached
+
+        require_reachable_or_cached(path, "tokenizer_config.json")
     return path  # a hub id: AutoTokenizer fetches only the tokenizer files
 
 
@@ -183,19 +214,24 @@ def load_base_model(
     import torch
     from transformers import AutoModelForCausalLM
 
+    from loralab.model.quiet import quiet_hf
+
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     path = resolve_model_path(model_cfg)
     tokenizer = load_tokenizer_for(path)
     torch_dtype = pick_dtype(dtype or model_cfg.dtype, device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path,
-            dtype=torch_dtype,
-            attn_implementation=model_cfg.attn_implementation,
-            trust_remote_code=model_cfg.trust_remote_code,
-        )
+        with quiet_hf():
+            model = AutoModelForCausalLM.from_pretrained(
+                path,
+                dtype=torch_dtype,
+                attn_implementation=model_cfg.attn_implementation,
+                trust_remote_code=model_cfg.trust_remote_code,
+            )
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load model from {path}: {exc}") from None
+    if loaded_from_hub(model_cfg):
+        keep_hub_identity(model, model_cfg.path, path)
     model.to(device)
     model.requires_grad_(False)
     model.eval()

@@ -9,6 +9,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from loralab.errors import UserError
+from loralab.model.load import BASE_REVISION_ATTR
+from loralab.model.quiet import quiet_hf
 
 if TYPE_CHECKING:
     from loralab.config import LoraConfig
@@ -41,8 +43,9 @@ def attach_lora(model: nn.Module, lora_cfg: LoraConfig, seed: int) -> Any:
         target_modules=list(lora_cfg.target_modules),
         use_rslora=lora_cfg.rslora,
         use_dora=lora_cfg.dora,
+        revision=getattr(model, BASE_REVISION_ATTR, None),  # set for bases loaded from the hub
     )
-    with torch.random.fork_rng(devices=_devices_of(model)):
+    with torch.random.fork_rng(devices=_devices_of(model)), quiet_hf():
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, peft_cfg)
     # Adapter weights in fp32 keep Adam's updates exact when the base is bf16.

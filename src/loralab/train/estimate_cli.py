@@ -100,14 +100,23 @@ def model_shape(cfg: Any) -> Any:
 
         builtin_model_name(cfg.model.path)
         return shape_of(Qwen2Config(**TINY_QWEN2))
+    from pathlib import Path
+
+    from loralab.model.hub import require_reachable_or_cached
+    from loralab.model.load import model_folder
+
+    path = cfg.model.path
+    if Path(path).expanduser().is_dir():
+        path = str(model_folder(Path(path).expanduser()))
+    elif cfg.model.source != "modelscope":  # a hub id: offline and not cached is one line now
+        require_reachable_or_cached(path, "config.json")
     from transformers import AutoConfig
 
     try:
-        hf_config = AutoConfig.from_pretrained(
-            cfg.model.path, trust_remote_code=cfg.model.trust_remote_code
-        )
+        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read the model config of {cfg.model.path}: {exc}") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot read the model config of {cfg.model.path}: {first}") from None
     return shape_of(hf_config)
 
 
