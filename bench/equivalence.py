@@ -45,7 +45,8 @@ def same_math(model, examples, steps: int, say) -> dict:
     from loralab.data.batching import collate_padded, plan_steps
     from loralab.model.fast_lora import disable_fast_lora, enable_fast_lora
     from loralab.model.lora import attach_lora
-    from loralab.train.loop import Base, Schedule, lr_factor, train_adapter
+    from loralab.train.loop import Base, train_adapter
+    from loralab.train.schedule import Schedule, lr_factor
 
     out = Path(tempfile.mkdtemp(prefix="same_"))
     cfg = loralab_cfg(out, steps, {"lora.dropout": 0.0, "train.lr": 1e-3})

@@ -28,7 +28,7 @@ def hf_peft_losses(cfg, base, examples) -> list[float]:
     """A plain loop: PEFT's forward, HF's own loss, the loop's batches and optimizer settings."""
     from loralab.data.batching import collate_padded, plan_steps
     from loralab.model.lora import attach_lora
-    from loralab.train.loop import lr_factor, make_schedule
+    from loralab.train.schedule import lr_factor, make_schedule
 
     schedule = make_schedule(cfg, len(examples))
     lengths = [len(e.input_ids) for e in examples]

@@ -68,10 +68,9 @@ def test_saved_adapter_reloads_in_plain_peft(tiny_base, overrides, tmp_path, ass
 
 def test_gradient_accumulation_is_token_normalised(tiny_base, small_data):
     """bs 4 x GA 4 and bs 16 x GA 1 give the same loss and the same gradients."""
-    from accelerate import Accelerator
-
     from loralab.data.summary import build_dataset
     from loralab.model.lora import LabelledLoss, attach_lora
+    from loralab.train.dist import Dist
     from loralab.train.step import accumulate_step
 
     cfg = load_config(DEMO_CONFIG, [f"data.path={small_data}", "lora.dropout=0", "data.max_length=256"])
@@ -84,7 +83,7 @@ def test_gradient_accumulation_is_token_normalised(tiny_base, small_data):
             if "lora_B" in name:
                 torch.nn.init.normal_(param, std=0.02, generator=torch.Generator().manual_seed(1))
         loss_module = LabelledLoss(peft_model, chunk=97)
-        stats = accumulate_step(Accelerator(cpu=True), loss_module, examples, micro, tiny_base.tokenizer.pad_token_id)
+        stats = accumulate_step(Dist(), loss_module, examples, micro, tiny_base.tokenizer.pad_token_id)
         grads = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}
         results.append((stats.loss_sum / stats.tokens, grads))
         peft_model.unload()

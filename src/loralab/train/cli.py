@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from importlib import resources
 from pathlib import Path
 
@@ -22,6 +23,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in output_dir")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("several GPUs / machines (or use torchrun / accelerate launch)")
+    g.add_argument("--nproc", type=int, default=1, help="processes on this machine, one per GPU")
+    g.add_argument("--nnodes", type=int, default=1, help="machines in the job (default 1)")
+    g.add_argument("--node-rank", type=int, default=0, help="this machine's index, 0..nnodes-1")
+    g.add_argument("--master-addr", default="127.0.0.1", help="address of the machine of rank 0")
+    g.add_argument("--master-port", type=int, default=0, help="its port (needed with --nnodes > 1)")
     p.set_defaults(func=cmd_train)
 
     d = sub.add_parser("demo", help="train the bundled demo on CPU (tiny random model, real tokenizer)")
@@ -34,11 +41,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
         return dry_run(cfg)
+    if args.nproc < 1 or args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
+        raise UserError("--nproc and --nnodes must be >= 1 and --node-rank in 0..nnodes-1")
+    if args.nproc * args.nnodes > 1 and "RANK" not in os.environ:
+        return _launch(args)
+    from loralab.train import dist
     from loralab.train.loop import train_run
 
-    result = train_run(cfg, resume=args.resume, overwrite=args.overwrite, show_progress=not args.quiet)
-    _print_result(result)
+    try:
+        result = train_run(
+            cfg, resume=args.resume, overwrite=args.overwrite, show_progress=not args.quiet
+        )
+    except dist.PeerFailed:
+        return 2  # the main process refused the run and said why
+    finally:
+        dist.shutdown()
+    if os.environ.get("RANK", "0") == "0":
+        _print_result(result)
     return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from loralab.train.launch import Topology, launch
+
+    argv = ["train", args.config, *args.overrides]
+    argv += [f"--{flag}" for flag in ("resume", "overwrite", "quiet") if getattr(args, flag)]
+    top = Topology(args.nproc, args.nnodes, args.node_rank, args.master_addr, args.master_port)
+    if top.nnodes > 1 and not top.master_port:
+        raise UserError("--nnodes > 1 needs --master-port (the same on every machine)")
+    return launch(argv, top)
 
 
 def dry_run(cfg: Config) -> int:

@@ -42,8 +42,13 @@ def _on(value: str, cuda: bool) -> bool:
     return value == "on" or (value == "auto" and cuda)
 
 
-def resolve(cfg: Any, model: torch.nn.Module, device: torch.device, examples: list) -> FastPath:
-    """Turn the config's auto|on|off levers into concrete choices for this device and data."""
+def resolve(
+    cfg: Any, model: torch.nn.Module, device: torch.device, examples: list, processes: int = 1
+) -> FastPath:
+    """Turn the config's auto|on|off levers into concrete choices for this device and data.
+
+    With several processes, memory is planned for one process's share of a step's sequences.
+    """
     from loralab.model.attention import pick_backend
 
     tcfg, cuda = cfg.train, device.type == "cuda"
@@ -60,10 +65,13 @@ def resolve(cfg: Any, model: torch.nn.Module, device: torch.device, examples: li
         labelled = [sum(1 for x in e.labels[1:] if x != -100) for e in examples]
         shape = shape_of(model.config, sum(p.numel() for p in model.parameters()))
         if tcfg.memory == "auto":
-            plan = plan_memory(shape, lengths, labelled, micro * accum, card_budget(device), step,
+            share = -(-micro * accum // processes)
+            plan = plan_memory(shape, lengths, labelled, share, card_budget(device), step,
                                packing, tcfg.gradient_checkpointing, pad_multiple)
-            micro, ckpt = plan.micro_batch, plan.checkpointing
-            accum = tcfg.batch_size * tcfg.grad_accum // micro
+            # A micro-batch must divide the step (it may not when the processes' shares do not).
+            effective = micro * accum
+            micro = max(d for d in range(1, plan.micro_batch + 1) if effective % d == 0)
+            ckpt, accum = plan.checkpointing, effective // micro
         predicted = _predict(shape, lengths, labelled, micro, ckpt, step, packing, pad_multiple)
     return FastPath(
         packing=packing,

@@ -20,9 +20,11 @@ import torch
 from loralab.config import Config, save_config
 from loralab.io import append_jsonl, write_json
 from loralab.train import checkpoint as ckpt
+from loralab.train.dist import Dist, from_env
 from loralab.train.eval_loss import held_out_loss
 from loralab.train.progress import StepProgress
 from loralab.train.results import final_numbers, peak_memory_gb, run_identity
+from loralab.train.schedule import Optim, make_optimizer
 from loralab.train.step import accumulate_step, clip_gradients
 from loralab.train.tracking import start_tracker
 
@@ -34,36 +36,6 @@ class Base:
     model: Any
     tokenizer: Any
     device: torch.device
-
-
-@dataclass
-class Schedule:
-    """How many optimizer steps, derived from the data size and the config."""
-
-    steps_per_epoch: int
-    total_steps: int
-    warmup_steps: int
-
-
-def make_schedule(cfg: Config, n_examples: int) -> Schedule:
-    per_step = cfg.train.batch_size * cfg.train.grad_accum
-    steps_per_epoch = max(1, math.ceil(n_examples / per_step))
-    total = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
-    warmup = cfg.train.warmup_steps or int(cfg.train.warmup_ratio * total)
-    return Schedule(steps_per_epoch, total, warmup)
-
-
-def lr_factor(step: int, schedule: Schedule, kind: str) -> float:
-    """Warmup then linear/cosine decay to 0 (as HF's schedulers), or constant."""
-    if step < schedule.warmup_steps:
-        return (step + 1) / (schedule.warmup_steps + 1)
-    if kind == "constant":
-        return 1.0
-    span = max(1, schedule.total_steps - schedule.warmup_steps)
-    progress = (step - schedule.warmup_steps) / span
-    if kind == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return max(0.0, 1.0 - progress)
 
 
 def train_run(
@@ -80,17 +52,19 @@ def train_run(
     a typo in a data file should cost seconds, not a 15 GB model load.
     """
     data = None
+    dist = from_env()
     if base is None:
         from loralab.data.summary import build_dataset
         from loralab.model.load import resolve_tokenizer_path
         from loralab.model.tokenizer import load_tokenizer
 
-        ckpt.check_run_dir(Path(cfg.output_dir), resume, overwrite)
+        dist.main_decides(lambda: ckpt.check_run_dir(Path(cfg.output_dir), resume, overwrite))
         tokenizer = load_tokenizer(resolve_tokenizer_path(cfg.model))
         data = build_dataset(cfg.data, tokenizer, cfg.train.seed)
-        base = load_base(cfg)
+        base = load_base(cfg, dist.device)
     peft_model, result = train_adapter(
-        cfg, base, data=data, resume=resume, overwrite=overwrite, show_progress=show_progress
+        cfg, base, data=data, resume=resume, overwrite=overwrite, show_progress=show_progress,
+        dist=dist,
     )
     peft_model.unload()
     return result
@@ -104,43 +78,48 @@ def train_adapter(
     resume: bool = False,
     overwrite: bool = False,
     show_progress: bool = True,
+    dist: Dist | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Attach a fresh adapter to `base` and train it; the caller owns (and unloads) the PeftModel.
 
     `data` is (examples, summary) when already built. Everything that can be wrong with the
-    input is checked before the run directory is touched.
+    input is checked before the run directory is touched, and only the main process of a
+    multi-process job checks, writes or removes anything in it.
     """
-    from accelerate import Accelerator
-
     from loralab.data.summary import build_dataset, print_summary
     from loralab.model.lora import attach_lora
 
+    dist = dist or from_env()
     run_dir = Path(cfg.output_dir)
-    ckpt.check_run_dir(run_dir, resume, overwrite)
-    if resume:
-        ckpt.check_resume_config(run_dir, cfg.to_dict())
+
+    def check() -> None:
+        ckpt.check_run_dir(run_dir, resume, overwrite)
+        if resume:
+            ckpt.check_resume_config(run_dir, cfg.to_dict())
+
+    dist.main_decides(check)
     started = time.time()
-    accelerator = Accelerator(cpu=base.device.type == "cpu")
     examples, summary = data or build_dataset(cfg.data, base.tokenizer, cfg.train.seed)
-    if accelerator.is_main_process and show_progress:
+    if dist.is_main and show_progress:
         print_summary(summary)
     peft_model = attach_lora(base.model, cfg.lora, cfg.train.seed)  # checks target modules
     try:
-        _prepare_dir(run_dir, cfg, summary, resume, overwrite)
-        result = _train(
-            cfg, accelerator, base, peft_model, examples, summary, resume, started, show_progress
-        )
+        if dist.is_main:
+            _prepare_dir(run_dir, cfg, summary, resume, overwrite)
+        result = _train(cfg, dist, base, peft_model, examples, summary, resume, started, show_progress)
     except BaseException:
         peft_model.unload()
         raise
     return peft_model, result
 
 
-def load_base(cfg: Config) -> Base:
-    """The config's base model on this process's device (cuda:current, else cpu)."""
+def load_base(cfg: Config, device: torch.device | None = None) -> Base:
+    """The config's base model on `device` (default: cuda:current, else cpu)."""
     from loralab.model.load import load_base_model
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
     precision = None if cfg.train.precision == "auto" else cfg.train.precision
     model, tokenizer = load_base_model(cfg.model, device, precision)
     return Base(model, tokenizer, device)
@@ -167,28 +146,25 @@ class Progress:
     largest: tuple[int, int] = (0, 0)  # largest micro-batch: (tokens incl. padding, labelled)
 
 
-@dataclass
-class Optim:
-    params: list
-    optimizer: Any
-    scheduler: Any
-    schedule: Schedule
-
-
 def _train(
-    cfg, accelerator, base, peft_model, examples, summary, resume, started, show_progress
+    cfg, dist: Dist, base, peft_model, examples, summary, resume, started, show_progress
 ) -> dict[str, Any]:
     from loralab.model.lora import LabelledLoss, count_parameters
     from loralab.train import levers
 
     run_dir = Path(cfg.output_dir)
-    torch.manual_seed(cfg.train.seed)
-    fast = levers.resolve(cfg, base.model, base.device, examples)
+    # Dropout masks differ between processes, as they would between a step's micro-batches.
+    torch.manual_seed(cfg.train.seed + dist.rank)
+    # The main process's plan for all: free memory differs a little between cards, and two
+    # processes planning different micro-batches would wait on each other forever.
+    fast = dist.share(levers.resolve(cfg, base.model, base.device, examples, dist.world))
+    if dist.world > 1 and dist.is_main and show_progress:
+        _print_split(cfg, fast, dist.world)
     peft_model.train()
     loss_module = LabelledLoss(peft_model, cfg.train.loss_chunk, fast.labelled_only)
-    opt = _make_optimizer(cfg, peft_model, len(examples))
-    loss_module, opt.optimizer = accelerator.prepare(loss_module, opt.optimizer)
-    done = _restore(run_dir, resume, peft_model, opt)
+    opt = make_optimizer(cfg, peft_model, len(examples))
+    dist.same_start(opt.params)
+    done = _restore(run_dir, resume, peft_model, opt, dist.rank)
     result = {
         **run_identity(
             cfg,
@@ -199,15 +175,16 @@ def _train(
         ),
         "fast_path": fast.describe(),
     }
-    ckpt.write_result(run_dir, {**result, "status": "running"})
-    main = accelerator.is_main_process
+    main = dist.is_main
+    if main:
+        ckpt.write_result(run_dir, {**result, "status": "running"})
     tracker = start_tracker(cfg.tracking, run_dir, cfg.to_dict()) if main else None
     held_out = _held_out_examples(cfg, base.tokenizer)
     bar = StepProgress(opt.schedule.total_steps, done.step, enabled=show_progress and main)
     undo_levers = levers.apply(fast, base.model, peft_model)
     try:
         for step in range(done.step, opt.schedule.total_steps):
-            row = _train_step(cfg, accelerator, loss_module, opt, examples, step, fast, base, done)
+            row = _train_step(cfg, dist, loss_module, opt, examples, step, fast, base, done)
             if held_out and (step + 1) % cfg.train.eval_every == 0:
                 row["eval_loss"] = held_out_loss(
                     loss_module,
@@ -226,8 +203,8 @@ def _train(
                 tracker.log(_tracker_metrics(row), step + 1)
             bar.update(step + 1, row["loss"], row["tokens_per_s"])
             every = cfg.train.save_every
-            if main and every and (step + 1) % every == 0 and step + 1 < opt.schedule.total_steps:
-                _checkpoint(run_dir, peft_model, opt, done)
+            if every and (step + 1) % every == 0 and step + 1 < opt.schedule.total_steps:
+                _checkpoint(run_dir, peft_model, opt, done, dist)
             _test_kill_hook(step + 1)
     except BaseException as exc:
         bar.close()
@@ -243,11 +220,11 @@ def _train(
         undo_levers()  # the base and the adapter layers go back to plain HF + PEFT
     bar.close()
     peft_model.eval()
+    result.update(final_numbers(done.losses, done.tokens, done.train_seconds, started))
+    result["peak_memory_gb"] = round(dist.max(result["peak_memory_gb"]), 3)
+    result["processes"] = dist.world
     if main:
-        ckpt.save_adapter_files(
-            accelerator.unwrap_model(loss_module).peft_model, base.tokenizer, run_dir
-        )
-        result.update(final_numbers(done.losses, done.tokens, done.train_seconds, started))
+        ckpt.save_adapter_files(peft_model, base.tokenizer, run_dir)
         if base.device.type == "cuda" and done.largest[0]:
             # Predicted for the largest micro-batch this run actually had, to set against
             # peak_memory_gb (the fast_path's own figure is the plan's worst case).
@@ -260,16 +237,7 @@ def _train(
     return {**result, "status": "done"}
 
 
-def _make_optimizer(cfg: Config, peft_model: Any, n_examples: int) -> Optim:
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    schedule = make_schedule(cfg, n_examples)
-    kind = cfg.train.scheduler
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, schedule, kind))
-    return Optim(params, optimizer, scheduler, schedule)
-
-
-def _restore(run_dir: Path, resume: bool, peft_model: Any, opt: Optim) -> Progress:
+def _restore(run_dir: Path, resume: bool, peft_model: Any, opt: Optim, rank: int) -> Progress:
     """The last checkpoint's weights, optimizer, schedule and RNG; metrics after it dropped."""
     if not resume:
         return Progress()
@@ -279,7 +247,8 @@ def _restore(run_dir: Path, resume: bool, peft_model: Any, opt: Optim) -> Progre
         state = ckpt.load_checkpoint(found[-1], peft_model)
         opt.optimizer.load_state_dict(state["optimizer"])
         opt.scheduler.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
+        rngs = state.get("rng_by_rank") or [state["rng"]]
+        ckpt.set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
         done = Progress(
             state["step"],
             list(state["losses"]),
@@ -291,7 +260,7 @@ def _restore(run_dir: Path, resume: bool, peft_model: Any, opt: Optim) -> Progre
 
 
 def _train_step(
-    cfg, accelerator, loss_module, opt: Optim, examples, step: int, fast, base, done: Progress
+    cfg, dist: Dist, loss_module, opt: Optim, examples, step: int, fast, base, done: Progress
 ) -> dict[str, Any]:
     """One optimizer step: plan, accumulate, clip, update; returns its metrics row."""
     schedule = opt.schedule
@@ -308,7 +277,7 @@ def _train_step(
     )
     t0 = time.perf_counter()
     stats = accumulate_step(
-        accelerator,
+        dist,
         loss_module,
         examples,
         plan[index],
@@ -316,7 +285,8 @@ def _train_step(
         packed=fast.packing,
         pad_multiple=fast.pad_multiple,
     )
-    grad_norm = clip_gradients(accelerator, opt.params, cfg.train.max_grad_norm)
+    dist.sum_gradients(opt.params)
+    grad_norm = clip_gradients(opt.params, cfg.train.max_grad_norm)
     lr = opt.scheduler.get_last_lr()[0]
     opt.optimizer.step()
     opt.scheduler.step()
@@ -338,7 +308,7 @@ def _train_step(
         "grad_norm": grad_norm,
         "tokens_per_s": stats.seen_tokens / seconds,
         "labelled_tokens": stats.tokens,
-        "memory_gb": peak_memory_gb(),
+        "memory_gb": dist.max(peak_memory_gb()),
     }
 
 
@@ -377,12 +347,29 @@ def _held_out_examples(cfg: Config, tokenizer: Any) -> list:
     return examples
 
 
-def _checkpoint(run_dir: Path, peft_model: Any, opt: Optim, done: Progress) -> None:
+def _print_split(cfg: Config, fast: Any, world: int) -> None:
+    from rich.console import Console
+
+    per_step = cfg.train.batch_size * cfg.train.grad_accum
+    per_process = -(-per_step // world)
+    Console().print(
+        f"{world} processes: each optimizer step's {per_step} sequences are shared, "
+        f"~{per_process} per process (micro-batches of up to {fast.micro_batch}); "
+        "gradients summed over processes, so the step equals one process's"
+    )
+
+
+def _checkpoint(run_dir: Path, peft_model: Any, opt: Optim, done: Progress, dist: Dist) -> None:
+    """Written by the main process; every process's RNG state goes in (dropout differs)."""
+    rng_by_rank = dist.gather(ckpt.rng_state())
+    if not dist.is_main:
+        return
     state = {
         "step": done.step,
         "optimizer": opt.optimizer.state_dict(),
         "scheduler": opt.scheduler.state_dict(),
-        "rng": ckpt.rng_state(),
+        "rng": rng_by_rank[0],
+        "rng_by_rank": rng_by_rank,
         "losses": list(done.losses),
         "tokens": done.tokens,
         "train_seconds": done.train_seconds,

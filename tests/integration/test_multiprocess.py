@@ -1,0 +1,150 @@
+"""Several training processes on CPU (gloo): the same training as one process, one writer.
+
+Each run is real: `loralab train --nproc 2` starts two processes that each load the tiny model,
+share every optimizer step's sequences and sum their LoRA gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loralab.train.cli import demo_config_path
+
+
+def _cmd(overrides, *extra):
+    return [sys.executable, "-m", "loralab.cli", "train", str(demo_config_path()), *overrides,
+            "--quiet", *extra]
+
+
+def _run(overrides, *extra, env=None, timeout=240):
+    proc = subprocess.run(_cmd(overrides, *extra), capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+    return proc
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_adapter(a: Path, b: Path, rel=1e-5) -> None:
+    wa = load_file(str(a / "adapter_model.safetensors"))
+    wb = load_file(str(b / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.allclose(wa[key], wb[key], rtol=rel, atol=1e-7), key
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, small_data):
+    """The same 3-step training in one process and in two (global batch 8 both ways)."""
+    root = tmp_path_factory.mktemp("mp")
+    common = [
+        f"data.path={small_data}", "data.max_length=256", "lora.dropout=0", "train.lr=2e-3",
+        "train.batch_size=4", "train.grad_accum=2", "train.max_steps=3", "train.save_every=1",
+        "tracking.backend=tensorboard", f"tracking.log_dir={root / 'tb'}",
+    ]
+    out = {}
+    for name, extra in (("one", []), ("two", ["--nproc", "2"])):
+        proc = _run([*common, f"output_dir={root / name}"], *extra)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[name] = root / name
+    return common, root, out
+
+
+def test_two_processes_train_as_one(runs):
+    _, root, out = runs
+    one, two = _metrics(out["one"]), _metrics(out["two"])
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3]
+    for a, b in zip(one, two, strict=True):
+        # Loss, gradient norm and token counts are the whole step's, not one process's share.
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+        assert b["labelled_tokens"] == a["labelled_tokens"]
+    _assert_same_adapter(out["one"], out["two"])
+    result = json.loads((out["two"] / "result.json").read_text())
+    assert result["status"] == "done" and result["processes"] == 2
+    # One tracker run per training run, written by the main process only.
+    assert sorted(p.name for p in (root / "tb").iterdir()) == ["one", "two"]
+    assert len(list((root / "tb" / "two").iterdir())) == 1
+
+
+def test_two_processes_resume_to_the_same_adapter(runs):
+    """Dropout on: each process's RNG state is checkpointed and restored, not only rank 0's."""
+    common, root, _ = runs
+    common = [*common, "lora.dropout=0.1"]
+    straight = root / "straight"
+    proc = _run([*common, f"output_dir={straight}"], "--nproc", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    killed = root / "killed"
+    proc = _run([*common, f"output_dir={killed}"], "--nproc", "2", env={"LORALAB_KILL_AT_STEP": "2"})
+    assert proc.returncode != 0
+    assert "of 2 was killed by SIGKILL" in proc.stderr, proc.stderr[-2000:]
+    assert not (killed / "adapter_model.safetensors").exists()
+    proc = _run([*common, f"output_dir={killed}"], "--nproc", "2", "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_same_adapter(killed, straight)
+
+
+def test_two_machines_on_localhost_train_as_one(runs):
+    """--nnodes 2: one launcher per 'machine', static rendezvous at --master-addr/--master-port."""
+    from loralab.train.launch import free_port
+
+    common, root, out = runs
+    port = str(free_port())
+    nodes = [
+        subprocess.Popen(
+            _cmd([*common, f"output_dir={root / 'nodes'}"], "--nproc", "1", "--nnodes", "2",
+                 "--node-rank", str(k), "--master-port", port),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for k in (0, 1)
+    ]
+    for node in nodes:
+        _, err = node.communicate(timeout=240)
+        assert node.returncode == 0, err[-3000:]
+    _assert_same_adapter(root / "nodes", out["one"])
+
+
+def test_a_killed_rank_ends_the_job(runs, tmp_path):
+    common, _, _ = runs
+    run = tmp_path / "long"
+    overrides = [o for o in common if not o.startswith(("train.max_steps", "train.save_every"))]
+    proc = subprocess.Popen(
+        _cmd([*overrides, "train.max_steps=2000", f"output_dir={run}"], "--nproc", "2"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (run / "metrics.jsonl").is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (run / "metrics.jsonl").is_file(), "training did not start"
+    os.kill(_rank_pid(proc.pid, 1), signal.SIGKILL)
+    killed_at = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - killed_at < 60
+    assert proc.returncode != 0
+    assert "rank 1 of 2 was killed by SIGKILL" in err, err[-2000:]
+
+
+def _rank_pid(parent: int, rank: int) -> int:
+    """The child of `parent` whose environment says RANK=rank."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and f"RANK={rank}".encode() in env:
+            return int(entry.name)
+    raise AssertionError(f"no rank {rank} under {parent}")
