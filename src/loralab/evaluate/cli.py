@@ -22,6 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--data", type=Path, help="eval file (default: the run's data.eval_path)")
     e.add_argument("--adapters", type=Path, nargs="+", action="extend", default=[],
                    metavar="RUN_OR_SWEEP", help="run folders or sweep folders (finished trials)")
+    e.add_argument("--checkpoints", type=Path, metavar="RUN",
+                   help="every checkpoint of RUN and its final adapter, as a curve of the "
+                   "metrics against the step (default --out: RUN/checkpoint_curve)")
     e.add_argument("--base", action="store_true", help="also evaluate the base model")
     e.add_argument("--limit", type=int, help="evaluate the first N records only")
     e.add_argument("--out", type=Path, help="comparison folder (default: FIRST/comparison)")
@@ -68,7 +71,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     result = run_eval(args.data, args.adapters, args.base, args.limit, args.out, args.config,
                       args.overrides, engine=args.engine, device=args.device,
-                      compile_decode=args.compile)
+                      compile_decode=args.compile, curve_of=args.checkpoints)
     return run_report(argparse.Namespace(dir=result["comparison_dir"], out=None))
 
 

@@ -14,12 +14,20 @@ from typing import Any
 from loralab.config import Config, get_dotted, load_config, read_yaml_mapping
 from loralab.errors import UserError
 from loralab.evaluate.adapters import AdapterSource
+from loralab.evaluate.run_dirs import (
+    checkpoint_curve,
+    checkpoint_step,
+    config_dir,
+    display_name,
+    same_base,
+)
 from loralab.evaluate.tasks import COMPARISON_DIRNAME
 
 ADAPTER_CONFIG = "adapter_config.json"
 SWEEP_MANIFEST = "sweep.json"
 RUN_EVAL_DIRNAME = "eval"
 BASE_DIRNAME = "base"
+CURVE_DIRNAME = "checkpoint_curve"  # `eval --checkpoints RUN` compares into RUN/checkpoint_curve
 
 
 @dataclass
@@ -30,6 +38,8 @@ class AdapterRun:
     name: str
     base: str  # the run's model.path, else adapter_config's base_model_name_or_path
     system_prompt: str | None
+    config_dir: Path  # holds the run's config.yaml (the run, for a checkpoint)
+    step: int | None = None  # the optimizer step of a checkpoint (a curve: every target)
 
 
 # ---------------------------------------------------------------- folders and bases
@@ -45,7 +55,7 @@ def expand_adapter_dirs(paths: list[Path]) -> list[tuple[Path, str]]:
         if (path / SWEEP_MANIFEST).is_file() and not (path / ADAPTER_CONFIG).is_file():
             found += _finished_trials(path)
         elif (path / ADAPTER_CONFIG).is_file():
-            found.append((path, path.resolve().name))
+            found.append((path, display_name(path)))
         else:
             raise UserError(f"{path} holds no {ADAPTER_CONFIG} or {SWEEP_MANIFEST}: "
                             "give a trained run folder or a sweep folder")
@@ -72,11 +82,14 @@ def run_config_raw(run_dir: Path) -> dict[str, Any]:
     return read_yaml_mapping(path) if path.is_file() else {}
 
 
-def adapter_run(path: Path, name: str) -> AdapterRun:
-    raw = run_config_raw(path)
+def adapter_run(path: Path, name: str, step: int | None = None) -> AdapterRun:
+    """A run folder, a checkpoint of one (its config two levels up) or a bare PEFT folder."""
+    home = config_dir(path)
+    raw = run_config_raw(home)
     adapter_cfg = _read_adapter_config(path)
     base = get_dotted(raw, "model.path") or adapter_cfg.get("base_model_name_or_path") or ""
-    return AdapterRun(Path(path), name, str(base), get_dotted(raw, "data.system_prompt"))
+    return AdapterRun(Path(path), name, str(base), get_dotted(raw, "data.system_prompt"), home,
+                      step if step is not None else checkpoint_step(path))
 
 
 def _read_adapter_config(path: Path) -> dict[str, Any]:
@@ -88,14 +101,6 @@ def _read_adapter_config(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"{file} must hold a JSON object")
     return data
-
-
-def same_base(a: str, b: str) -> bool:
-    """Equal ids, or two paths to the same folder."""
-    if a == b:
-        return True
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
 def check_same_base(model_path: str, resolved: str | None, runs: list[AdapterRun]) -> None:
@@ -114,7 +119,7 @@ def single_run(adapter: Path) -> tuple[AdapterRun, Config]:
     path, name = expand_adapter_dirs([Path(adapter)])[0]
     run = adapter_run(path, name)
     # A bare PEFT folder has no training file; these commands need none.
-    bare = not (run.path / "config.yaml").is_file()
+    bare = not (run.config_dir / "config.yaml").is_file()
     return run, eval_config(None, [run], ["data.path=(none)"] if bare else [])
 
 
@@ -122,8 +127,8 @@ def eval_config(config: Path | None, runs: list[AdapterRun], overrides: list[str
     """--config, else the first adapter run's config.yaml; key=value overrides on top."""
     if config is not None:
         return load_config(config, overrides)
-    if runs and (runs[0].path / "config.yaml").is_file():
-        return load_config(runs[0].path / "config.yaml", overrides)
+    if runs and (runs[0].config_dir / "config.yaml").is_file():
+        return load_config(runs[0].config_dir / "config.yaml", overrides)
     if runs:
         return load_config(None, [f"model.path={runs[0].base}", *overrides])
     return load_config(None, overrides)
@@ -231,8 +236,10 @@ def evaluate_group(ctx: EvalContext, runs: list[AdapterRun], indices: range,
     for i in group:
         run = runs[i]
         meta = {"target": run.name, "kind": "adapter", "run_dir": str(run.path.resolve()),
-                "hyperparams": hyperparams_from_run(run.path)
-                if (run.path / "config.yaml").is_file() else {}}
+                "hyperparams": hyperparams_from_run(run.config_dir)
+                if (run.config_dir / "config.yaml").is_file() else {}}
+        if run.step is not None:
+            meta["step"] = run.step
         if i in shared:
             how = f"unmerged in loralab's forward, {len(together)} adapters per batch"
             yield run, evaluate_target(ctx, ctx.model, prompts[i], {**meta, "adapter_weights": how},
@@ -276,7 +283,7 @@ def log_to_tracker(run: AdapterRun, metrics: dict[str, Any]) -> None:
 
     from loralab.config import config_from_dict
 
-    raw = run_config_raw(run.path)
+    raw = run_config_raw(run.config_dir)
     try:
         tracking = config_from_dict({"tracking": raw.get("tracking") or {}}).tracking
     except UserError:
@@ -318,16 +325,20 @@ def comparison_dir(out: Path | None, adapter_args: list[Path]) -> Path:
 def run_eval(data: Path | None, adapter_args: list[Path], base: bool, limit: int | None,
              out: Path | None, config: Path | None, overrides: list[str],
              engine: str = "auto", device: str | None = None,
-             compile_decode: str | bool = "auto") -> dict[str, Any]:
-    """The whole `loralab eval`; returns {"comparison_dir", "targets"}."""
+             compile_decode: str | bool = "auto", curve_of: Path | None = None) -> dict[str, Any]:
+    """The whole `loralab eval`; returns {"comparison_dir", "targets"}. curve_of: a run whose
+    checkpoints and final adapter are evaluated, each target labelled with its step."""
     from loralab.data.records import read_records
     from loralab.evaluate.references import score_references
     from loralab.evaluate.tasks import get_task, write_targets_manifest
     from loralab.model.load import load_tokenizer_for, resolve_tokenizer_path
 
-    if not adapter_args and not base:
+    if not adapter_args and not base and curve_of is None:
         raise UserError("nothing to evaluate: give --adapters RUN_OR_SWEEP ... and/or --base")
     runs = [adapter_run(p, n) for p, n in expand_adapter_dirs(adapter_args)]
+    if curve_of is not None:
+        runs += [adapter_run(p, n, step) for p, n, step in checkpoint_curve(curve_of)]
+        out = out or Path(curve_of) / CURVE_DIRNAME
     cfg = eval_config(config, runs, overrides)
     check_same_base(cfg.model.path, None, runs)
     comp = comparison_dir(out, adapter_args)

@@ -146,12 +146,16 @@ def builtin_model_name(path: str) -> str:
     return name
 
 
-def builtin_model_dir(name: str) -> Path:
-    """Build a builtin model folder once (atomically) and return it."""
-    builtin_model_name(BUILTIN_PREFIX + name)
+def builtin_model_path(path: str) -> Path:
+    """Where `builtin:NAME` is (or will be) built, without building it."""
     from loralab.model.tokenizer import loralab_cache
 
-    target = loralab_cache() / "models" / name
+    return loralab_cache() / "models" / builtin_model_name(path)
+
+
+def builtin_model_dir(name: str) -> Path:
+    """Build a builtin model folder once (atomically) and return it."""
+    target = builtin_model_path(BUILTIN_PREFIX + name)
     if (target / "model.safetensors").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

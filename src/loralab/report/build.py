@@ -23,7 +23,7 @@ from loralab.evaluate.tasks import (
     read_targets_manifest,
 )
 from loralab.io import atomic_write_text
-from loralab.report import html, plots, tables
+from loralab.report import best, html, plots, tables
 
 SWEEP_MANIFEST = "sweep.json"
 RUN_EVAL_DIRNAME = "eval"
@@ -126,7 +126,9 @@ def build_report(
     csv_path = comparison_dir / "comparison.csv"
     tables.write_csv(csv_path, rows, columns)
     notes = report_notes(loaded)
-    markdown = tables.comparison_markdown(rows, headline, notes)
+    verdict = best.best_adapter(loaded, task, headline[0], bootstrap=bootstrap, seed=seed)
+    best_lines = best.verdict_lines(verdict)
+    markdown = tables.comparison_markdown(rows, headline, notes, best_lines)
     md_path = comparison_dir / "comparison.md"
     atomic_write_text(md_path, markdown)
     pngs, labels = plots.write_plots(comparison_dir, loaded, rows, task, headline, seed=seed)
@@ -134,10 +136,10 @@ def build_report(
     html_path = html.write_html(
         comparison_dir / "report.html", f"loralab comparison: {_title(comparison_dir)}",
         (header, body, [r["kind"] for r in rows]), tables.differences_table(rows, headline),
-        pngs, labels, notes,
+        pngs, labels, notes, best_lines, tables.curve_table(rows, headline),
     )
     return {"comparison_dir": comparison_dir, "task": task, "headline": headline, "rows": rows,
-            "notes": notes, "csv": csv_path,
+            "notes": notes, "best": verdict, "best_lines": best_lines, "csv": csv_path,
             "markdown": md_path, "markdown_text": markdown, "plots": pngs, "html": html_path}
 
 

@@ -35,7 +35,10 @@ def run_report(args: argparse.Namespace) -> int:
     if body:
         textout.print_table("lift vs best reference; vs base: target − base "
                             "(* distinguishable, p < 0.05)", _stacked(header), body)
-    for line in result.get("best_lines", []):
+    header, body = tables.curve_table(rows, headline)
+    if body:
+        textout.print_table("by checkpoint step", _stacked(header), body)
+    for line in result["best_lines"]:
         textout.print_line(line)
     for note in result["notes"]:
         textout.print_line(f"note: {note}")

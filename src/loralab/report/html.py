@@ -46,8 +46,11 @@ def write_html(
     plots: list[Path],
     tag_labels: dict[str, str],
     notes: list[str],
+    verdict: list[str] | None = None,
+    curve: tuple[list[str], list[list[str]]] | None = None,
 ) -> Path:
-    """Write the report; `summary` is (header, cells, row kinds)."""
+    """Write the report; `summary` is (header, cells, row kinds); `verdict`: the best adapter
+    in sentences; `curve`: metrics by checkpoint step (header, cells)."""
     base = path.parent
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
              f"</title><style>{STYLE}</style></head><body>",
@@ -55,6 +58,11 @@ def write_html(
              "<h2>Results</h2>", html_table(*summary),
              "<p class='note'>Values with 95% bootstrap intervals over eval records; "
              "references are predictors built from the training answers alone.</p>"]
+    if verdict:
+        parts += ["<h2>Best adapter</h2><ul>"]
+        parts += [f"<li>{html.escape(line)}</li>" for line in verdict] + ["</ul>"]
+    if curve and curve[1]:
+        parts += ["<h2>By checkpoint step</h2>", html_table(*curve)]
     if differences[1]:
         parts += ["<h2>Differences</h2>", html_table(*differences),
                   "<p class='note'>lift: vs the best reference predictor, &gt; 0 is better "

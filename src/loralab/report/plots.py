@@ -4,6 +4,7 @@
 - hyperparams.png: the headline metrics against each hyperparameter that varies across adapters.
 - scatter_<target>.png (tag_scores): predicted vs reference score per tag and record.
 - per_tag_mae.png (tag_scores): per-tag mean absolute error, targets × tags, references included.
+- checkpoints.png: the headline metrics against the training step (`loralab eval --checkpoints`).
 """
 
 from __future__ import annotations
@@ -158,6 +159,46 @@ def _hyper_panel(ax: Any, adapters: list[dict], base: dict | None, best_ref: dic
     ax.grid(alpha=0.3)
 
 
+def plot_curve(path: Path, rows: list[dict], headline: list[str]) -> Path | None:
+    """(e) Each headline metric against the training step of a run's checkpoints, with
+    intervals; the base (dotted) and the best reference predictor (dashed) for scale."""
+    points = sorted((r for r in rows if r["kind"] == "adapter" and r.get("step") is not None),
+                    key=lambda r: r["step"])
+    if len(points) < 2:
+        return None
+    base = next((r for r in rows if r["kind"] == "base"), None)
+    refs = [r for r in rows if r["kind"] == "reference"]
+    ncols = 2 if len(headline) > 1 else 1
+    nrows = -(-len(headline) // ncols)
+    fig = _figure(4.6 * ncols, 3.2 * nrows)
+    axes = np.atleast_1d(fig.subplots(nrows, ncols)).ravel()
+    for ax, metric in zip(axes, headline, strict=False):
+        shown = [r for r in points if r.get(metric) is not None]
+        steps = [r["step"] for r in shown]
+        values = [r[metric] for r in shown]
+        err = None
+        if shown and all(r.get(f"{metric}_low") is not None for r in shown):
+            err = [[v - r[f"{metric}_low"] for v, r in zip(values, shown, strict=True)],
+                   [r[f"{metric}_high"] - v for v, r in zip(values, shown, strict=True)]]
+        ax.errorbar(steps, values, yerr=err, marker="o", capsize=3, color=COLORS["adapter"],
+                    label="checkpoints")
+        if base is not None and base.get(metric) is not None:
+            ax.axhline(base[metric], linestyle=":", color=COLORS["base"], label="base")
+        best = _best_reference(refs, metric)
+        if best is not None:
+            ax.axhline(best[metric], linestyle="--", linewidth=1, color="C3",
+                       label=f"{best['target']} (best ref)")
+        better = "higher" if higher_is_better(metric) else "lower"
+        ax.set(xlabel="optimizer step", title=f"{metric} ({better} is better)")
+        ax.title.set_fontsize(10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes[len(headline):]:
+        ax.set_visible(False)
+    fig.savefig(path)
+    return path
+
+
 def _category(value: Any) -> str:
     return "all" if value is None else str(value)
 
@@ -249,6 +290,7 @@ def write_plots(out_dir: Path, targets: list[LoadedTarget], rows: list[dict], ta
     with _font_context():
         paths.append(plot_metrics(out_dir / "metrics.png", rows, headline))
         paths.append(plot_hyperparams(out_dir / "hyperparams.png", rows, headline))
+        paths.append(plot_curve(out_dir / "checkpoints.png", rows, headline))
         if task == "tag_scores":
             params = next((t.metrics.get("task_params") for t in targets
                            if isinstance(t.metrics.get("task_params"), dict)), {})

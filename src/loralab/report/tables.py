@@ -51,7 +51,7 @@ def csv_columns(headline: list[str], extras: list[str]) -> list[str]:
     for m in headline:
         cols += [m, f"{m}_low", f"{m}_high", f"{m}_lift", f"{m}_vs_base", f"{m}_vs_base_low",
                  f"{m}_vs_base_high", f"{m}_vs_base_p", f"{m}_distinguishable"]
-    return cols + extras + list(HYPERPARAM_KEYS) + list(GEN_KEYS) + ["folder"]
+    return cols + extras + list(HYPERPARAM_KEYS) + ["step"] + list(GEN_KEYS) + ["folder"]
 
 
 def best_reference(targets: list[LoadedTarget], metric: str) -> float | None:
@@ -91,6 +91,7 @@ def comparison_rows(
         hyper = target.metrics.get("hyperparams") or {}
         gen = target.metrics.get("gen") or {}
         row.update({k: hyper.get(k) for k in HYPERPARAM_KEYS})
+        row["step"] = target.metrics.get("step")  # set for checkpoints (eval --checkpoints)
         row.update({k: gen.get(k) for k in GEN_KEYS})
         rows.append(row)
     return rows
@@ -207,6 +208,21 @@ def differences_table(
     return header, body
 
 
+def curve_table(rows: list[dict], headline: list[str]) -> tuple[list[str], list[list[str]]]:
+    """Adapters that carry a training step (a run's checkpoints), by step: metric vs step."""
+    points = sorted((r for r in rows if r["kind"] == "adapter" and r.get("step") is not None),
+                    key=lambda r: r["step"])
+    header = ["step", "target"] + headline
+    body = []
+    for r in points:
+        cells = [str(r["step"]), str(r["target"])]
+        for m in headline:
+            ci = "" if r.get(f"{m}_low") is None else f" [{fmt(r[f'{m}_low'])}, {fmt(r[f'{m}_high'])}]"
+            cells.append(fmt(r.get(m)) + ci)
+        body.append(cells)
+    return header, body
+
+
 def _signed(value: Any) -> str:
     return "–" if value is None else f"{value:+.3f}"
 
@@ -218,9 +234,15 @@ def to_markdown(header: list[str], body: list[list[str]]) -> str:
     return "\n".join([line(header), line(["---"] * len(header))] + [line(b) for b in body])
 
 
-def comparison_markdown(rows: list[dict], headline: list[str], notes: list[str]) -> str:
+def comparison_markdown(rows: list[dict], headline: list[str], notes: list[str],
+                        verdict: list[str] | None = None) -> str:
     parts = ["# Comparison", "", to_markdown(*summary_table(rows, headline)), "",
              "Values with 95% bootstrap intervals over eval records.", ""]
+    if verdict:
+        parts += ["## Best adapter", ""] + [f"- {line}" for line in verdict] + [""]
+    header, body = curve_table(rows, headline)
+    if body:
+        parts += ["## By checkpoint step", "", to_markdown(header, body), ""]
     header, body = differences_table(rows, headline)
     if body:
         parts += ["## Differences", "", to_markdown(header, body), "",
