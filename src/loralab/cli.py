@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "loralab.sweep.cli",
     "loralab.evaluate.cli",
     "loralab.report.cli",
+    "loralab.config_cli",
 )
 
 
@@ -107,6 +108,9 @@ def _one_line(exc: BaseException) -> str:
     target = seen if isinstance(seen, OSError) else exc
     text = " ".join(str(target).split()) or type(target).__name__
     code = getattr(target, "errno", None)
+    found = _OS_ERROR_TEXT.search(text)
+    if code is None and found:
+        code = int(found.group(1))
     if code == errno.ENOSPC:
         text += " (the disk is full: free space and run again, with --resume if it checkpointed)"
     elif code == errno.EFBIG:

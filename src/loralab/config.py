@@ -34,6 +34,31 @@ SEED_SYSTEM_PROMPT = (
     "将以下文本按照【其他、云计算、架构师、计算机、个人娱乐、人工智能、商业案例、汽车行业、经济观察】"
     "标签纬度进行关联度评分"
 )
+# Names LLaMA-Factory and HF TrainingArguments (and loralab's own short forms) give loralab's
+# keys. An unknown key named so gets an error naming loralab's key: suggested, not accepted
+# (docs/safety.md says why).
+ALIASES = {
+    "learning_rate": "train.lr", "num_train_epochs": "train.epochs",
+    "per_device_train_batch_size": "train.batch_size", "train_batch_size": "train.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum", "lr_scheduler_type": "train.scheduler",
+    "warmup_ratio": "train.warmup_ratio", "warmup_steps": "train.warmup_steps",
+    "weight_decay": "train.weight_decay", "max_grad_norm": "train.max_grad_norm",
+    "max_steps": "train.max_steps", "seed": "train.seed", "logging_steps": "train.log_every",
+    "save_steps": "train.save_every", "eval_steps": "train.eval_every",
+    "bf16": "train.precision", "fp16": "train.precision",
+    "gradient_checkpointing": "train.gradient_checkpointing", "epochs": "train.epochs",
+    "lr": "train.lr", "batch_size": "train.batch_size",
+    "lora_rank": "lora.r", "lora_r": "lora.r", "rank": "lora.r", "lora_alpha": "lora.alpha",
+    "alpha": "lora.alpha", "lora_dropout": "lora.dropout", "dropout": "lora.dropout",
+    "lora_target": "lora.target_modules", "target_modules": "lora.target_modules",
+    "use_rslora": "lora.rslora", "use_dora": "lora.dora",
+    "cutoff_len": "data.max_length", "max_seq_length": "data.max_length",
+    "max_length": "data.max_length", "model_max_length": "data.max_length",
+    "max_samples": "data.limit", "dataset": "data.path", "train_file": "data.path",
+    "eval_dataset": "data.eval_path", "model_name_or_path": "model.path",
+    "trust_remote_code": "model.trust_remote_code", "output_dir": "output_dir",
+    "report_to": "tracking.backend", "run_name": "tracking.experiment",
+}
 # Input paths written in a YAML file resolve against its folder; output_dir stays relative to
 # the working directory (where people expect runs/ to appear).
 PATH_KEYS = ("model.path", "data.path", "data.eval_path")
@@ -297,7 +322,7 @@ def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """Build a Config; unknown keys are errors that suggest the nearest known key."""
-    return build_dataclass(Config, raw, "", known_keys())
+    return build_dataclass(Config, raw, "", known_keys(), ALIASES)
 
 
 def known_keys(cls: type = Config, prefix: str = "") -> list[str]:
@@ -316,7 +341,7 @@ def check_key(key: str) -> None:
     """Raise UserError unless `key` (dotted) is a config key."""
     keys = known_keys()
     if key not in keys:
-        raise UserError(unknown_key_message(key, keys))
+        raise UserError(unknown_key_message(key, keys, ALIASES))
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -136,13 +136,19 @@ def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def unknown_key_message(key: str, keys: list[str]) -> str:
+def unknown_key_message(key: str, keys: list[str], aliases: dict[str, str] | None = None) -> str:
+    """'unknown config key X; did you mean Y?', or for a name another tool uses for one of
+    loralab's keys (`aliases`: its last dotted part → loralab's key) that key, named."""
+    alias = (aliases or {}).get(key.rsplit(".", 1)[-1])
+    if alias is not None and alias != key:
+        return f"unknown config key {key}: loralab calls it {alias}"
     close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]}?" if close else ""
     return f"unknown config key {key}{hint}"
 
 
-def build_dataclass(cls: type, raw: Any, prefix: str, all_keys: list[str]) -> Any:
+def build_dataclass(cls: type, raw: Any, prefix: str, all_keys: list[str],
+                    aliases: dict[str, str] | None = None) -> Any:
     """cls(**raw), nested dataclasses built from nested mappings, every value checked against its
     annotation; a key cls lacks is an error naming the nearest of `all_keys`."""
     if not isinstance(raw, dict):
@@ -150,7 +156,7 @@ def build_dataclass(cls: type, raw: Any, prefix: str, all_keys: list[str]) -> An
     names = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in names:
-            raise UserError(unknown_key_message(prefix + str(key), all_keys))
+            raise UserError(unknown_key_message(prefix + str(key), all_keys, aliases))
     kwargs = {}
     switches = getattr(cls, "SWITCHES", ())
     for name, value in raw.items():
@@ -158,7 +164,8 @@ def build_dataclass(cls: type, raw: Any, prefix: str, all_keys: list[str]) -> An
         if name in switches and isinstance(value, bool):
             value = "on" if value else "off"  # YAML reads on/off as booleans
         if dataclasses.is_dataclass(ftype):
-            kwargs[name] = build_dataclass(ftype, value or {}, prefix + name + ".", all_keys)
+            kwargs[name] = build_dataclass(ftype, value or {}, prefix + name + ".", all_keys,
+                                           aliases)
         else:
             kwargs[name] = _coerce(prefix + name, value, ftype)
     return cls(**kwargs)

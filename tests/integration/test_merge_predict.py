@@ -51,15 +51,21 @@ def test_merge_writes_a_loadable_model_that_matches_base_plus_adapter(trained_ru
 
 
 def test_merge_refuses_a_non_empty_out_unless_overwrite(trained_run, tmp_path, capsys):
-    out = tmp_path / "taken"
-    out.mkdir()
-    (out / "keep.txt").write_text("x", encoding="utf-8")
+    taken = tmp_path / "taken"  # a folder loralab did not write: refused even with --overwrite
+    taken.mkdir()
+    (taken / "keep.txt").write_text("x", encoding="utf-8")
+    for extra in ([], ["--overwrite"]):
+        assert main(["merge", "--adapter", str(trained_run), "--out", str(taken), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "not a merged model" in err
+    assert (taken / "keep.txt").is_file()
+    out = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(trained_run), "--out", str(out)]) == 0
     assert main(["merge", "--adapter", str(trained_run), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--overwrite" in err
-    assert (out / "keep.txt").is_file()
+    assert "--overwrite" in err.splitlines()[-1]
     assert main(["merge", "--adapter", str(trained_run), "--out", str(out), "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "merge_check.json").is_file()
+    assert (out / "merge_check.json").is_file()
 
 
 def test_merge_missing_adapter(tmp_path, capsys):

@@ -111,7 +111,8 @@ def save_adapter_files(peft_model: Any, tokenizer: Any, folder: Path) -> None:
         with os_errors(tmp):
             peft_model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            with os_errors(tmp):  # the tokenizers library says "File too large (os error 27)"
+                tokenizer.save_pretrained(tmp)
         names = sorted(p.name for p in tmp.iterdir())
         names.sort(key=lambda n: n == "adapter_config.json")  # config last
         for name in names:
@@ -242,7 +243,9 @@ def check_resume_config(run_dir: Path, new_config: dict[str, Any]) -> None:
         raise UserError(f"cannot resume {run_dir}: its config.yaml is missing")
     saved = _flatten(read_yaml_mapping(run_dir / "config.yaml"))
     wanted = _flatten(new_config)
-    diffs = [k for k, v in wanted.items() if saved.get(k) != v and not k.startswith("tracking.")]
+    # A moved or copied run folder resumes where it is now: output_dir is not a hyperparameter.
+    diffs = [k for k, v in wanted.items()
+             if saved.get(k) != v and not k.startswith("tracking.") and k != "output_dir"]
     if diffs:
         raise UserError(
             f"cannot resume {run_dir} with a different config: {', '.join(diffs[:5])} changed"
