@@ -47,6 +47,13 @@ def tag_labels(tags: list[str]) -> dict[str, str]:
     return {t: f"T{i}" for i, t in enumerate(tags, 1)}
 
 
+def coded_tags_note(tags: list[str]) -> str:
+    """What T1, T2, ... stand for, in words a font without CJK glyphs can draw."""
+    return (f"T1-T{len(tags)}: the eval.tags in config order (T1 = the first). Their names need a "
+            "CJK font (apt-get install fonts-wqy-microhei, then loralab report again); "
+            "report.html lists them.")
+
+
 def _font_context():
     import matplotlib
 
@@ -271,6 +278,8 @@ def plot_tag_mae(path: Path, targets: list[LoadedTarget], tags: list[str],
             ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
                     color="white" if value > middle else "black")
     ax.set_title("per-tag mean absolute error (lower is better)", fontsize=10)
+    if any(labels[t] != t for t in tags):
+        fig.supxlabel(coded_tags_note(tags), fontsize=6.5, wrap=True)  # laid out with the axes
     fig.colorbar(image, ax=ax, shrink=0.8)
     fig.savefig(path)
     return path
