@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +31,8 @@ def accumulate_step(
     """
     from loralab.data.batching import collate_for_model, real_tokens, to_device
 
-    shard = process_shard(micro_batches, dist.rank, dist.world)
+    lengths = {i: len(examples[i].input_ids) for mb in micro_batches for i in mb}
+    shard = process_shard(micro_batches, dist.rank, dist.world, lengths)
     groups = [[examples[i] for i in mb] for mb in shard]
     batches = [collate_for_model(group, pad_id, packed, pad_multiple) for group in groups]
     local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
@@ -48,13 +50,29 @@ def accumulate_step(
     return stats
 
 
-def process_shard(micro_batches: list[list[int]], index: int, processes: int) -> list[list[int]]:
-    """This process's micro-batches of a step: whole micro-batches dealt round-robin, or, when
-    the step has fewer micro-batches than processes, its sequences dealt one by one."""
-    if processes > 1 and len(micro_batches) < processes:
-        flat = [i for mb in micro_batches for i in mb]
-        micro_batches = [flat[k::processes] for k in range(processes)]
-    return [mb for mb in micro_batches[index::processes] if mb]
+def process_shard(
+    micro_batches: list[list[int]], index: int, processes: int, lengths: Mapping[int, int] | None = None
+) -> list[list[int]]:
+    """This process's micro-batches of one step.
+
+    One process: the plan as it is. Several: the step's sequences are dealt longest first to the
+    process with the fewest tokens so far (a step waits for its slowest process, and the plan
+    sorts by length, so dealing whole micro-batches would give process 0 all the long ones),
+    then cut into micro-batches no larger than the plan's.
+    """
+    if processes == 1:
+        return [mb for mb in micro_batches if mb]
+    flat = [i for mb in micro_batches for i in mb]
+    size = max(len(mb) for mb in micro_batches)
+    cost = (lambda i: lengths[i]) if lengths is not None else (lambda i: 1)
+    mine: list[list[int]] = [[] for _ in range(processes)]
+    load = [0] * processes
+    for i in sorted(flat, key=lambda i: -cost(i)):  # stable: ties keep the plan's order
+        k = min(range(processes), key=lambda k: (load[k], k))
+        mine[k].append(i)
+        load[k] += cost(i)
+    share = mine[index]
+    return [share[j : j + size] for j in range(0, len(share), size)]
 
 
 def clip_gradients(params, max_norm: float) -> float:

@@ -21,6 +21,16 @@ def test_more_batches_than_processes_are_dealt_out():
     assert process_shard(plan, 1, 2) == [[1], [3]]
 
 
+def test_processes_get_equal_tokens_not_the_longest_batch():
+    """The plan sorts a step longest first: whole micro-batches would give process 0 the long
+    sequences (and the whole job would wait for it); dealing by tokens evens the load."""
+    plan = [[0, 1], [2, 3]]
+    lengths = {0: 100, 1: 90, 2: 20, 3: 10}
+    shards = [process_shard(plan, k, 2, lengths) for k in range(2)]
+    assert shards == [[[0, 3]], [[1, 2]]]
+    assert [sum(lengths[i] for mb in s for i in mb) for s in shards] == [110, 110]
+
+
 def test_an_idle_process_runs_no_forward_and_counts_the_others_tokens():
     """Process 1 of 2 gets no sequence of a 1-sequence step: no forward, no gradient of its own
     (Dist.sum_gradients gives it zeros to add), and the step's figures are the job's."""

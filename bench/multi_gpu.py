@@ -1,0 +1,153 @@
+"""Training throughput on 1 and 2 GPUs, side by side in one run (loralab's data parallelism).
+
+Qwen2.5-7B shapes with random bf16 weights, r=8 on the 7 projections, the fast path at its
+defaults, dropout 0 (so the 1- and 2-GPU losses can be compared step by step), lengths uniform
+150-384 with the last 25% labelled. Each job is a fresh `torchrun` of this file's worker:
+  one_gpu_global16   1 process, 16 sequences a step (the seed's effective batch)
+  one_gpu_global8    1 process, 8 a step: one GPU's share of the next job (2x this = its ceiling)
+  two_gpu_global16   2 processes, the same 16 sequences a step (8 per GPU)      goal >= 1.6x
+  two_gpu_global32   2 processes, 32 sequences a step (16 per GPU)             goal >= 1.9x
+Tokens/s is the median over steps after the warm-up (compile, new shapes) of the whole job's
+tokens; the losses of the first 20 steps of the 2-GPU global-16 job are set against the 1-GPU job.
+
+    python bench/multi_gpu.py --out $OUT                 # on a machine with 2 GPUs
+    python bench/multi_gpu.py --out $OUT --steps 8 --warm 3 --jobs one_gpu_global16   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import SEVEN_B, TARGETS, build_model, environment, median, seed_like_examples  # noqa: E402
+
+JOBS = {  # name: (processes, sequences per optimizer step)
+    "one_gpu_global16": (1, 16),
+    "one_gpu_global8": (1, 8),  # what one GPU does with a 2-GPU job's share: the ceiling
+    "two_gpu_global16": (2, 16),
+    "two_gpu_global32": (2, 32),
+}
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One process of a job: build the model on its GPU, train, rank 0 writes the figures."""
+    import torch
+
+    from loralab.config import config_from_dict
+    from loralab.train.dist import from_env, shutdown
+    from loralab.train.loop import Base, train_adapter
+
+    dist = from_env()
+    model = build_model(SEVEN_B)
+    examples = seed_like_examples(4000)
+    out = Path(dist.share(tempfile.mkdtemp(prefix="mgpu_")))
+    cfg = config_from_dict({
+        "output_dir": str(out), "model": {"path": "7b-shapes"},
+        "data": {"path": "random", "max_length": 384},
+        "lora": {"target_modules": TARGETS, "dropout": 0.0},
+        "train": {"max_steps": args.steps, "batch_size": args.global_batch, "grad_accum": 1,
+                  "save_every": 0},
+        "tracking": {"backend": "none"},
+    }).validate()
+
+    class NoTokenizer:
+        pad_token_id = 151643
+
+        def save_pretrained(self, folder) -> None:
+            del folder
+
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    peft_model, result = train_adapter(cfg, Base(model, NoTokenizer(), dist.device),
+                                       data=(examples, {"kept": len(examples)}), overwrite=True,
+                                       show_progress=False, dist=dist)
+    wall = time.time() - t0
+    peaks = dist.gather(round(torch.cuda.max_memory_allocated() / 2**30, 2))
+    if dist.is_main:
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        Path(args.result).write_text(json.dumps({
+            "processes": dist.world, "global_batch": args.global_batch,
+            "tokens_per_s": median([r["tokens_per_s"] for r in rows[args.warm:]]),
+            "step_tokens_per_s": [round(r["tokens_per_s"]) for r in rows],
+            "losses": [r["loss"] for r in rows], "grad_norms": [r["grad_norm"] for r in rows],
+            "peak_gib_per_gpu": peaks, "wall_s": round(wall, 1), "fast_path": result["fast_path"],
+        }))
+    peft_model.unload()
+    shutdown()
+
+
+def run_job(name: str, args: argparse.Namespace, out: Path) -> dict:
+    procs, batch = JOBS[name]
+    result = out / f"{name}.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}",
+           __file__, "--worker", "--global-batch", str(batch), "--steps", str(args.steps),
+           "--warm", str(args.warm), "--result", str(result)]
+    t0 = time.time()
+    with open(out / f"{name}.log", "w") as log:
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        print(f"{name}: FAILED (exit {code}), see {name}.log", flush=True)
+        return {"job": name, "error": f"exit {code}"}
+    row = {"job": name, **json.loads(result.read_text()), "job_wall_s": round(time.time() - t0, 1)}
+    print(name, json.dumps({k: v for k, v in row.items() if k not in ("losses", "grad_norms",
+                                                                       "step_tokens_per_s", "fast_path")}),
+          flush=True)
+    return row
+
+
+def compare(rows: dict[str, dict]) -> dict:
+    base = rows.get("one_gpu_global16", {})
+    out = {}
+    for name in ("two_gpu_global16", "two_gpu_global32"):
+        if "tokens_per_s" in rows.get(name, {}) and "tokens_per_s" in base:
+            out[f"{name}_speedup"] = round(rows[name]["tokens_per_s"] / base["tokens_per_s"], 3)
+    two = rows.get("two_gpu_global16", {})
+    if "losses" in two and "losses" in base:
+        pairs = list(zip(base["losses"][:20], two["losses"][:20], strict=False))
+        out["loss_max_rel_diff_first20"] = max(abs(b - a) / abs(a) for a, b in pairs)
+        out["grad_norm_max_rel_diff_first20"] = max(
+            abs(b - a) / abs(a) for a, b in zip(base["grad_norms"][:20], two["grad_norms"][:20],
+                                                strict=False))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--out")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warm", type=int, default=5)
+    ap.add_argument("--jobs", default=",".join(JOBS))
+    ap.add_argument("--commit", default=None)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--global-batch", type=int, default=16, help=argparse.SUPPRESS)
+    ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args)
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = environment(args.commit)
+    env["visible_gpus"] = os.environ.get("CUDA_VISIBLE_DEVICES", "all")
+    print("environment", json.dumps(env), flush=True)
+    print(f"config: Qwen2.5-7B shapes, random bf16, r=8 alpha=32 on {TARGETS}, dropout 0, fast "
+          f"path defaults, lengths 150-384 (last 25% labelled), {args.steps} steps, first "
+          f"{args.warm} not timed; jobs {args.jobs}", flush=True)
+    rows = {name: run_job(name, args, out) for name in args.jobs.split(",")}
+    summary = compare(rows)
+    print("summary", json.dumps(summary), flush=True)
+    (out / "multi_gpu.json").write_text(json.dumps({"environment": env, "steps": args.steps,
+                                                    "warm": args.warm, "jobs": rows,
+                                                    "summary": summary}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
