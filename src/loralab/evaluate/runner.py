@@ -13,14 +13,8 @@ from typing import Any
 
 from loralab.config import Config, get_dotted, load_config, read_yaml_mapping
 from loralab.errors import UserError
+from loralab.evaluate import run_dirs
 from loralab.evaluate.adapters import AdapterSource
-from loralab.evaluate.run_dirs import (
-    checkpoint_curve,
-    checkpoint_step,
-    config_dir,
-    display_name,
-    same_base,
-)
 from loralab.evaluate.tasks import COMPARISON_DIRNAME
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -55,7 +49,7 @@ def expand_adapter_dirs(paths: list[Path]) -> list[tuple[Path, str]]:
         if (path / SWEEP_MANIFEST).is_file() and not (path / ADAPTER_CONFIG).is_file():
             found += _finished_trials(path)
         elif (path / ADAPTER_CONFIG).is_file():
-            found.append((path, display_name(path)))
+            found.append((path, run_dirs.display_name(path)))
         else:
             raise UserError(f"{path} holds no {ADAPTER_CONFIG} or {SWEEP_MANIFEST}: "
                             "give a trained run folder or a sweep folder")
@@ -84,12 +78,12 @@ def run_config_raw(run_dir: Path) -> dict[str, Any]:
 
 def adapter_run(path: Path, name: str, step: int | None = None) -> AdapterRun:
     """A run folder, a checkpoint of one (its config two levels up) or a bare PEFT folder."""
-    home = config_dir(path)
+    home = run_dirs.config_dir(path)
     raw = run_config_raw(home)
     adapter_cfg = _read_adapter_config(path)
     base = get_dotted(raw, "model.path") or adapter_cfg.get("base_model_name_or_path") or ""
     return AdapterRun(Path(path), name, str(base), get_dotted(raw, "data.system_prompt"), home,
-                      step if step is not None else checkpoint_step(path))
+                      step if step is not None else run_dirs.checkpoint_step(path))
 
 
 def _read_adapter_config(path: Path) -> dict[str, Any]:
@@ -106,7 +100,8 @@ def _read_adapter_config(path: Path) -> dict[str, Any]:
 def check_same_base(model_path: str, resolved: str | None, runs: list[AdapterRun]) -> None:
     """Every adapter must come from the base being loaded: a LoRA is a delta on one base."""
     for run in runs:
-        ok = same_base(run.base, model_path) or (resolved is not None and same_base(run.base, resolved))
+        ok = run_dirs.same_base(run.base, model_path) or (
+            resolved is not None and run_dirs.same_base(run.base, resolved))
         if not ok:
             raise UserError(
                 f"adapter {run.path} was trained on base {run.base!r}, but this evaluation's base is "
@@ -337,7 +332,7 @@ def run_eval(data: Path | None, adapter_args: list[Path], base: bool, limit: int
         raise UserError("nothing to evaluate: give --adapters RUN_OR_SWEEP ... and/or --base")
     runs = [adapter_run(p, n) for p, n in expand_adapter_dirs(adapter_args)]
     if curve_of is not None:
-        runs += [adapter_run(p, n, step) for p, n, step in checkpoint_curve(curve_of)]
+        runs += [adapter_run(p, n, step) for p, n, step in run_dirs.checkpoint_curve(curve_of)]
         out = out or Path(curve_of) / CURVE_DIRNAME
     cfg = eval_config(config, runs, overrides)
     check_same_base(cfg.model.path, None, runs)
