@@ -36,12 +36,14 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def _assert_same_adapter(a: Path, b: Path, rel=1e-5) -> None:
+def _assert_same_adapter(a: Path, b: Path) -> None:
+    """Equal up to summation order: processes add their gradients in another order than one
+    process does (seen: 1.4e-7 on weights of ~4e-3); one Adam step here moves a weight by 2e-3."""
     wa = load_file(str(a / "adapter_model.safetensors"))
     wb = load_file(str(b / "adapter_model.safetensors"))
     assert wa.keys() == wb.keys()
     for key in wa:
-        assert torch.allclose(wa[key], wb[key], rtol=rel, atol=1e-7), key
+        assert torch.allclose(wa[key], wb[key], rtol=1e-5, atol=1e-6), key
 
 
 @pytest.fixture(scope="module")

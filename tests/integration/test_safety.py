@@ -194,8 +194,6 @@ def test_disk_full_in_a_checkpoint_is_one_line_and_result_json_says_failed(tmp_p
     assert result["status"] == "failed" and "File too large" in result["error"], result
 
 
-@pytest.mark.xfail(strict=True, reason="train/loop.py saves the final adapter outside the try "
-                   "that writes result.json 'failed' (issue 15: lead wires it)")
 def test_disk_full_in_the_final_save_says_failed_in_result_json(tmp_path, overrides, tiny_base):
     # 1 MB: every file but the 7 MB tokenizer.json of the final save fits.
     code, lines, result = full_disk_train(tmp_path, overrides, 1_000_000)

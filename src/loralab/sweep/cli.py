@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
 from typing import Any
 
 from rich.console import Console
@@ -49,8 +50,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         manifest = read_manifest(spec.output_dir)
         if manifest:
             write_summary(manifest, spec.output_dir)
-        console.print(f"[yellow]interrupted[/yellow]: loralab sweep {args.sweep_file} --resume "
-                      "finishes it")
+        again = " ".join(shlex.quote(a) for a in [args.sweep_file, *args.overrides])
+        console.print(f"[yellow]interrupted[/yellow]: loralab sweep {again} --resume finishes it",
+                      highlight=False)
         return 130
     written = write_summary(manifest, spec.output_dir)
     console.print(f"{sweep_status_line(manifest)}; written: "

@@ -35,9 +35,18 @@ def run_sweep(
     spec: SweepSpec, *, resume: bool = False, overwrite: bool = False, show_progress: bool = True
 ) -> dict[str, Any]:
     """Train every unfinished trial; returns the final manifest (also in SWEEP_DIR/sweep.json)."""
-    manifest = start_manifest(spec, resume, overwrite)
-    spec.output_dir.mkdir(parents=True, exist_ok=True)
-    save_manifest(spec.output_dir, manifest)
+    from loralab import rundir
+
+    with rundir.folder_lock(spec.output_dir):  # one sweep per folder at a time
+        manifest = start_manifest(spec, resume, overwrite)
+        rundir.mark(spec.output_dir, "sweep")
+        rundir.clean_stale_temp(spec.output_dir)
+        save_manifest(spec.output_dir, manifest)
+        _run_trials(spec, manifest, show_progress)
+    return manifest
+
+
+def _run_trials(spec: SweepSpec, manifest: dict[str, Any], show_progress: bool) -> None:
     todo = group_by_base([t for t in spec.trials if trial_entry(manifest, t.name)["status"] != "done"])
     skipped = len(spec.trials) - len(todo)
     workers = worker_count(spec.parallel, len(todo))
@@ -50,7 +59,6 @@ def run_sweep(
         _run_in_workers(spec, manifest, todo, workers)
     else:
         _run_in_process(spec, manifest, todo, show_progress)
-    return manifest
 
 
 def group_by_base(trials: list[Trial]) -> list[Trial]:
@@ -139,14 +147,27 @@ def _report(spec: SweepSpec, manifest: dict[str, Any], name: str, status: str, f
     save_manifest(spec.output_dir, manifest)
     if status == "running":
         return
-    done = sum(1 for e in manifest["trials"] if e["status"] in ("done", "failed"))
-    total = len(manifest["trials"])
     if status == "done":
         r = fields["result"]
-        line = f"[green]done[/green] loss {r['final_loss']:.4f}, {r['wall_seconds']:.1f} s"
+        line = f"[green]done[/green]: loss {r['final_loss']:.6g}, {r['wall_seconds']:.1f} s"
+    elif status == "interrupted":
+        line = f"[yellow]{fields.get('error')}[/yellow]"
     else:
-        line = f"[red]{status}[/red] {fields.get('error')}"
-    console.print(f"[{done}/{total}] {name}: {line}", highlight=False)
+        line = f"[red]{status}[/red]: {fields.get('error')}"
+    console.print(f"{_position(manifest, name)} {name}: {line}", highlight=False)
+
+
+def _position(manifest: dict[str, Any], name: str) -> str:
+    """[k/N]: the trial's place in the sweep (not a count of finished trials)."""
+    names = [e["name"] for e in manifest["trials"]]
+    return f"[{names.index(name) + 1}/{len(names)}]"
+
+
+def _announce(manifest: dict[str, Any], trial: Trial) -> None:
+    """A header above each in-process trial's data summary and progress, naming it."""
+    changes = " ".join(f"{k}={v}" for k, v in trial.overrides.items())
+    console.print(f"\n[bold]{_position(manifest, trial.name)} trial {trial.name}[/bold] {changes}",
+                  highlight=False)
 
 
 # ---------------------------------------------------------------- in this process
@@ -156,6 +177,8 @@ def _run_in_process(spec: SweepSpec, manifest: dict, todo: list[Trial], show_pro
     bases = SharedBase()
     for trial in todo:
         _report(spec, manifest, trial.name, "running", {"worker": None})
+        if show_progress:
+            _announce(manifest, trial)
         try:
             status, fields = execute_trial(trial, bases.get(trial), show_progress)
         except KeyboardInterrupt:

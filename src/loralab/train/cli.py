@@ -78,14 +78,14 @@ def dry_run(cfg: Config) -> int:
     from loralab.io import write_json
     from loralab.model.load import resolve_tokenizer_path
     from loralab.model.tokenizer import load_tokenizer
-    from loralab.train.checkpoint import is_run_dir
+    from loralab.rundir import is_empty
 
     tokenizer = load_tokenizer(resolve_tokenizer_path(cfg.model))
     _, summary = build_dataset(cfg.data, tokenizer, cfg.train.seed)
     print_summary(summary)
     run_dir = Path(cfg.output_dir)
-    if is_run_dir(run_dir):
-        console.print(f"{run_dir} holds a run: data_summary.json not written there")
+    if not is_empty(run_dir):  # a run, or a user's folder: write nothing into it
+        console.print(f"{run_dir} is not empty: data_summary.json not written there")
     else:
         write_json(run_dir / "data_summary.json", summary)
         console.print(f"config and data OK; data summary written to {run_dir / 'data_summary.json'}")

@@ -149,9 +149,10 @@ def apply(fast: FastPath, model: torch.nn.Module, peft_model: torch.nn.Module) -
     if fast.compile:
         undo.append(compile_layers(model))
 
-    def restore() -> None:
+    def restore() -> None:  # once: a later call (an error after the undo) does nothing
         for step in reversed(undo):
             step()
+        undo.clear()
 
     return restore
 

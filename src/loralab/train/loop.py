@@ -6,6 +6,7 @@ Data flow: records → Examples (tokens + labels) → per-step plan of micro-bat
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -86,18 +87,25 @@ def train_adapter(
     input is checked before the run directory is touched, and only the main process of a
     multi-process job checks, writes or removes anything in it.
     """
+    dist = dist or from_env()
+    run_dir = Path(cfg.output_dir)
+    with contextlib.ExitStack() as held:
+
+        def check() -> None:  # one writer per folder: the lock is held until the run ends
+            held.enter_context(ckpt.run_lock(run_dir))
+            ckpt.check_run_dir(run_dir, resume, overwrite)
+            if resume:
+                ckpt.check_resume_config(run_dir, cfg.to_dict())
+
+        dist.main_decides(check)
+        return _attach_and_train(cfg, base, data, resume, overwrite, show_progress, dist)
+
+
+def _attach_and_train(cfg, base, data, resume, overwrite, show_progress, dist):
     from loralab.data.summary import build_dataset, print_summary
     from loralab.model.lora import attach_lora
 
-    dist = dist or from_env()
     run_dir = Path(cfg.output_dir)
-
-    def check() -> None:
-        ckpt.check_run_dir(run_dir, resume, overwrite)
-        if resume:
-            ckpt.check_resume_config(run_dir, cfg.to_dict())
-
-    dist.main_decides(check)
     started = time.time()
     examples, summary = data or build_dataset(cfg.data, base.tokenizer, cfg.train.seed)
     if dist.is_main and show_progress:
@@ -129,6 +137,7 @@ def _prepare_dir(run_dir: Path, cfg: Config, summary: dict, resume: bool, overwr
     if overwrite:
         ckpt.clear_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.mark_run_dir(run_dir)  # loralab's marker; temp files of a killed write go
     if not resume:
         save_config(cfg, run_dir / "config.yaml")
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -180,7 +189,8 @@ def _train(
         ckpt.write_result(run_dir, {**result, "status": "running"})
     tracker = start_tracker(cfg.tracking, run_dir, cfg.to_dict()) if main else None
     held_out = _held_out_examples(cfg, base.tokenizer)
-    bar = StepProgress(opt.schedule.total_steps, done.step, enabled=show_progress and main)
+    bar = StepProgress(opt.schedule.total_steps, done.step, enabled=show_progress and main,
+                       log_every=cfg.train.log_every)
     undo_levers = levers.apply(fast, base.model, peft_model)
     try:
         for step in range(done.step, opt.schedule.total_steps):
@@ -201,37 +211,39 @@ def _train(
             ):
                 append_jsonl(run_dir / "metrics.jsonl", row)
                 tracker.log(_tracker_metrics(row), step + 1)
-            bar.update(step + 1, row["loss"], row["tokens_per_s"])
+            bar.update(step + 1, row["loss"], row["tokens_per_s"], row.get("eval_loss"))
             every = cfg.train.save_every
             if every and (step + 1) % every == 0 and step + 1 < opt.schedule.total_steps:
                 _checkpoint(run_dir, peft_model, opt, done, dist)
             _test_kill_hook(step + 1)
+        undo_levers()  # the base and the adapter layers go back to plain HF + PEFT
+        bar.close()
+        peft_model.eval()
+        result.update(final_numbers(done.losses, done.tokens, done.train_seconds, started))
+        result["peak_memory_gb"] = round(dist.max(result["peak_memory_gb"]), 3)
+        result["processes"] = dist.world
+        if main:
+            ckpt.save_adapter_files(peft_model, base.tokenizer, run_dir)
+            if base.device.type == "cuda" and done.largest[0]:
+                # Predicted for the largest micro-batch this run actually had, to set against
+                # peak_memory_gb (the fast_path's own figure is the plan's worst case).
+                result["predicted_peak_gb"] = levers.predict_peak_gib(
+                    cfg, base.model, fast, *done.largest
+                )
+            ckpt.write_result(run_dir, {**result, "status": "done"})
     except BaseException as exc:
+        undo_levers()
         bar.close()
         if main:
             status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
             error = f"{type(exc).__name__}: {exc}"
-            ckpt.write_result(
-                run_dir, {**result, "status": status, "error": error, "steps": done.step}
-            )
+            with contextlib.suppress(OSError):  # a full disk must not hide the real error
+                ckpt.write_result(
+                    run_dir, {**result, "status": status, "error": error, "steps": done.step}
+                )
             tracker.finish()
         raise
-    finally:
-        undo_levers()  # the base and the adapter layers go back to plain HF + PEFT
-    bar.close()
-    peft_model.eval()
-    result.update(final_numbers(done.losses, done.tokens, done.train_seconds, started))
-    result["peak_memory_gb"] = round(dist.max(result["peak_memory_gb"]), 3)
-    result["processes"] = dist.world
     if main:
-        ckpt.save_adapter_files(peft_model, base.tokenizer, run_dir)
-        if base.device.type == "cuda" and done.largest[0]:
-            # Predicted for the largest micro-batch this run actually had, to set against
-            # peak_memory_gb (the fast_path's own figure is the plan's worst case).
-            result["predicted_peak_gb"] = levers.predict_peak_gib(
-                cfg, base.model, fast, *done.largest
-            )
-        ckpt.write_result(run_dir, {**result, "status": "done"})
         tracker.finish()
         result["tracker"] = {"backend": tracker.name, "log_dir": tracker.where}
     return {**result, "status": "done"}
