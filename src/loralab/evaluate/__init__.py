@@ -1,5 +1,3 @@
-"""Evaluation: task plug-ins (`tag_scores`, `generic`), scoring, reference predictors, bootstrap.
-
-Scoring works from text alone; the files an evaluated target leaves on disk are described in
-`loralab.evaluate.tasks` (the contract `loralab report` reads).
+"""Evaluation: generation over the eval records (base, adapters, checkpoints) and the commands
+`loralab eval`, `predict` and `chat`. Scoring the generations is `loralab.scoring`'s (torch-free).
 """

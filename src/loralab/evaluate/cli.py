@@ -115,8 +115,8 @@ def read_inputs(path: Path) -> list[dict[str, Any]]:
 def cmd_predict(args: argparse.Namespace) -> int:
     from loralab.data.render import render_prompt
     from loralab.evaluate.generate import GenSettings, generate_texts
-    from loralab.evaluate.tasks import get_task
     from loralab.io import atomic_write_text
+    from loralab.scoring.tasks import get_task
 
     inputs = read_inputs(args.input)[: args.limit] if args.limit else read_inputs(args.input)
     model, tokenizer, cfg = load_adapter_model(args.adapter, args.device)
@@ -125,12 +125,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     settings = GenSettings(max_new_tokens=args.max_new_tokens or cfg.eval.max_new_tokens or 512,
                            batch_size=cfg.eval.batch_size, engine=args.engine)
     generations, stats = generate_texts(model, tokenizer, prompts, settings)
-    task = get_task(cfg.eval) if cfg.eval.task == "tag_scores" else None
+    task = get_task(cfg.eval)
     lines = []
     for x, g in zip(inputs, generations, strict=True):
         row = {"input": x["messages"][-1]["content"], "generation": g.text,
                "finished": g.finished, "new_tokens": g.new_tokens}
-        if task is not None:
+        if task.predict_shows_parsed:
             row["parsed"] = task.parse(g.text)
         lines.append(json.dumps(row, ensure_ascii=False) + "\n")
     if args.out:

@@ -1,7 +1,7 @@
 """`loralab eval`: load the base once, generate and score with it and every adapter, compare.
 
 Everything the user can get wrong (folders, bases, the eval file, the config) is checked
-before any weights are loaded. Files written follow the contract in `loralab.evaluate.tasks`.
+before any weights are loaded. Files written follow the contract in `loralab.scoring.tasks`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from loralab.config import Config, get_dotted, load_config, read_yaml_mapping
 from loralab.errors import UserError
 from loralab.evaluate import run_dirs
 from loralab.evaluate.adapters import AdapterSource
-from loralab.evaluate.tasks import COMPARISON_DIRNAME
+from loralab.scoring.tasks import COMPARISON_DIRNAME
 
 ADAPTER_CONFIG = "adapter_config.json"
 SWEEP_MANIFEST = "sweep.json"
@@ -210,7 +210,7 @@ def evaluate_group(ctx: EvalContext, runs: list[AdapterRun], indices: range,
     import torch
 
     from loralab.evaluate.generate import generate_texts_for_adapters
-    from loralab.evaluate.tasks import hyperparams_from_run
+    from loralab.scoring.tasks import hyperparams_from_run
 
     group = [i for i in indices if i < len(runs)]
     prompts = {i: render_prompts(ctx.tokenizer, ctx.records,
@@ -252,7 +252,7 @@ def evaluate_target(ctx: EvalContext, model: Any, prompts: list[str], meta: dict
     adapter read as tensors (adapters.AdapterSource), folded into the engine's own forward;
     `generated`: (generations, stats) already made with other adapters in one batch."""
     from loralab.evaluate.generate import LAST_RUN, generate_texts
-    from loralab.evaluate.tasks import score_predictions, write_target_results
+    from loralab.scoring.tasks import score_predictions, write_target_results
 
     records, task, settings = ctx.records, ctx.task, ctx.settings
     generations, stats = generated or generate_texts(model, ctx.tokenizer, prompts, settings,
@@ -324,9 +324,9 @@ def run_eval(data: Path | None, adapter_args: list[Path], base: bool, limit: int
     """The whole `loralab eval`; returns {"comparison_dir", "targets"}. curve_of: a run whose
     checkpoints and final adapter are evaluated, each target labelled with its step."""
     from loralab.data.records import read_records
-    from loralab.evaluate.references import score_references
-    from loralab.evaluate.tasks import get_task, write_targets_manifest
     from loralab.model.load import load_tokenizer_for, resolve_tokenizer_path
+    from loralab.scoring.references import score_references
+    from loralab.scoring.tasks import get_task, write_targets_manifest
 
     if not adapter_args and not base and curve_of is None:
         raise UserError("nothing to evaluate: give --adapters RUN_OR_SWEEP ... and/or --base")

@@ -2,7 +2,7 @@
 
 With 77 eval records two trials a point apart are usually noise: the verdict pairs the best
 adapter with the runner-up and with the best reference predictor record by record (paired
-bootstrap, evaluate/stats.py) and says whether each difference is distinguishable (p < 0.05).
+bootstrap, scoring/stats.py) and says whether each difference is distinguishable (p < 0.05).
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from loralab.evaluate.stats import paired_bootstrap
-from loralab.evaluate.tasks import higher_is_better, record_values
 from loralab.report.tables import LoadedTarget, fmt, same_records
+from loralab.scoring.stats import paired_bootstrap
+from loralab.scoring.tasks import higher_is_better, record_values
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Build a comparison report from evaluated folders on disk; never loads a model.
 
 `loralab report DIR` accepts
-- a comparison folder: it holds `targets.json` (see loralab.evaluate.tasks) listing the targets;
+- a comparison folder: it holds `targets.json` (see loralab.scoring.tasks) listing the targets;
 - a sweep folder: `sweep.json` = {"trials": [{"path": trial run dir, ...}, ...]}; each trial's
   `eval/` folder is a target, plus `DIR/comparison/targets.json` (base, references) if present;
 - a run folder: `RUN/eval/` is a target, plus `RUN/comparison/targets.json` if present.
@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from loralab.errors import UserError
-from loralab.evaluate.tasks import (
+from loralab.io import atomic_write_text
+from loralab.report import best, html, plots, tables
+from loralab.scoring.tasks import (
     COMPARISON_DIRNAME,
     METRICS,
     TARGETS_MANIFEST,
@@ -22,8 +24,6 @@ from loralab.evaluate.tasks import (
     read_target,
     read_targets_manifest,
 )
-from loralab.io import atomic_write_text
-from loralab.report import best, html, plots, tables
 
 SWEEP_MANIFEST = "sweep.json"
 RUN_EVAL_DIRNAME = "eval"

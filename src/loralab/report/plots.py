@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from loralab.evaluate.tag_scores import is_number, parse_tag_json
-from loralab.evaluate.tasks import higher_is_better
 from loralab.report.tables import LoadedTarget, varying_hyperparams
+from loralab.scoring.tag_scores import is_number, parse_tag_json
+from loralab.scoring.tasks import higher_is_better
 
 # Fonts that carry CJK glyphs, tried in order; without one, tags are drawn as T1, T2, ...
 CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Micro Hei",

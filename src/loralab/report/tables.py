@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loralab.evaluate.stats import paired_bootstrap
-from loralab.evaluate.tasks import HYPERPARAM_KEYS, higher_is_better, record_values
 from loralab.io import atomic_write_text
+from loralab.scoring.stats import paired_bootstrap
+from loralab.scoring.tasks import HYPERPARAM_KEYS, higher_is_better, record_values
 
 KIND_ORDER = {"base": 0, "adapter": 1, "reference": 2}
 GEN_KEYS = ("new_tokens", "seconds", "tokens_per_s")

@@ -10,8 +10,11 @@ Character-level metrics, because the seed's data is Chinese (no spaces to split 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from loralab.errors import UserError
 
 HEADLINE = ["exact_match", "char_f1", "rouge_l", "valid_rate"]
 RECORD_FIELDS = {"valid_rate": "valid"}
@@ -67,9 +70,20 @@ class GenericTask:
 
     name: str = "generic"
     headline: list[str] = field(default_factory=lambda: list(HEADLINE))
+    # The parse is the stripped text: `loralab predict` would only repeat the generation.
+    predict_shows_parsed: bool = False
 
     def parse(self, text: str) -> str:
         return text.strip()
+
+    def reference_predictors(self, train_answers: list[str]) -> dict[str, Callable[[dict], str]]:
+        """most_frequent: the commonest (stripped) training answer; ties go to the first seen."""
+        if not train_answers:
+            raise UserError("no training answers: cannot build reference predictors")
+        counts = Counter(a.strip() for a in train_answers)
+        top = max(counts.values())
+        most = next(a.strip() for a in train_answers if counts[a.strip()] == top)
+        return {"most_frequent": lambda record: most}
 
     def higher_is_better(self, metric: str) -> bool:
         return True

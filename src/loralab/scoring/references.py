@@ -7,72 +7,19 @@ Each predictor maps an eval record to a generation text and is scored exactly li
 
 from __future__ import annotations
 
-import json
-import math
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from loralab.errors import UserError
-from loralab.evaluate.tag_scores import is_number, parse_tag_json
-from loralab.evaluate.tasks import get_task, score_predictions, write_target_results
+from loralab.scoring.tasks import get_task, score_predictions, write_target_results
 
 Predictor = Callable[[dict], str]
 REFERENCES_DIRNAME = "references"
 
 
-def _round_half_up(value: float) -> int:
-    """Rounding people expect (2.5 → 3), unlike Python's round-half-to-even."""
-    return int(math.floor(value + 0.5))
-
-
-def _constant(text: str) -> Predictor:
-    return lambda record: text
-
-
-def training_scores(train_answers: list[str], tags: list[str]) -> dict[str, list[float]]:
-    """Per-tag training scores from the answers that parse; a missing tag counts as 0."""
-    parsed = [p for p in (parse_tag_json(a) for a in train_answers) if p is not None]
-    if not parsed:
-        raise UserError("no training answer is a JSON object: cannot build reference predictors")
-    return {t: [float(p[t]) if is_number(p.get(t)) else 0.0 for p in parsed] for t in tags}
-
-
-def _answer(scores: dict[str, int]) -> str:
-    return json.dumps(scores, ensure_ascii=False)
-
-
-def tag_score_references(train_answers: list[str], tags: list[str]) -> dict[str, Predictor]:
-    """empty, all_zeros, train_mean and train_median (per tag, rounded) predictors."""
-    scores = training_scores(train_answers, tags)
-    mean = {t: _round_half_up(float(np.mean(v))) for t, v in scores.items()}
-    median = {t: _round_half_up(float(np.median(v))) for t, v in scores.items()}
-    return {
-        "empty": _constant(""),
-        "all_zeros": _constant(_answer({t: 0 for t in tags})),
-        "train_mean": _constant(_answer(mean)),
-        "train_median": _constant(_answer(median)),
-    }
-
-
-def generic_references(train_answers: list[str]) -> dict[str, Predictor]:
-    """most_frequent: the commonest (stripped) training answer; ties go to the first seen."""
-    if not train_answers:
-        raise UserError("no training answers: cannot build reference predictors")
-    counts = Counter(a.strip() for a in train_answers)
-    top = max(counts.values())
-    most = next(a.strip() for a in train_answers if counts[a.strip()] == top)
-    return {"most_frequent": _constant(most)}
-
-
 def reference_predictors(eval_cfg: Any, train_answers: list[str]) -> dict[str, Predictor]:
-    """The reference predictors of the configured task, by name."""
-    if eval_cfg.task == "tag_scores":
-        return tag_score_references(train_answers, list(eval_cfg.tags))
-    return generic_references(train_answers)
+    """The reference predictors of the configured task, by name (each task builds its own)."""
+    return get_task(eval_cfg).reference_predictors(train_answers)
 
 
 def score_references(

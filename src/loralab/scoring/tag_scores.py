@@ -20,8 +20,11 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from loralab.errors import UserError
 
@@ -92,9 +95,21 @@ class TagScoresTask:
     tolerance: int = 2
     name: str = "tag_scores"
     headline: list[str] = field(default_factory=lambda: list(HEADLINE))
+    # `loralab predict` writes `parsed` beside the text: the scores as JSON add to the raw text.
+    predict_shows_parsed: bool = True
 
     def parse(self, text: str) -> dict | None:
         return parse_tag_json(text)
+
+    def reference_predictors(self, train_answers: list[str]) -> dict[str, Callable[[dict], str]]:
+        """empty, all_zeros, train_mean and train_median (per tag, rounded) predictors."""
+        scores = training_scores(train_answers, self.tags)
+        mean = {t: _round_half_up(float(np.mean(v))) for t, v in scores.items()}
+        median = {t: _round_half_up(float(np.median(v))) for t, v in scores.items()}
+        zeros = {t: 0 for t in self.tags}
+        return {name: _constant(text) for name, text in (
+            ("empty", ""), ("all_zeros", _answer(zeros)),
+            ("train_mean", _answer(mean)), ("train_median", _answer(median)))}
 
     def higher_is_better(self, metric: str) -> bool:
         return metric not in LOWER_IS_BETTER
@@ -175,3 +190,24 @@ def _f1(precision: float, recall: float) -> float:
     if precision + recall == 0:
         return 0.0
     return 2 * precision * recall / (precision + recall)
+
+
+def training_scores(train_answers: list[str], tags: list[str]) -> dict[str, list[float]]:
+    """Per-tag training scores from the answers that parse; a missing tag counts as 0."""
+    parsed = [p for p in (parse_tag_json(a) for a in train_answers) if p is not None]
+    if not parsed:
+        raise UserError("no training answer is a JSON object: cannot build reference predictors")
+    return {t: [float(p[t]) if is_number(p.get(t)) else 0.0 for p in parsed] for t in tags}
+
+
+def _round_half_up(value: float) -> int:
+    """Rounding people expect (2.5 → 3), unlike Python's round-half-to-even."""
+    return int(math.floor(value + 0.5))
+
+
+def _answer(scores: dict[str, int]) -> str:
+    return json.dumps(scores, ensure_ascii=False)
+
+
+def _constant(text: str) -> Callable[[dict], str]:
+    return lambda record: text

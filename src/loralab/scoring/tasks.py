@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 from loralab.errors import UserError
-from loralab.evaluate import generic, tag_scores
-from loralab.evaluate.stats import bootstrap_ci
 from loralab.io import atomic_write_text, read_json, read_jsonl, write_json
+from loralab.scoring import generic, tag_scores
+from loralab.scoring.stats import bootstrap_ci
 
 KINDS = ("base", "adapter", "reference")
 PREDICTIONS = "predictions.jsonl"
@@ -55,8 +56,12 @@ class Task(Protocol):
 
     name: str
     headline: list[str]
+    predict_shows_parsed: bool  # `loralab predict` adds the parse to each row
 
     def parse(self, text: str) -> Any: ...
+
+    def reference_predictors(self, train_answers: list[str]) -> dict[str, Callable[[dict], str]]:
+        """No-model predictors (name → record → answer text) built from the training answers."""
 
     def score(self, generation: str, reference: str) -> dict[str, Any]: ...
 

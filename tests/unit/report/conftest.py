@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from loralab.config import SEED_TAGS, Config, EvalConfig, save_config
-from loralab.evaluate.references import score_references
-from loralab.evaluate.tasks import (
+from loralab.scoring.references import score_references
+from loralab.scoring.tasks import (
     get_task,
     hyperparams_from_run,
     score_predictions,

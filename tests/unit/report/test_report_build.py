@@ -138,8 +138,8 @@ def test_duplicate_names_and_unpaired_records(sweep_dir, tmp_path):
 
 def test_generic_task_report_without_intervals(tmp_path):
     from loralab.config import EvalConfig
-    from loralab.evaluate.references import score_references
-    from loralab.evaluate.tasks import get_task, score_predictions, write_target_results
+    from loralab.scoring.references import score_references
+    from loralab.scoring.tasks import get_task, score_predictions, write_target_results
 
     refs = ["答案甲", "答案乙", "答案甲"]
     eval_rows = [{"input": str(i), "reference": r} for i, r in enumerate(refs)]

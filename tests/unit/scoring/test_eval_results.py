@@ -8,7 +8,7 @@ import pytest
 
 from loralab.config import Config, EvalConfig, save_config
 from loralab.errors import UserError
-from loralab.evaluate.tasks import (
+from loralab.scoring.tasks import (
     get_task,
     hyperparams_from_run,
     read_target,
@@ -112,7 +112,7 @@ def test_hyperparams_from_run_config(tmp_path):
 
 
 def test_unknown_task_name_is_user_error():
-    from loralab.evaluate.tasks import headline_metrics
+    from loralab.scoring.tasks import headline_metrics
 
     with pytest.raises(UserError):
         headline_metrics("nope")

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loralab.config import EvalConfig
-from loralab.evaluate.generic import char_f1, lcs_length, rouge_l
-from loralab.evaluate.tasks import get_task
+from loralab.scoring.generic import char_f1, lcs_length, rouge_l
+from loralab.scoring.tasks import get_task
 
 
 def lcs_table(a: str, b: str) -> int:

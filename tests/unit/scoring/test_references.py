@@ -8,8 +8,8 @@ import pytest
 
 from loralab.config import EvalConfig
 from loralab.errors import UserError
-from loralab.evaluate.references import reference_predictors, score_references
-from loralab.evaluate.tasks import read_target
+from loralab.scoring.references import reference_predictors, score_references
+from loralab.scoring.tasks import read_target
 
 TAGS = ["a", "b", "c"]
 CFG = EvalConfig(tags=TAGS)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from loralab.evaluate.stats import bootstrap_ci, paired_bootstrap
+from loralab.scoring.stats import bootstrap_ci, paired_bootstrap
 
 
 def test_ci_is_reproducible_and_seed_dependent():

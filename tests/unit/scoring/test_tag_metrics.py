@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from loralab.config import SEED_TAGS, EvalConfig
 from loralab.errors import UserError
-from loralab.evaluate.tag_scores import TagScoresTask
-from loralab.evaluate.tasks import get_task
+from loralab.scoring.tag_scores import TagScoresTask
+from loralab.scoring.tasks import get_task
 
 TRUTH = {"其他": 3, "云计算": 0, "架构师": 0, "计算机": 0, "个人娱乐": 0, "人工智能": 0,
          "商业案例": 7, "汽车行业": 0, "经济观察": 5}

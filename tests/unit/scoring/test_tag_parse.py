@@ -7,7 +7,7 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loralab.evaluate.tag_scores import parse_tag_json
+from loralab.scoring.tag_scores import parse_tag_json
 
 
 def test_plain_object():
