@@ -27,10 +27,25 @@ COMMAND_MODULES = (
 )
 
 
+EXAMPLES = """examples:
+  loralab demo                                   # tiny CPU run of the whole pipeline
+  loralab config configs/qwen2.5-7b-instruct.yaml lora.r=16   # the resolved config
+  loralab train configs/qwen2.5-7b-instruct.yaml data.path=train.json --dry-run
+  loralab train configs/qwen2.5-7b-instruct.yaml data.path=train.json output_dir=runs/r8
+  loralab train CONFIG --nproc 2                  # one process per GPU
+  loralab sweep configs/sweeps/rank.yaml          # one adapter per grid point
+  loralab eval --adapters runs/sweeps/rank --base # every trial vs the base model
+  loralab report runs/sweeps/rank/comparison      # tables, PNGs, report.html
+
+'loralab COMMAND --help' describes each command."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loralab",
         description="LoRA supervised fine-tuning: train, sweep, evaluate and compare adapters.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"loralab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

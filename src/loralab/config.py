@@ -154,6 +154,8 @@ class TrainConfig:
     log_every: int = 1  # optimizer steps between metric logs
     save_every: int = 0  # optimizer steps between checkpoints; 0: only the final adapter
     eval_every: int = 0  # optimizer steps between eval-loss passes on data.eval_path; 0: never
+    early_stopping_patience: int = 0  # stop after this many evals without a better eval loss; 0: off
+    keep_checkpoints: int = 2  # newest checkpoints kept under checkpoints/; 0: all
     # Fast-path levers (docs/fast_path.md). auto: on with CUDA, the plain HF + PEFT path on CPU.
     packing: str = "auto"  # auto | on | off: sequences back to back in one row, no padding
     attention: str = "auto"  # auto | varlen | flex | sdpa: attention kept inside packed sequences
@@ -183,7 +185,8 @@ class TrainConfig:
         for key in ("batch_size", "grad_accum", "log_every", "loss_chunk"):
             if getattr(self, key) <= 0:
                 raise UserError(f"train.{key} must be > 0, got {getattr(self, key)}")
-        for key in ("save_every", "eval_every", "warmup_steps", "pack_multiple"):
+        for key in ("save_every", "eval_every", "warmup_steps", "pack_multiple",
+                    "early_stopping_patience", "keep_checkpoints"):
             if getattr(self, key) < 0:
                 raise UserError(f"train.{key} must be >= 0, got {getattr(self, key)}")
         if not 0 <= self.warmup_ratio < 1:
@@ -206,7 +209,7 @@ class TrackingConfig:
     project: str = "loralab"  # swanlab project
     experiment: str | None = None  # experiment name; default: the run directory's name
     group: str | None = None  # swanlab group (a sweep sets it)
-    log_dir: str | None = None  # default: swanlog/ (or tb/) beside the run directory
+    log_dir: str | None = None  # default: swanlog/ (tensorboard/<run>) beside the run directory
 
     def validate(self) -> None:
         _choice("tracking.backend", self.backend, ("swanlab", "tensorboard", "none"))
@@ -264,6 +267,9 @@ class Config:
             raise UserError("output_dir is empty")
         for section in (self.model, self.data, self.lora, self.train, self.tracking, self.eval):
             section.validate()
+        if self.train.early_stopping_patience and not (self.train.eval_every and self.data.eval_path):
+            raise UserError("train.early_stopping_patience needs a held-out loss: set "
+                            "train.eval_every > 0 and data.eval_path")
         return self
 
     def to_dict(self) -> dict[str, Any]:

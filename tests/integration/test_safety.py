@@ -120,6 +120,8 @@ def test_a_pickle_payload_in_a_checkpoint_never_runs_on_resume(capsys, tmp_path,
     proof = tmp_path / "pwned"
     state = copy / "checkpoints" / "step-0000001" / "trainer_state.pt"
     torch.save({"step": Payload(proof)}, state)
+    result = json.loads((copy / "result.json").read_text())  # as if killed: a finished run
+    (copy / "result.json").write_text(json.dumps({**result, "status": "running"}))  # never resumes
     args = [f"data.path={cfg.data.path}", f"output_dir={copy}", "tracking.backend=none",
             "train.max_steps=2", "train.save_every=1", "train.batch_size=4",
             "train.grad_accum=1", "data.max_length=256"]

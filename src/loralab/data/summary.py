@@ -86,29 +86,24 @@ def percentile(values: list[int], q: float) -> int:
 
 
 def print_summary(summary: dict[str, Any], console: Any = None) -> None:
-    """A rich table of the dataset summary."""
+    """The dataset summary as `what: value` lines: whole at any width, plain when redirected."""
     from rich.console import Console
-    from rich.table import Table
 
     console = console or Console()
-    table = Table(title=f"data: {summary.get('path', '')}", show_header=False)
-    table.add_column("what", style="bold")
-    table.add_column("value")
-    table.add_row("records read / selected / kept",
-                  f"{summary['records']} / {summary['selected']} / {summary['kept']}")
-    table.add_row("prompts truncated",
-                  f"{summary['truncated']} ({summary['truncated_tokens']} tokens cut)")
+    tok, ans = summary["tokens"], summary["answer_tokens"]
     reasons = ", ".join(f"{k}: {v}" for k, v in summary["skipped_reasons"].items())
-    table.add_row("skipped", f"{summary['skipped']}" + (f" ({reasons})" if reasons else ""))
-    tok = summary["tokens"]
-    table.add_row(
-        "tokens per sequence",
-        f"min {tok['min']}  p10 {tok['p10']}  p50 {tok['p50']}  p90 {tok['p90']}  "
-        f"max {tok['max']}  mean {tok['mean']}",
-    )
-    ans = summary["answer_tokens"]
-    table.add_row("labelled tokens",
-                  f"{summary['labelled_tokens']} (per answer: p50 {ans['p50']}, max {ans['max']})")
-    for note in summary.get("notes", []):
-        table.add_row("note", note)
-    console.print(table)
+    rows = [
+        ("records read / selected / kept",
+         f"{summary['records']} / {summary['selected']} / {summary['kept']}"),
+        ("prompts truncated", f"{summary['truncated']} ({summary['truncated_tokens']} tokens cut)"),
+        ("skipped", f"{summary['skipped']}" + (f" ({reasons})" if reasons else "")),
+        ("tokens per sequence", f"min {tok['min']}  p10 {tok['p10']}  p50 {tok['p50']}  "
+                                f"p90 {tok['p90']}  max {tok['max']}  mean {tok['mean']}"),
+        ("labelled tokens",
+         f"{summary['labelled_tokens']} (per answer: p50 {ans['p50']}, max {ans['max']})"),
+        *(("note", note) for note in summary.get("notes", [])),
+    ]
+    console.print(f"[bold]data[/bold]: {summary.get('path', '')}", soft_wrap=True, highlight=False)
+    for what, value in rows:
+        # soft_wrap: rich inserts no line breaks of its own, so no number is ever split.
+        console.print(f"  {what + ':':<32}{value}", soft_wrap=True, highlight=False)

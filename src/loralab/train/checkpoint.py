@@ -109,7 +109,8 @@ def save_adapter_files(peft_model: Any, tokenizer: Any, folder: Path) -> None:
     tmp = make_temp_dir(".adapter.", folder)
     try:
         with os_errors(tmp):
-            peft_model.save_pretrained(tmp, safe_serialization=True)
+            # save_embedding_layers=False: PEFT would ask the hub about the base on every save.
+            peft_model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
         if tokenizer is not None:
             with os_errors(tmp):  # the tokenizers library says "File too large (os error 27)"
                 tokenizer.save_pretrained(tmp)
@@ -121,15 +122,18 @@ def save_adapter_files(peft_model: Any, tokenizer: Any, folder: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_checkpoint(run_dir: Path, step: int, peft_model: Any, state: dict[str, Any]) -> Path:
-    """checkpoints/step-N: adapter + optimizer/scheduler/RNG state, renamed into place whole."""
+def save_checkpoint(run_dir: Path, step: int, peft_model: Any, state: dict[str, Any],
+                    keep: int = KEEP_CHECKPOINTS) -> Path:
+    """checkpoints/step-N: adapter + optimizer/scheduler/RNG state, renamed into place whole;
+    the newest `keep` checkpoints stay (0: all)."""
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
     tmp = make_temp_dir(f".step-{step:07d}.", root)
     try:
         with os_errors(tmp):
-            peft_model.save_pretrained(tmp, safe_serialization=True)
+            # save_embedding_layers=False: PEFT would ask the hub about the base on every save.
+            peft_model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
         # Through memory: torch.save's own writer reports a full disk as "unexpected pos".
         buffer = io.BytesIO()
         torch.save(state, buffer)
@@ -141,7 +145,7 @@ def save_checkpoint(run_dir: Path, step: int, peft_model: Any, state: dict[str, 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(run_dir)[:-KEEP_CHECKPOINTS]:
+    for old in (list_checkpoints(run_dir)[:-keep] if keep else []):
         shutil.rmtree(old, ignore_errors=True)
     return final
 

@@ -16,7 +16,19 @@ console = Console()
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train one LoRA adapter from a config file")
+    p = sub.add_parser(
+        "train", help="train one LoRA adapter from a config file",
+        description="Train one LoRA adapter: the config's base model, data and hyperparameters "
+                    "(YAML + key=value overrides) into output_dir, as a PEFT adapter with its "
+                    "config.yaml, metrics.jsonl and result.json.",
+        epilog="examples:\n"
+               "  loralab train configs/qwen2.5-7b-instruct.yaml data.path=train.json\n"
+               "  loralab train CONFIG lora.r=16 train.lr=2e-4 output_dir=runs/r16\n"
+               "  loralab train CONFIG --dry-run        # config + data only, no weights\n"
+               "  loralab train CONFIG --resume         # continue a killed run\n"
+               "  loralab train CONFIG --nproc 2        # 2 GPUs, same training as one",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("config", help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. lora.r=16 train.lr=2e-4")
     p.add_argument("--dry-run", action="store_true", help="check config and data, write data_summary.json, train nothing")
@@ -134,6 +146,12 @@ def _print_result(result: dict) -> None:
         f"{result['final_loss']:.4f}, {result['tokens_per_s']:,.0f} tokens/s, "
         f"{result['wall_seconds']:.1f} s wall, peak memory {result['peak_memory_gb']:.2f} GB"
     )
+    if result.get("best_eval_loss") is not None:
+        console.print(f"held-out loss {result['eval_loss']:.4f} (best {result['best_eval_loss']:.4f} "
+                      f"at step {result['best_step']})"
+                      + ("; stopped early" if result.get("stopped_early") else ""), highlight=False)
+    if result.get("adapter"):
+        console.print(f"the adapter saved is the {result['adapter']}", highlight=False)
     console.print(f"adapter:  {run_dir}  (peft.PeftModel.from_pretrained(base, '{run_dir}'))")
     console.print(f"metrics:  {run_dir / 'metrics.jsonl'}, {run_dir / 'result.json'}")
     tracker = result.get("tracker") or {}

@@ -12,19 +12,21 @@ import math
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from loralab.config import Config, save_config
+from loralab.errors import UserError
 from loralab.io import append_jsonl, write_json
 from loralab.train import checkpoint as ckpt
 from loralab.train.dist import Dist, from_env
 from loralab.train.eval_loss import held_out_loss
 from loralab.train.progress import StepProgress
 from loralab.train.results import final_numbers, peak_memory_gb, run_identity
+from loralab.train.run_state import Progress, restore_progress, save_progress
 from loralab.train.schedule import Optim, make_optimizer
 from loralab.train.step import accumulate_step, clip_gradients
 from loralab.train.tracking import start_tracker
@@ -96,9 +98,17 @@ def train_adapter(
             ckpt.check_run_dir(run_dir, resume, overwrite)
             if resume:
                 ckpt.check_resume_config(run_dir, cfg.to_dict())
+                _refuse_finished(run_dir)
 
         dist.main_decides(check)
         return _attach_and_train(cfg, base, data, resume, overwrite, show_progress, dist)
+
+
+def _refuse_finished(run_dir: Path) -> None:
+    done = ckpt.read_result(run_dir) or {}
+    if done.get("status") == "done":
+        raise UserError(f"{run_dir} finished ({done.get('steps')} steps): nothing to resume; "
+                        "--overwrite trains it again")
 
 
 def _attach_and_train(cfg, base, data, resume, overwrite, show_progress, dist):
@@ -144,17 +154,6 @@ def _prepare_dir(run_dir: Path, cfg: Config, summary: dict, resume: bool, overwr
     write_json(run_dir / "data_summary.json", summary)
 
 
-@dataclass
-class Progress:
-    """What the loop has done so far; checkpoints save it and --resume restores it."""
-
-    step: int = 0
-    losses: list[float] = field(default_factory=list)
-    tokens: int = 0  # real tokens trained on
-    train_seconds: float = 0.0
-    largest: tuple[int, int] = (0, 0)  # largest micro-batch: (tokens incl. padding, labelled)
-
-
 def _train(
     cfg, dist: Dist, base, peft_model, examples, summary, resume, started, show_progress
 ) -> dict[str, Any]:
@@ -173,7 +172,7 @@ def _train(
     loss_module = LabelledLoss(peft_model, cfg.train.loss_chunk, fast.labelled_only)
     opt = make_optimizer(cfg, peft_model, len(examples))
     dist.same_start(opt.params)
-    done = _restore(run_dir, resume, peft_model, opt, dist.rank)
+    done = restore_progress(run_dir, resume, peft_model, opt, dist.rank, cfg.train.early_stopping_patience)
     result = {
         **run_identity(
             cfg,
@@ -195,31 +194,29 @@ def _train(
     try:
         for step in range(done.step, opt.schedule.total_steps):
             row = _train_step(cfg, dist, loss_module, opt, examples, step, fast, base, done)
+            stop = False
             if held_out and (step + 1) % cfg.train.eval_every == 0:
                 row["eval_loss"] = held_out_loss(
-                    loss_module,
-                    peft_model,
-                    held_out,
-                    fast.micro_batch,
-                    base.tokenizer.pad_token_id,
-                    base.device,
-                    fast.packing,
-                    fast.pad_multiple,
+                    loss_module, peft_model, held_out, fast.micro_batch,
+                    base.tokenizer.pad_token_id, base.device, fast.packing, fast.pad_multiple,
                 )
-            if main and (
-                (step + 1) % cfg.train.log_every == 0 or step + 1 == opt.schedule.total_steps
-            ):
+                stop = done.best.update(row["eval_loss"], step + 1, peft_model)
+            last = stop or step + 1 == opt.schedule.total_steps
+            if main and ((step + 1) % cfg.train.log_every == 0 or last):
                 append_jsonl(run_dir / "metrics.jsonl", row)
                 tracker.log(_tracker_metrics(row), step + 1)
             bar.update(step + 1, row["loss"], row["tokens_per_s"], row.get("eval_loss"))
             every = cfg.train.save_every
             if every and (step + 1) % every == 0 and step + 1 < opt.schedule.total_steps:
-                _checkpoint(run_dir, peft_model, opt, done, dist)
+                save_progress(run_dir, peft_model, opt, done, dist, cfg.train.keep_checkpoints)
             _test_kill_hook(step + 1)
+            if stop:
+                break
         undo_levers()  # the base and the adapter layers go back to plain HF + PEFT
         bar.close()
         peft_model.eval()
         result.update(final_numbers(done.losses, done.tokens, done.train_seconds, started))
+        result.update(_early_stop_numbers(done, peft_model, opt.schedule.total_steps))
         result["peak_memory_gb"] = round(dist.max(result["peak_memory_gb"]), 3)
         result["processes"] = dist.world
         if main:
@@ -247,28 +244,6 @@ def _train(
         tracker.finish()
         result["tracker"] = {"backend": tracker.name, "log_dir": tracker.where}
     return {**result, "status": "done"}
-
-
-def _restore(run_dir: Path, resume: bool, peft_model: Any, opt: Optim, rank: int) -> Progress:
-    """The last checkpoint's weights, optimizer, schedule and RNG; metrics after it dropped."""
-    if not resume:
-        return Progress()
-    done = Progress()
-    found = ckpt.list_checkpoints(run_dir)
-    if found:
-        state = ckpt.load_checkpoint(found[-1], peft_model)
-        opt.optimizer.load_state_dict(state["optimizer"])
-        opt.scheduler.load_state_dict(state["scheduler"])
-        rngs = state.get("rng_by_rank") or [state["rng"]]
-        ckpt.set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
-        done = Progress(
-            state["step"],
-            list(state["losses"]),
-            int(state["tokens"]),
-            float(state["train_seconds"]),
-        )
-    ckpt.trim_metrics(run_dir / "metrics.jsonl", done.step)
-    return done
 
 
 def _train_step(
@@ -359,6 +334,17 @@ def _held_out_examples(cfg: Config, tokenizer: Any) -> list:
     return examples
 
 
+def _early_stop_numbers(done: Progress, peft_model: Any, total_steps: int) -> dict[str, Any]:
+    """The held-out figures for result.json; with early stopping, the best eval's weights
+    become the adapter that is saved."""
+    out = done.best.describe()
+    if done.best.patience:
+        out["stopped_early"] = done.step < total_steps
+        if done.best.restore_best(peft_model):
+            out["adapter"] = f"best held-out loss, step {done.best.step}"
+    return out
+
+
 def _print_split(cfg: Config, fast: Any, world: int) -> None:
     from rich.console import Console
 
@@ -369,24 +355,6 @@ def _print_split(cfg: Config, fast: Any, world: int) -> None:
         f"~{per_process} per process (micro-batches of up to {fast.micro_batch}); "
         "gradients summed over processes, so the step equals one process's"
     )
-
-
-def _checkpoint(run_dir: Path, peft_model: Any, opt: Optim, done: Progress, dist: Dist) -> None:
-    """Written by the main process; every process's RNG state goes in (dropout differs)."""
-    rng_by_rank = dist.gather(ckpt.rng_state())
-    if not dist.is_main:
-        return
-    state = {
-        "step": done.step,
-        "optimizer": opt.optimizer.state_dict(),
-        "scheduler": opt.scheduler.state_dict(),
-        "rng": rng_by_rank[0],
-        "rng_by_rank": rng_by_rank,
-        "losses": list(done.losses),
-        "tokens": done.tokens,
-        "train_seconds": done.train_seconds,
-    }
-    ckpt.save_checkpoint(run_dir, done.step, peft_model, state)
 
 
 def _test_kill_hook(step: int) -> None:

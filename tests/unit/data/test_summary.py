@@ -86,6 +86,18 @@ def test_print_summary_renders(qwen_tokenizer, seed_like_file):
     assert "3 / 3 / 3" in text and "tokens per sequence" in text
 
 
+def test_print_summary_keeps_lines_whole_at_80_columns(qwen_tokenizer, seed_like_file):
+    _, summary = build_dataset(DataConfig(path=str(seed_like_file(n=3)), max_length=128),
+                               qwen_tokenizer, seed=0)
+    console = Console(record=True, width=80)
+    print_summary(summary, console=console)
+    lines = console.export_text().splitlines()
+    tok = summary["tokens"]
+    expected = (f"min {tok['min']}  p10 {tok['p10']}  p50 {tok['p50']}  p90 {tok['p90']}  "
+                f"max {tok['max']}  mean {tok['mean']}")
+    assert any(line.endswith(expected) for line in lines), lines
+
+
 def test_percentile_nearest_rank():
     values = list(range(1, 11))
     assert [percentile(values, q) for q in (10, 50, 90, 100)] == [1, 5, 9, 10]
