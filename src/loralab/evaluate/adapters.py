@@ -76,10 +76,12 @@ class attached_adapter:  # noqa: N801 - used as a context manager, reads like on
         from peft import PeftModel
 
         from loralab.evaluate.lora_file import check_adapter_file
+        from loralab.model.quiet import quiet_hf
 
         check_adapter_file(self.path)
         try:
-            self.peft_model = PeftModel.from_pretrained(self.model, str(self.path))
+            with quiet_hf():  # no loading bar or deprecation warning per adapter
+                self.peft_model = PeftModel.from_pretrained(self.model, str(self.path))
         except (RuntimeError, ValueError, KeyError) as exc:
             raise UserError(f"cannot attach adapter {self.path} to the base: "
                             f"{str(exc).splitlines()[0]}") from None
