@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from loralab import layout
 from loralab.errors import UserError
 
 MARKER = ".loralab-run.json"
@@ -38,12 +39,12 @@ TOKENIZER_FILES = (
 )
 # What a run folder holds that loralab wrote (PEFT's save_pretrained writes README.md).
 RUN_FILES = (
-    "config.yaml", "result.json", "metrics.jsonl", "data_summary.json", "adapter_config.json",
-    "adapter_model.safetensors", "adapter_model.bin", "README.md", *TOKENIZER_FILES,
+    layout.CONFIG, layout.RESULT, layout.STEP_METRICS, layout.DATA_SUMMARY, layout.ADAPTER_CONFIG,
+    layout.ADAPTER_WEIGHTS, layout.ADAPTER_WEIGHTS_BIN, "README.md", *TOKENIZER_FILES,
 )
-RUN_FOLDERS = ("checkpoints", "eval")  # plus comparison/ when it is loralab's comparison
+RUN_FOLDERS = (layout.CHECKPOINTS, layout.EVAL)  # plus comparison/ when it is loralab's
 MERGED_FILES = (
-    "config.json", "model.safetensors", "model.safetensors.index.json", "merge_check.json",
+    "config.json", "model.safetensors", "model.safetensors.index.json", layout.MERGE_CHECK,
     *TOKENIZER_FILES,
 )
 # Temporary names of an interrupted write (io.atomic_write_bytes, checkpoint.save_*).
@@ -72,11 +73,12 @@ def folder_kind(folder: Path) -> str | None:
         return str(marker["kind"])
     if _legacy_run(folder):
         return "run"
-    if _json_with(folder / "sweep.json", "trials", list) and _json_with(folder / "sweep.json", "hash", str):
+    manifest = layout.SweepDir(folder).manifest
+    if _json_with(manifest, "trials", list) and _json_with(manifest, "hash", str):
         return "sweep"
-    if _json_with(folder / "targets.json", "targets", list):
+    if _json_with(layout.ComparisonDir(folder).targets_manifest, "targets", list):
         return "comparison"
-    if _json_with(folder / "merge_check.json", "max_abs_logit_diff", (int, float)) and (
+    if _json_with(folder / layout.MERGE_CHECK, "max_abs_logit_diff", (int, float)) and (
             folder / "config.json").is_file():
         return "merged"
     return None
@@ -88,10 +90,11 @@ def _legacy_run(folder: Path) -> bool:
 
     from loralab.config import Config
 
-    if not _json_with(folder / "result.json", "status", str):
+    run = layout.RunDir(folder)
+    if not _json_with(run.result, "status", str):
         return False
     try:
-        raw = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
+        raw = yaml.safe_load(run.config.read_text(encoding="utf-8"))
     except (OSError, ValueError, yaml.YAMLError):
         return False
     top = {f for f in Config.__dataclass_fields__}
@@ -193,7 +196,8 @@ def _known(item: Path, kind: str) -> bool:
     name, is_dir = item.name, item.is_dir() and not item.is_symlink()
     if kind == "run":
         if is_dir:
-            return name in RUN_FOLDERS or (name == "comparison" and folder_kind(item) == "comparison")
+            return name in RUN_FOLDERS or (name == layout.COMPARISON
+                                            and folder_kind(item) == "comparison")
         return name in RUN_FILES
     if kind == "merged":
         return not is_dir and (name in MERGED_FILES or (
@@ -217,7 +221,7 @@ def clean_stale_temp(folder: Path) -> list[Path]:
     """Remove temporary files of an interrupted write in `folder` and its checkpoints/.
     Call it only while holding the folder's lock (another writer's temp files are live)."""
     removed = []
-    for where in (Path(folder), Path(folder) / "checkpoints"):
+    for where in (Path(folder), layout.RunDir(folder).checkpoints):
         if not where.is_dir():
             continue
         for item in where.iterdir():

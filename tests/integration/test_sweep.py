@@ -9,7 +9,7 @@ import yaml
 
 import loralab.model.load as model_load
 from loralab.cli import main
-from loralab.sweep.manifest import read_manifest
+from loralab.layout import SweepDir
 from loralab.train.cli import demo_config_path
 
 TINY = ["train.max_steps=1", "train.batch_size=2", "train.grad_accum=1", "train.save_every=0",
@@ -32,7 +32,7 @@ def test_sweep_trains_every_trial_on_one_loaded_base(tmp_path, monkeypatch):
     assert main(["sweep", str(path), *TINY]) == 0
     assert len(loads) == 1
     sw = tmp_path / "sw"
-    manifest = read_manifest(sw)
+    manifest = SweepDir(sw).read_manifest()
     assert [t["status"] for t in manifest["trials"]] == ["done", "done"]
     for trial in manifest["trials"]:
         run = sw / trial["name"]
@@ -57,7 +57,7 @@ def test_parallel_workers_on_cpu(tmp_path):
     """Two spawned CPU worker processes (the multi-GPU code path, minus the GPUs)."""
     path = _sweep_file(tmp_path, sweep={"parallel": 2})
     assert main(["sweep", str(path), *TINY]) == 0
-    manifest = read_manifest(tmp_path / "sw")
+    manifest = SweepDir(tmp_path / "sw").read_manifest()
     assert [t["status"] for t in manifest["trials"]] == ["done", "done"]
     assert sorted(t["worker"] for t in manifest["trials"]) == [0, 1]
     assert all((tmp_path / "sw" / t["name"] / "adapter_model.safetensors").is_file()
@@ -71,5 +71,5 @@ def test_demo_sweep_file_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     demo = resources.files("loralab") / "resources" / "configs" / "sweeps" / "demo.yaml"
     assert main(["sweep", str(demo), "tracking.backend=none", "--quiet"]) == 0
-    manifest = read_manifest(tmp_path / "runs" / "sweeps" / "demo")
+    manifest = SweepDir(tmp_path / "runs" / "sweeps" / "demo").read_manifest()
     assert len(manifest["trials"]) == 4 and {t["status"] for t in manifest["trials"]} == {"done"}

@@ -16,8 +16,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-WEIGHTS_FILE = "adapter_model.safetensors"
-BIN_FILE = "adapter_model.bin"
+from loralab.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN
+
 KEY = re.compile(r"^base_model\.model\.(model\.layers\.\d+\.(?:self_attn|mlp)\.[a-z_]+)"
                  r"\.lora_([AB])\.weight$")
 PLAIN = {"peft_type": "LORA", "use_dora": False, "fan_in_fan_out": False, "bias": "none",
@@ -40,7 +40,7 @@ def check_adapter_file(folder: Path) -> Path:
     from loralab.errors import UserError
 
     folder = Path(folder)
-    safetensors_file, bin_file = folder / WEIGHTS_FILE, folder / BIN_FILE
+    safetensors_file, bin_file = folder / ADAPTER_WEIGHTS, folder / ADAPTER_WEIGHTS_BIN
     try:
         if safetensors_file.is_file():  # PEFT reads it in preference to the .bin
             from safetensors import safe_open
@@ -60,7 +60,7 @@ def check_adapter_file(folder: Path) -> Path:
         lines = str(exc).strip().splitlines()
         raise UserError(f"cannot read adapter weights {file} (loaded as tensors only): "
                         f"{type(exc).__name__}: {lines[0] if lines else ''}"[:400]) from None
-    raise UserError(f"{folder} holds no adapter weights ({WEIGHTS_FILE} or {BIN_FILE})")
+    raise UserError(f"{folder} holds no adapter weights ({ADAPTER_WEIGHTS} or {ADAPTER_WEIGHTS_BIN})")
 
 
 def _config_reason(cfg: dict[str, Any]) -> str | None:
@@ -82,14 +82,14 @@ def load_lora_file(path: Path, dtype: Any = None,
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not (path / WEIGHTS_FILE).is_file() or not (path / "adapter_config.json").is_file():
-        return None, f"no {WEIGHTS_FILE} and adapter_config.json"
-    cfg = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    if not (path / ADAPTER_WEIGHTS).is_file() or not (path / ADAPTER_CONFIG).is_file():
+        return None, f"no {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG}"
+    cfg = json.loads((path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     reason = _config_reason(cfg)
     if reason:
         return None, reason
     pairs: dict[str, dict[str, Any]] = {}
-    for key, tensor in load_file(str(path / WEIGHTS_FILE)).items():
+    for key, tensor in load_file(str(path / ADAPTER_WEIGHTS)).items():
         match = KEY.match(key)
         if match is None:
             return None, f"adapter weight {key} is not a decoder-layer LoRA A/B"

@@ -11,10 +11,8 @@ import re
 from pathlib import Path
 
 from loralab.errors import UserError
+from loralab.layout import CHECKPOINTS, CONFIG, RunDir
 
-CHECKPOINTS_DIRNAME = "checkpoints"
-RUN_CONFIG = "config.yaml"
-ADAPTER_CONFIG = "adapter_config.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 HF_SNAPSHOT = re.compile(r"models--(.+?)--(.+)$")
 
@@ -22,7 +20,7 @@ HF_SNAPSHOT = re.compile(r"models--(.+?)--(.+)$")
 def checkpoint_step(folder: Path) -> int | None:
     """N for `.../checkpoints/step-N` (zero-padded or not), else None."""
     match = STEP_DIR.match(Path(folder).name)
-    if match is None or Path(folder).parent.name != CHECKPOINTS_DIRNAME:
+    if match is None or Path(folder).parent.name != CHECKPOINTS:
         return None
     return int(match.group(1))
 
@@ -38,30 +36,29 @@ def config_dir(adapter_dir: Path) -> Path:
     """The folder whose config.yaml describes `adapter_dir`: itself, or for a checkpoint, its
     run (two levels up). A bare PEFT folder has none: then `adapter_dir` itself."""
     adapter_dir = Path(adapter_dir)
-    if (adapter_dir / RUN_CONFIG).is_file() or checkpoint_step(adapter_dir) is None:
+    if RunDir(adapter_dir).has_config() or checkpoint_step(adapter_dir) is None:
         return adapter_dir
     run = adapter_dir.parent.parent
-    return run if (run / RUN_CONFIG).is_file() else adapter_dir
+    return run if RunDir(run).has_config() else adapter_dir
 
 
 def checkpoint_curve(run_dir: Path) -> list[tuple[Path, str, int | None]]:
     """(adapter folder, name, step) for every checkpoint of a run, by step, then the final
     adapter (its step from result.json). Only the newest checkpoints exist: training keeps
     train/checkpoint.KEEP_CHECKPOINTS of them."""
-    from loralab.io import read_json
     from loralab.train.checkpoint import list_checkpoints
 
-    run_dir = Path(run_dir)
-    if not (run_dir / RUN_CONFIG).is_file():
-        raise UserError(f"{run_dir} is not a training run folder (no {RUN_CONFIG})")
+    run_dir, run = Path(run_dir), RunDir(run_dir)
+    if not run.has_config():
+        raise UserError(f"{run_dir} is not a training run folder (no {CONFIG})")
     name = run_dir.resolve().name
     points: list[tuple[Path, str, int | None]] = []
     for folder in list_checkpoints(run_dir):
-        if (folder / ADAPTER_CONFIG).is_file():
+        if RunDir(folder).has_adapter():
             points.append((folder, display_name(folder), checkpoint_step(folder)))
     points.sort(key=lambda p: p[2] or 0)
-    if (run_dir / ADAPTER_CONFIG).is_file():
-        result = read_json(run_dir / "result.json") if (run_dir / "result.json").is_file() else {}
+    if run.has_adapter():
+        result = run.read_result()
         steps = result.get("steps") if isinstance(result.get("steps"), int) else None
         points.append((run_dir, name, steps))
     if not points:

@@ -15,13 +15,15 @@ from loralab.config import Config, get_dotted, load_config, read_yaml_mapping
 from loralab.errors import UserError
 from loralab.evaluate import run_dirs
 from loralab.evaluate.adapters import AdapterSource
-from loralab.scoring.tasks import COMPARISON_DIRNAME
-
-ADAPTER_CONFIG = "adapter_config.json"
-SWEEP_MANIFEST = "sweep.json"
-RUN_EVAL_DIRNAME = "eval"
-BASE_DIRNAME = "base"
-CURVE_DIRNAME = "checkpoint_curve"  # `eval --checkpoints RUN` compares into RUN/checkpoint_curve
+from loralab.layout import (
+    ADAPTER_CONFIG,
+    CHECKPOINT_CURVE,
+    COMPARISON,
+    SWEEP_MANIFEST,
+    ComparisonDir,
+    RunDir,
+    SweepDir,
+)
 
 
 @dataclass
@@ -46,9 +48,9 @@ def expand_adapter_dirs(paths: list[Path]) -> list[tuple[Path, str]]:
         path = Path(path)
         if not path.is_dir():
             raise UserError(f"adapter folder not found: {path}")
-        if (path / SWEEP_MANIFEST).is_file() and not (path / ADAPTER_CONFIG).is_file():
+        if SweepDir(path).has_manifest() and not RunDir(path).has_adapter():
             found += _finished_trials(path)
-        elif (path / ADAPTER_CONFIG).is_file():
+        elif RunDir(path).has_adapter():
             found.append((path, run_dirs.display_name(path)))
         else:
             raise UserError(f"{path} holds no {ADAPTER_CONFIG} or {SWEEP_MANIFEST}: "
@@ -57,22 +59,21 @@ def expand_adapter_dirs(paths: list[Path]) -> list[tuple[Path, str]]:
 
 
 def _finished_trials(sweep_dir: Path) -> list[tuple[Path, str]]:
-    from loralab.sweep.manifest import read_manifest, trial_dirs
-
-    done = trial_dirs(sweep_dir, only_done=True)
+    sweep = SweepDir(sweep_dir)
+    done = sweep.trial_dirs(only_done=True)
     if not done:
-        total = len((read_manifest(sweep_dir) or {}).get("trials", []))
+        total = len((sweep.read_manifest() or {}).get("trials", []))
         raise UserError(f"sweep {sweep_dir} has no finished trial ({total} trials): "
                         "nothing to evaluate yet")
     for name, path in done:
-        if not (path / ADAPTER_CONFIG).is_file():
+        if not RunDir(path).has_adapter():
             raise UserError(f"trial {name} is marked done but {path} has no adapter")
     return [(path, name) for name, path in done]
 
 
 def run_config_raw(run_dir: Path) -> dict[str, Any]:
     """The run's config.yaml as a mapping ({} for a bare PEFT adapter folder)."""
-    path = Path(run_dir) / "config.yaml"
+    path = RunDir(run_dir).config
     return read_yaml_mapping(path) if path.is_file() else {}
 
 
@@ -87,7 +88,7 @@ def adapter_run(path: Path, name: str, step: int | None = None) -> AdapterRun:
 
 
 def _read_adapter_config(path: Path) -> dict[str, Any]:
-    file = Path(path) / ADAPTER_CONFIG
+    file = RunDir(path).adapter_config
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (ValueError, OSError) as exc:
@@ -114,7 +115,7 @@ def single_run(adapter: Path) -> tuple[AdapterRun, Config]:
     path, name = expand_adapter_dirs([Path(adapter)])[0]
     run = adapter_run(path, name)
     # A bare PEFT folder has no training file; these commands need none.
-    bare = not (run.config_dir / "config.yaml").is_file()
+    bare = not RunDir(run.config_dir).has_config()
     return run, eval_config(None, [run], ["data.path=(none)"] if bare else [])
 
 
@@ -122,8 +123,8 @@ def eval_config(config: Path | None, runs: list[AdapterRun], overrides: list[str
     """--config, else the first adapter run's config.yaml; key=value overrides on top."""
     if config is not None:
         return load_config(config, overrides)
-    if runs and (runs[0].config_dir / "config.yaml").is_file():
-        return load_config(runs[0].config_dir / "config.yaml", overrides)
+    if runs and RunDir(runs[0].config_dir).has_config():
+        return load_config(RunDir(runs[0].config_dir).config, overrides)
     if runs:
         return load_config(None, [f"model.path={runs[0].base}", *overrides])
     return load_config(None, overrides)
@@ -232,17 +233,17 @@ def evaluate_group(ctx: EvalContext, runs: list[AdapterRun], indices: range,
         run = runs[i]
         meta = {"target": run.name, "kind": "adapter", "run_dir": str(run.path.resolve()),
                 "hyperparams": hyperparams_from_run(run.config_dir)
-                if (run.config_dir / "config.yaml").is_file() else {}}
+                if RunDir(run.config_dir).has_config() else {}}
         if run.step is not None:
             meta["step"] = run.step
         if i in shared:
             how = f"unmerged in loralab's forward, {len(together)} adapters per batch"
             yield run, evaluate_target(ctx, ctx.model, prompts[i], {**meta, "adapter_weights": how},
-                                       run.path / RUN_EVAL_DIRNAME, generated=shared[i])
+                                       RunDir(run.path).eval, generated=shared[i])
             continue
         with adapters.on_base(i, run.path, ctx.merge, fetched[i]) as (target, lora, how):
             yield run, evaluate_target(ctx, target, prompts[i], {**meta, "adapter_weights": how},
-                                       run.path / RUN_EVAL_DIRNAME, lora=lora)
+                                       RunDir(run.path).eval, lora=lora)
 
 
 def evaluate_target(ctx: EvalContext, model: Any, prompts: list[str], meta: dict[str, Any],
@@ -292,18 +293,10 @@ def log_to_tracker(run: AdapterRun, metrics: dict[str, Any]) -> None:
         tracker = start_tracker(tracking, run.path, {"run_dir": str(run.path), **raw})
         numbers = {f"eval/{k}": v for k, v in metrics.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        tracker.log(numbers, int(get_dotted(_result(run.path), "steps") or 0))
+        tracker.log(numbers, int(get_dotted(RunDir(run.path).read_result(), "steps") or 0))
         tracker.finish()
     except Exception as exc:  # tracking is a convenience; the files are the record
         print(f"loralab: tracking of {run.name} skipped ({type(exc).__name__}: {exc})")
-
-
-def _result(run_dir: Path) -> dict:
-    path = run_dir / "result.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except ValueError:
-        return {}
 
 
 # ---------------------------------------------------------------- the command
@@ -314,7 +307,7 @@ def comparison_dir(out: Path | None, adapter_args: list[Path]) -> Path:
         return Path(out)
     if not adapter_args:
         raise UserError("--base without --adapters needs --out for the comparison folder")
-    return Path(adapter_args[0]) / COMPARISON_DIRNAME
+    return Path(adapter_args[0]) / COMPARISON
 
 
 def run_eval(data: Path | None, adapter_args: list[Path], base: bool, limit: int | None,
@@ -326,14 +319,14 @@ def run_eval(data: Path | None, adapter_args: list[Path], base: bool, limit: int
     from loralab.data.records import read_records
     from loralab.model.load import load_tokenizer_for, resolve_tokenizer_path
     from loralab.scoring.references import score_references
-    from loralab.scoring.tasks import get_task, write_targets_manifest
+    from loralab.scoring.tasks import get_task
 
     if not adapter_args and not base and curve_of is None:
         raise UserError("nothing to evaluate: give --adapters RUN_OR_SWEEP ... and/or --base")
     runs = [adapter_run(p, n) for p, n in expand_adapter_dirs(adapter_args)]
     if curve_of is not None:
         runs += [adapter_run(p, n, step) for p, n, step in run_dirs.checkpoint_curve(curve_of)]
-        out = out or Path(curve_of) / CURVE_DIRNAME
+        out = out or Path(curve_of) / CHECKPOINT_CURVE
     cfg = eval_config(config, runs, overrides)
     check_same_base(cfg.model.path, None, runs)
     comp = comparison_dir(out, adapter_args)
@@ -356,8 +349,9 @@ def run_eval(data: Path | None, adapter_args: list[Path], base: bool, limit: int
     if base:
         prompts = render_prompts(tokenizer, records, cfg.data.system_prompt)
         meta = {"target": "base", "kind": "base", "run_dir": None}
-        _announce("base", evaluate_target(ctx, model, prompts, meta, comp / BASE_DIRNAME), task)
-        targets.append(comp / BASE_DIRNAME)
+        base_dir = ComparisonDir(comp).base
+        _announce("base", evaluate_target(ctx, model, prompts, meta, base_dir), task)
+        targets.append(base_dir)
     adapters = AdapterSource(model, [run.path for run in runs], settings)
     size = cfg.eval.adapter_batch if adapters.reason is None else 1
     try:
@@ -366,13 +360,13 @@ def run_eval(data: Path | None, adapter_args: list[Path], base: bool, limit: int
                 _announce(run.name, metrics, task)
                 if cfg.tracking.backend != "none":
                     log_to_tracker(run, metrics)
-                targets.append(run.path / RUN_EVAL_DIRNAME)
+                targets.append(RunDir(run.path).eval)
     finally:
         adapters.close()
     eval_rows = [{"input": last_user_text(r), "reference": r.answer} for r in records]
     targets += score_references(cfg.eval, train_answers, eval_rows, comp,
                                 bootstrap=cfg.eval.bootstrap)
-    write_targets_manifest(comp, targets)
+    ComparisonDir(comp).write_targets(targets)
     return {"comparison_dir": comp, "targets": targets}
 
 

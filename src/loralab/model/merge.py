@@ -15,8 +15,8 @@ from typing import Any
 from loralab import rundir
 from loralab.errors import UserError
 from loralab.io import make_temp_dir, write_json
+from loralab.layout import MERGE_CHECK
 
-CHECK_FILE = "merge_check.json"
 CHECK_PROMPTS = (
     "Hello! Who are you?",
     "将以下文本按照标签纬度进行关联度评分：新能源汽车销量创新高。",
@@ -105,7 +105,7 @@ def merge_to_folder(adapter: Path, out: Path, overwrite: bool = False,
             "max_abs_logit_diff": max_difference(expected, prompt_logits(reloaded, tokenizer, prompts)),
             "max_abs_logit": max(float(x.abs().max()) for x in expected),
         }
-        write_json(tmp / CHECK_FILE, check)
+        write_json(tmp / MERGE_CHECK, check)
         rundir.mark(tmp, "merged")
         _swap_into_place(tmp, out)
     finally:

@@ -15,18 +15,18 @@ from typing import Any
 
 from loralab.errors import UserError
 from loralab.io import atomic_write_text
-from loralab.report import best, html, plots, tables
-from loralab.scoring.tasks import (
-    COMPARISON_DIRNAME,
-    METRICS,
+from loralab.layout import (
+    COMPARISON,
+    EVAL,
+    SWEEP_MANIFEST,
+    TARGET_METRICS,
     TARGETS_MANIFEST,
-    headline_metrics,
-    read_target,
-    read_targets_manifest,
+    ComparisonDir,
+    RunDir,
+    SweepDir,
 )
-
-SWEEP_MANIFEST = "sweep.json"
-RUN_EVAL_DIRNAME = "eval"
+from loralab.report import best, html, plots, tables
+from loralab.scoring.tasks import headline_metrics, read_target
 
 
 def resolve_report_dir(path: Path, out: Path | None = None) -> tuple[Path, list[Path]]:
@@ -34,30 +34,25 @@ def resolve_report_dir(path: Path, out: Path | None = None) -> tuple[Path, list[
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{path} is not a folder")
-    if (path / TARGETS_MANIFEST).is_file():
-        return Path(out or path), read_targets_manifest(path)
-    if (path / SWEEP_MANIFEST).is_file():
-        targets = [t / RUN_EVAL_DIRNAME for t in _sweep_trials(path)]
-        evaluated = [t for t in targets if (t / METRICS).is_file()]
+    if ComparisonDir(path).has_targets():
+        return Path(out or path), ComparisonDir(path).read_targets()
+    sweep, run = SweepDir(path), RunDir(path)
+    if sweep.has_manifest():
+        targets = [RunDir(t).eval for _, t in sweep.trial_dirs()]
+        evaluated = [t for t in targets if (t / TARGET_METRICS).is_file()]
         if not evaluated:
             raise UserError(f"no trial of {path} has been evaluated: run loralab eval first")
-    elif (path / RUN_EVAL_DIRNAME / METRICS).is_file():
-        evaluated = [path / RUN_EVAL_DIRNAME]
+    elif (run.eval / TARGET_METRICS).is_file():
+        evaluated = [run.eval]
     else:
         raise UserError(
-            f"{path} holds no {TARGETS_MANIFEST}, {SWEEP_MANIFEST} or {RUN_EVAL_DIRNAME}/{METRICS}:"
+            f"{path} holds no {TARGETS_MANIFEST}, {SWEEP_MANIFEST} or {EVAL}/{TARGET_METRICS}:"
             " give a comparison, sweep or evaluated run folder"
         )
-    comparison = path / COMPARISON_DIRNAME
-    if (comparison / TARGETS_MANIFEST).is_file():
-        evaluated += read_targets_manifest(comparison)
-    return Path(out or comparison), _unique_paths(evaluated)
-
-
-def _sweep_trials(sweep_dir: Path) -> list[Path]:
-    from loralab.sweep.manifest import trial_dirs
-
-    return [path for _, path in trial_dirs(sweep_dir)]
+    comparison = run.comparison  # a sweep's comparison/ sits where a run's does
+    if comparison.has_targets():
+        evaluated += comparison.read_targets()
+    return Path(out or comparison.path), _unique_paths(evaluated)
 
 
 def _unique_paths(paths: list[Path]) -> list[Path]:
@@ -118,23 +113,24 @@ def build_report(
 ) -> dict[str, Any]:
     """Write comparison.csv, comparison.md, PNG plots and report.html into `comparison_dir`."""
     comparison_dir = Path(comparison_dir)
+    files = ComparisonDir(comparison_dir)
     loaded, task = load_targets(targets)
     headline = headline_metrics(task)
     rows = tables.comparison_rows(loaded, task, headline, bootstrap=bootstrap, seed=seed)
     comparison_dir.mkdir(parents=True, exist_ok=True)
     columns = tables.csv_columns(headline, tables.extra_metric_names(loaded, headline))
-    csv_path = comparison_dir / "comparison.csv"
+    csv_path = files.csv
     tables.write_csv(csv_path, rows, columns)
     notes = report_notes(loaded)
     verdict = best.best_adapter(loaded, task, headline[0], bootstrap=bootstrap, seed=seed)
     best_lines = best.verdict_lines(verdict)
     markdown = tables.comparison_markdown(rows, headline, notes, best_lines)
-    md_path = comparison_dir / "comparison.md"
+    md_path = files.markdown
     atomic_write_text(md_path, markdown)
     pngs, labels = plots.write_plots(comparison_dir, loaded, rows, task, headline, seed=seed)
     header, body = tables.summary_table(rows, headline)
     html_path = html.write_html(
-        comparison_dir / "report.html", f"loralab comparison: {_title(comparison_dir)}",
+        files.report_html, f"loralab comparison: {_title(comparison_dir)}",
         (header, body, [r["kind"] for r in rows]), tables.differences_table(rows, headline),
         pngs, labels, notes, best_lines, tables.curve_table(rows, headline),
     )
@@ -146,7 +142,7 @@ def build_report(
 def _title(comparison_dir: Path) -> str:
     """`sweep1/comparison` says more than `comparison`."""
     resolved = comparison_dir.resolve()
-    if resolved.name == COMPARISON_DIRNAME and resolved.parent.name:
+    if resolved.name == COMPARISON and resolved.parent.name:
         return f"{resolved.parent.name}/{resolved.name}"
     return resolved.name
 

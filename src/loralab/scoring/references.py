@@ -11,10 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from loralab.layout import ComparisonDir
 from loralab.scoring.tasks import get_task, score_predictions, write_target_results
 
 Predictor = Callable[[dict], str]
-REFERENCES_DIRNAME = "references"
 
 
 def reference_predictors(eval_cfg: Any, train_answers: list[str]) -> dict[str, Predictor]:
@@ -41,6 +41,6 @@ def score_references(
         ]
         scored, metrics = score_predictions(task, rows, bootstrap=bootstrap, seed=seed)
         metrics = {"target": name, "kind": "reference", "run_dir": None, **metrics}
-        folder = Path(comparison_dir) / REFERENCES_DIRNAME / name
+        folder = ComparisonDir(comparison_dir).reference(name)
         folders.append(write_target_results(folder, scored, metrics))
     return folders

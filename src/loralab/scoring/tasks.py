@@ -19,31 +19,24 @@ holding
   "train.max_steps"} (adapters, from the run's config.yaml), "gen": {"new_tokens", "seconds",
   "tokens_per_s"}}`.
 
-Where: an adapter's folder is `RUN/eval/`; the base model and the reference predictors live in the
-comparison folder as `COMP/base/` and `COMP/references/<name>/`. The comparison folder lists every
-target it compares in `COMP/targets.json` = `{"targets": [paths]}` (paths relative to COMP, so the tree
-can move; absolute paths are read too) and receives the report: `comparison.csv`,
-`comparison.md`, `*.png`, `report.html`. By default COMP is `<run or sweep dir>/comparison`.
+Where these folders are, and the comparison folder's `targets.json` listing them: `loralab.layout`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from loralab.config_io import get_dotted, read_yaml_mapping
 from loralab.errors import UserError
 from loralab.io import atomic_write_text, read_json, read_jsonl, write_json
+from loralab.layout import PREDICTIONS, TARGET_METRICS, RunDir
 from loralab.scoring import generic, tag_scores
 from loralab.scoring.stats import bootstrap_ci
 
 KINDS = ("base", "adapter", "reference")
-PREDICTIONS = "predictions.jsonl"
-METRICS = "metrics.json"
-TARGETS_MANIFEST = "targets.json"
-COMPARISON_DIRNAME = "comparison"
 # Config keys copied from an adapter run's config.yaml into metrics.json["hyperparams"].
 HYPERPARAM_KEYS = ("lora.r", "lora.alpha", "train.lr", "data.limit", "train.epochs",
                    "train.max_steps")
@@ -142,14 +135,14 @@ def write_target_results(folder: Path, rows: list[dict], metrics: dict) -> Path:
     folder = Path(folder)
     lines = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows)
     atomic_write_text(folder / PREDICTIONS, lines)
-    write_json(folder / METRICS, metrics)
+    write_json(folder / TARGET_METRICS, metrics)
     return folder
 
 
 def read_target(folder: Path) -> tuple[dict, list[dict]]:
     """(metrics, rows) of an evaluated target; one-line UserError when files are missing/bad."""
     folder = Path(folder)
-    metrics_path, preds_path = folder / METRICS, folder / PREDICTIONS
+    metrics_path, preds_path = folder / TARGET_METRICS, folder / PREDICTIONS
     for path in (metrics_path, preds_path):
         if not path.is_file():
             raise UserError(f"{path} not found: evaluate that target first (loralab eval)")
@@ -172,38 +165,5 @@ def read_target(folder: Path) -> tuple[dict, list[dict]]:
 
 def hyperparams_from_run(run_dir: Path) -> dict[str, Any]:
     """The HYPERPARAM_KEYS values of a run's config.yaml (None where absent)."""
-    from loralab.config import get_dotted, read_yaml_mapping
-
-    raw = read_yaml_mapping(Path(run_dir) / "config.yaml")
+    raw = read_yaml_mapping(RunDir(run_dir).config)
     return {key: get_dotted(raw, key) for key in HYPERPARAM_KEYS}
-
-
-def write_targets_manifest(comparison_dir: Path, targets: list[Path]) -> Path:
-    """Record the evaluated folders a comparison folder compares (read by `loralab report`)."""
-    comparison_dir = Path(comparison_dir)
-    entries = [_relative_or_absolute(Path(t), comparison_dir) for t in targets]
-    path = comparison_dir / TARGETS_MANIFEST
-    write_json(path, {"targets": entries})
-    return path
-
-
-def read_targets_manifest(comparison_dir: Path) -> list[Path]:
-    """The target folders listed in COMP/targets.json, resolved against COMP."""
-    path = Path(comparison_dir) / TARGETS_MANIFEST
-    try:
-        data = read_json(path)
-    except FileNotFoundError:
-        raise UserError(f"{path} not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path} is not valid JSON: {exc}") from None
-    entries = data.get("targets") if isinstance(data, dict) else None
-    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
-        raise UserError(f'{path} must look like {{"targets": ["path", ...]}}')
-    return [(Path(comparison_dir) / e).resolve() for e in entries]
-
-
-def _relative_or_absolute(target: Path, base: Path) -> str:
-    try:
-        return os.path.relpath(target.resolve(), base.resolve())
-    except ValueError:  # another drive on Windows
-        return str(target.resolve())

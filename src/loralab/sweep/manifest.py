@@ -1,4 +1,5 @@
-"""sweep.json: the sweep's definition hash and every trial's status, result and path.
+"""sweep.json: the sweep's definition hash and every trial's status, result and path
+(`loralab.layout.SweepDir` names and reads it).
 
 The parent process owns it and rewrites it atomically after every change, so a killed sweep
 leaves a consistent file that `--resume` trusts.
@@ -12,40 +13,17 @@ from typing import Any
 
 from loralab import rundir
 from loralab.errors import UserError
-from loralab.io import read_json, write_json
+from loralab.io import write_json
+from loralab.layout import SWEEP_MANIFEST, SweepDir
 from loralab.sweep.spec import SweepSpec
 
-MANIFEST = "sweep.json"
 STATUSES = ("pending", "running", "done", "failed", "interrupted")
 RESULT_KEYS = ("final_loss", "steps", "tokens_per_s", "wall_seconds", "train_seconds")
 
 
-def manifest_path(sweep_dir: Path) -> Path:
-    return Path(sweep_dir) / MANIFEST
-
-
 def read_manifest(sweep_dir: Path) -> dict[str, Any] | None:
-    path = manifest_path(sweep_dir)
-    if not path.is_file():
-        return None
-    try:
-        data = read_json(path)
-    except ValueError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc}); loralab sweep --overwrite starts again") from None
-    if not isinstance(data, dict) or not isinstance(data.get("trials"), list):
-        raise UserError(f"{path} is not a sweep manifest; loralab sweep --overwrite starts again")
-    return data
-
-
-def trial_dirs(sweep_dir: Path, only_done: bool = False) -> list[tuple[str, Path]]:
-    """(name, run folder) of a sweep's trials, or of its finished ones: what eval and report read."""
-    manifest = read_manifest(sweep_dir)
-    trials = manifest["trials"] if manifest else []
-    if not all(isinstance(t, dict) and isinstance(t.get("path"), str) for t in trials):
-        raise UserError(f'{manifest_path(sweep_dir)} must hold {{"trials": [{{"path": ...}}, ...]}}')
-    chosen = [t for t in trials if not only_done or t.get("status") == "done"]
-    return [(str(t.get("name") or Path(t["path"]).name), (Path(sweep_dir) / t["path"]).resolve())
-            for t in chosen]
+    """Shim until sweep/cli.py calls `SweepDir(sweep_dir).read_manifest()` itself."""
+    return SweepDir(sweep_dir).read_manifest()
 
 
 def save_manifest(sweep_dir: Path, manifest: dict[str, Any]) -> None:
@@ -53,7 +31,7 @@ def save_manifest(sweep_dir: Path, manifest: dict[str, Any]) -> None:
     manifest["updated"] = _now()
     if rundir.read_marker(Path(sweep_dir)) is None:
         rundir.mark(Path(sweep_dir), "sweep")
-    write_json(manifest_path(sweep_dir), manifest)
+    write_json(SweepDir(sweep_dir).manifest, manifest)
 
 
 def new_manifest(spec: SweepSpec) -> dict[str, Any]:
@@ -86,7 +64,7 @@ def start_manifest(spec: SweepSpec, resume: bool, overwrite: bool) -> dict[str, 
     if not overwrite and rundir.folder_kind(spec.output_dir) is None:
         _refuse_foreign_runs(spec)
     rundir.check_output_dir(spec.output_dir, "sweep", overwrite)
-    old = read_manifest(spec.output_dir)
+    old = SweepDir(spec.output_dir).read_manifest()
     fresh = new_manifest(spec)
     if old is None or overwrite:
         if not overwrite:
@@ -110,7 +88,7 @@ def _refuse_foreign_runs(spec: SweepSpec) -> None:
     taken = [t.name for t in spec.trials if not rundir.is_empty(Path(t.config.output_dir))]
     if taken:
         raise UserError(
-            f"{spec.output_dir} has run directories but no {MANIFEST} ({', '.join(taken[:3])}); "
+            f"{spec.output_dir} has run directories but no {SWEEP_MANIFEST} ({', '.join(taken[:3])}); "
             "use --overwrite to replace them or output_dir=... for a new sweep"
         )
 

@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import IO, Any
 
 from loralab.io import atomic_write_bytes, atomic_write_text, read_json, read_jsonl
+from loralab.layout import TARGET_METRICS, RunDir, SweepDir
 
 # Columns taken from TRIAL/eval/metrics.json (written by `loralab eval`) when it exists.
 EVAL_METRICS = ("weighted_accuracy", "f1", "weighted_error", "valid_rate")
 RESULT_COLUMNS = ("final_loss", "steps", "tokens_per_s", "wall_seconds")
-PLOT = "loss_curves.png"
 # Short headers for the terminal and sweep.md (sweep.csv keeps the full names).
 HEADERS = {"final_loss": "loss", "tokens_per_s": "tok/s", "wall_seconds": "wall s"}
 
@@ -33,7 +33,7 @@ def collect_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def read_eval_metrics(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "eval" / "metrics.json"
+    path = RunDir(run_dir).eval / TARGET_METRICS
     if not path.is_file():
         return {}
     try:
@@ -119,7 +119,7 @@ def plot_loss_curves(manifest: dict[str, Any], out: Path) -> Path | None:
     """Every trial's metrics.jsonl loss against step on one figure; None when nothing to plot."""
     curves = []
     for entry in manifest["trials"]:
-        path = Path(entry["path"]) / "metrics.jsonl"
+        path = RunDir(entry["path"]).step_metrics
         rows = read_jsonl(path) if path.is_file() else []
         points = [(r["step"], r["loss"]) for r in rows if "step" in r and "loss" in r]
         if points:
@@ -151,11 +151,11 @@ def plot_loss_curves(manifest: dict[str, Any], out: Path) -> Path | None:
 def write_summary(manifest: dict[str, Any], sweep_dir: Path, show: bool = True) -> list[Path]:
     """sweep.md, sweep.csv and loss_curves.png in the sweep directory; the table on screen."""
     rows = collect_rows(manifest)
-    sweep_dir = Path(sweep_dir)
-    atomic_write_text(sweep_dir / "sweep.md", to_markdown(rows, manifest["name"]))
-    atomic_write_text(sweep_dir / "sweep.csv", to_csv(rows))
-    written = [sweep_dir / "sweep.md", sweep_dir / "sweep.csv"]
-    plot = plot_loss_curves(manifest, sweep_dir / PLOT)
+    files = SweepDir(sweep_dir)
+    atomic_write_text(files.markdown, to_markdown(rows, manifest["name"]))
+    atomic_write_text(files.csv, to_csv(rows))
+    written = [files.markdown, files.csv]
+    plot = plot_loss_curves(manifest, files.loss_curves)
     if plot:
         written.append(plot)
     if show:

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from loralab.config import SEED_TAGS, Config, EvalConfig, save_config
+from loralab.layout import ComparisonDir
 from loralab.scoring.references import score_references
 from loralab.scoring.tasks import (
     get_task,
     hyperparams_from_run,
     score_predictions,
     write_target_results,
-    write_targets_manifest,
 )
 
 N_RECORDS = 16
@@ -88,5 +88,5 @@ def make_sweep(sweep: Path) -> Path:
     train = [dumps(t) for t in truths(seed=1)]
     eval_rows = [{"input": f"article {i}", "reference": dumps(t)} for i, t in enumerate(gold)]
     refs = score_references(EvalConfig(), train, eval_rows, comp, bootstrap=200)
-    write_targets_manifest(comp, [base, *refs, *evals])
+    ComparisonDir(comp).write_targets([base, *refs, *evals])
     return sweep

@@ -8,15 +8,14 @@ import pytest
 
 from loralab.config import Config, EvalConfig, save_config
 from loralab.errors import UserError
+from loralab.layout import ComparisonDir
 from loralab.scoring.tasks import (
     get_task,
     hyperparams_from_run,
     read_target,
-    read_targets_manifest,
     record_values,
     score_predictions,
     write_target_results,
-    write_targets_manifest,
 )
 
 REF = '{"a": 2, "b": 0}'
@@ -90,16 +89,16 @@ def test_read_target_errors_are_one_line_user_errors(tmp_path):
 def test_targets_manifest_round_trip_relative(tmp_path):
     comp = tmp_path / "sweep" / "comparison"
     targets = [comp / "base", tmp_path / "sweep" / "t1" / "eval"]
-    write_targets_manifest(comp, targets)
+    ComparisonDir(comp).write_targets(targets)
     stored = json.loads((comp / "targets.json").read_text())["targets"]
     assert stored == ["base", "../t1/eval"]
-    assert read_targets_manifest(comp) == [t.resolve() for t in targets]
+    assert ComparisonDir(comp).read_targets() == [t.resolve() for t in targets]
 
 
 def test_bad_targets_manifest(tmp_path):
     (tmp_path / "targets.json").write_text('{"targets": "base"}')
     with pytest.raises(UserError, match="targets"):
-        read_targets_manifest(tmp_path)
+        ComparisonDir(tmp_path).read_targets()
 
 
 def test_hyperparams_from_run_config(tmp_path):

@@ -5,9 +5,9 @@ import json
 import pytest
 
 from loralab.errors import UserError
+from loralab.layout import SweepDir
 from loralab.sweep.manifest import (
     mark,
-    read_manifest,
     result_summary,
     save_manifest,
     start_manifest,
@@ -34,7 +34,7 @@ def test_saved_atomically_and_read_back(spec):
     mark(m, "r4", "running")
     mark(m, "r4", "done", result=result_summary({"final_loss": 1.5, "steps": 3, "extra": 1}))
     save_manifest(spec.output_dir, m)
-    back = read_manifest(spec.output_dir)
+    back = SweepDir(spec.output_dir).read_manifest()
     entry = trial_entry(back, "r4")
     assert entry["status"] == "done" and entry["result"]["final_loss"] == 1.5
     assert "extra" not in entry["result"] and entry["started"] and entry["finished"]
@@ -82,7 +82,7 @@ def test_a_broken_manifest_is_a_user_error(spec):
     spec.output_dir.mkdir(parents=True)
     (spec.output_dir / "sweep.json").write_text("{not json")
     with pytest.raises(UserError, match="not valid JSON"):
-        read_manifest(spec.output_dir)
+        SweepDir(spec.output_dir).read_manifest()
     (spec.output_dir / "sweep.json").write_text(json.dumps([1]))
     with pytest.raises(UserError, match="not a sweep manifest"):
-        read_manifest(spec.output_dir)
+        SweepDir(spec.output_dir).read_manifest()

@@ -6,7 +6,7 @@ import pytest
 
 import loralab.sweep.runner as runner
 import loralab.train.loop as loop
-from loralab.sweep.manifest import read_manifest
+from loralab.layout import SweepDir
 from loralab.sweep.spec import load_sweep
 
 
@@ -45,14 +45,14 @@ def test_failed_trials_are_recorded_and_the_sweep_goes_on(spec, fake_training):
     assert manifest["trials"][1]["error"].startswith("FloatingPointError: loss is nan")
     assert manifest["trials"][2]["result"]["final_loss"] == 1 / 16
     assert fake_training["loads"] == 1  # one base for every trial
-    assert read_manifest(spec.output_dir) == manifest
+    assert SweepDir(spec.output_dir).read_manifest() == manifest
 
 
 def test_ctrl_c_leaves_a_consistent_manifest_and_resume_finishes(spec, fake_training):
     fake_training["interrupt"].add("r8")
     with pytest.raises(KeyboardInterrupt):
         runner.run_sweep(spec, show_progress=False)
-    saved = read_manifest(spec.output_dir)
+    saved = SweepDir(spec.output_dir).read_manifest()
     assert [t["status"] for t in saved["trials"]] == ["done", "interrupted", "pending"]
     fake_training["interrupt"].clear()
     fake_training["trained"].clear()
