@@ -156,6 +156,7 @@ class TrainConfig:
     eval_every: int = 0  # optimizer steps between eval-loss passes on data.eval_path; 0: never
     early_stopping_patience: int = 0  # stop after this many evals without a better eval loss; 0: off
     keep_checkpoints: int = 2  # newest checkpoints kept under checkpoints/; 0: all
+    strategy: str = "ddp"  # ddp | fsdp: several processes each hold the base, or shard its layers
     # Fast-path levers (docs/fast_path.md). auto: on with CUDA, the plain HF + PEFT path on CPU.
     packing: str = "auto"  # auto | on | off: sequences back to back in one row, no padding
     attention: str = "auto"  # auto | varlen | flex | sdpa: attention kept inside packed sequences
@@ -198,6 +199,7 @@ class TrainConfig:
         for key in ("fused_lora", "packing", "compile"):
             _choice(f"train.{key}", getattr(self, key), ("auto", "on", "off"))
         _choice("train.attention", self.attention, ("auto", "varlen", "flex", "sdpa"))
+        _choice("train.strategy", self.strategy, ("ddp", "fsdp"))
 
 
 @dataclass

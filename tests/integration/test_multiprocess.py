@@ -56,8 +56,9 @@ def runs(tmp_path_factory, small_data):
         "tracking.backend=tensorboard", f"tracking.log_dir={root / 'tb'}",
     ]
     out = {}
-    for name, extra in (("one", []), ("two", ["--nproc", "2"])):
-        proc = _run([*common, f"output_dir={root / name}"], *extra)
+    for name, more, extra in (("one", [], []), ("two", [], ["--nproc", "2"]),
+                              ("fsdp", ["train.strategy=fsdp"], ["--nproc", "2"])):
+        proc = _run([*common, *more, f"output_dir={root / name}"], *extra)
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[name] = root / name
     return common, root, out
@@ -76,8 +77,22 @@ def test_two_processes_train_as_one(runs):
     result = json.loads((out["two"] / "result.json").read_text())
     assert result["status"] == "done" and result["processes"] == 2
     # One tracker run per training run, written by the main process only.
-    assert sorted(p.name for p in (root / "tb").iterdir()) == ["one", "two"]
+    assert sorted(p.name for p in (root / "tb").iterdir()) == ["fsdp", "one", "two"]
     assert len(list((root / "tb" / "two").iterdir())) == 1
+
+
+def test_fsdp_shards_the_layers_and_trains_as_one_process(runs):
+    """train.strategy=fsdp: each process holds half of the decoder layers' weights, and the
+    training is the one-process training (the LoRA weights stay whole on every process)."""
+    _, _, out = runs
+    one, fsdp = _metrics(out["one"]), _metrics(out["fsdp"])
+    for a, b in zip(one, fsdp, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+    _assert_same_adapter(out["one"], out["fsdp"])
+    sharding = json.loads((out["fsdp"] / "result.json").read_text())["fsdp"]
+    assert sharding["sharded_layers"] == 2 and sharding["processes"] == 2
+    assert 0 < sharding["sharded_bytes_per_process"] <= sharding["sharded_bytes"] / 2 + 4096
 
 
 def test_two_processes_resume_to_the_same_adapter(runs):

@@ -7,6 +7,7 @@ Data flow: records → Examples (tokens + labels) → per-step plan of micro-bat
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import os
@@ -64,13 +65,20 @@ def train_run(
         dist.main_decides(lambda: ckpt.check_run_dir(Path(cfg.output_dir), resume, overwrite))
         tokenizer = load_tokenizer(resolve_tokenizer_path(cfg.model))
         data = build_dataset(cfg.data, tokenizer, cfg.train.seed)
-        base = load_base(cfg, dist.device)
+        # FSDP loads on the CPU (a base may not fit one GPU), shards, then moves the shards.
+        stage = torch.device("cpu") if _fsdp(cfg, dist) else None
+        base = load_base(cfg, dist.device, stage=stage)
     peft_model, result = train_adapter(
         cfg, base, data=data, resume=resume, overwrite=overwrite, show_progress=show_progress,
         dist=dist,
     )
-    peft_model.unload()
+    if "fsdp" not in result:  # a sharded base is not handed back to anyone
+        peft_model.unload()
     return result
+
+
+def _fsdp(cfg: Config, dist: Dist) -> bool:
+    return cfg.train.strategy == "fsdp" and dist.world > 1
 
 
 def train_adapter(
@@ -121,26 +129,33 @@ def _attach_and_train(cfg, base, data, resume, overwrite, show_progress, dist):
     if dist.is_main and show_progress:
         print_summary(summary)
     peft_model = attach_lora(base.model, cfg.lora, cfg.train.seed)  # checks target modules
+    sharding = _shard(base, peft_model, dist) if _fsdp(cfg, dist) else None
     try:
         if dist.is_main:
             _prepare_dir(run_dir, cfg, summary, resume, overwrite)
-        result = _train(cfg, dist, base, peft_model, examples, summary, resume, started, show_progress)
+        result = _train(cfg, dist, base, peft_model, examples, summary, resume, started,
+                        show_progress, sharding)
     except BaseException:
         peft_model.unload()
         raise
     return peft_model, result
 
 
-def load_base(cfg: Config, device: torch.device | None = None) -> Base:
-    """The config's base model on `device` (default: cuda:current, else cpu)."""
-    from loralab.model.load import load_base_model
+def load_base(
+    cfg: Config, device: torch.device | None = None, stage: torch.device | None = None
+) -> Base:
+    """The config's base model for `device` (default: cuda:current, else cpu), in the dtype
+    chosen for `device`; loaded on `stage` instead when given (FSDP moves it after sharding)."""
+    from loralab.model.load import load_base_model, pick_dtype
 
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
             else torch.device("cpu")
     precision = None if cfg.train.precision == "auto" else cfg.train.precision
-    model, tokenizer = load_base_model(cfg.model, device, precision)
-    return Base(model, tokenizer, device)
+    dtype = pick_dtype(precision or cfg.model.dtype, device)
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    model, tokenizer = load_base_model(cfg.model, stage or device, name)
+    return Base(model, tokenizer, stage or device)
 
 
 def _prepare_dir(run_dir: Path, cfg: Config, summary: dict, resume: bool, overwrite: bool) -> None:
@@ -154,8 +169,19 @@ def _prepare_dir(run_dir: Path, cfg: Config, summary: dict, resume: bool, overwr
     write_json(run_dir / "data_summary.json", summary)
 
 
+def _shard(base: Base, peft_model: Any, dist: Dist) -> dict[str, Any]:
+    """train.strategy=fsdp: the decoder layers sharded, then everything moved to this GPU."""
+    from loralab.train import fsdp
+
+    layers = fsdp.shard_decoder_layers(base.model, dist)
+    peft_model.to(dist.device)
+    base.device = dist.device
+    return fsdp.describe(base.model, layers, dist)
+
+
 def _train(
-    cfg, dist: Dist, base, peft_model, examples, summary, resume, started, show_progress
+    cfg, dist: Dist, base, peft_model, examples, summary, resume, started, show_progress,
+    sharding: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     from loralab.model.lora import LabelledLoss, count_parameters
     from loralab.train import levers
@@ -166,6 +192,8 @@ def _train(
     # The main process's plan for all: free memory differs a little between cards, and two
     # processes planning different micro-batches would wait on each other forever.
     fast = dist.share(levers.resolve(cfg, base.model, base.device, examples, dist.world))
+    if sharding:  # not yet measured with sharded layers: the plain PEFT forward, eager
+        fast = dataclasses.replace(fast, compile=False, fused_lora=False)
     if dist.world > 1 and dist.is_main and show_progress:
         _print_split(cfg, fast, dist.world)
     peft_model.train()
@@ -182,6 +210,7 @@ def _train(
             *count_parameters(peft_model),
         ),
         "fast_path": fast.describe(),
+        **({"fsdp": sharding} if sharding else {}),
     }
     main = dist.is_main
     if main:

@@ -1,0 +1,55 @@
+"""train.strategy=fsdp: the frozen base's decoder layers sharded over the processes (FSDP2).
+
+What may not fit one GPU is the base; the LoRA weights are small. So only the decoder layers'
+frozen weights are sharded: each process keeps 1/N of them and all-gathers a layer just before
+it runs, in the forward and again in the backward. Embeddings, the final norm and the LM head
+stay whole on every process (loralab calls the decoder and the head separately, and a tied
+head would otherwise sit in two shards). The LoRA weights are left out of FSDP
+(`ignored_params`) and stay replicated, so their gradients are summed as in the data-parallel
+path and the optimizer, clipping, checkpoints and the saved adapter are unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from loralab.train.dist import Dist
+
+
+def shard_decoder_layers(model: torch.nn.Module, dist: Dist) -> int:
+    """fully_shard every decoder layer of `model` over the job's processes; the layer count.
+
+    Call it after the LoRA layers are attached (their weights must be known to be left out)
+    and before anything is compiled.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from loralab.train.levers import decoder_layers
+
+    mesh = init_device_mesh(dist.device.type, (dist.world,))
+    layers = decoder_layers(model)
+    for layer in layers:
+        trainable = {p for p in layer.parameters() if p.requires_grad}
+        fully_shard(layer, mesh=mesh, ignored_params=trainable)
+    return len(layers)
+
+
+def sharded_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(bytes this process holds of the base's sharded weights, their full size)."""
+    from torch.distributed.tensor import DTensor
+
+    local = full = 0
+    for p in model.parameters():
+        if isinstance(p, DTensor):
+            local += p.to_local().numel() * p.element_size()
+            full += p.numel() * p.element_size()
+    return local, full
+
+
+def describe(model: Any, layers: int, dist: Dist) -> dict[str, Any]:
+    local, full = sharded_bytes(model)
+    return {"strategy": "fsdp", "sharded_layers": layers, "processes": dist.world,
+            "sharded_bytes_per_process": local, "sharded_bytes": full}
