@@ -22,6 +22,29 @@ BF16_PEAK = 790e12  # bf16 matmul rate measured on the H200 (anchors README)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+class NoTokenizer:
+    """What training needs of a tokenizer when the data is token ids already (the benchmarks)."""
+
+    pad_token_id = PAD_ID
+
+    def save_pretrained(self, folder) -> None:
+        del folder
+
+
+def loralab_cfg(out: Path, steps: int, overrides: dict):
+    """The benchmarks' loralab config on 7B shapes (bs 4 x GA 4, no saves), with `overrides`."""
+    from loralab.config import config_from_dict, set_dotted
+
+    raw: dict = {"output_dir": str(out), "model": {"path": "7b-shapes"},
+                 "data": {"path": "random", "max_length": 384},
+                 "lora": {"target_modules": TARGETS},
+                 "train": {"max_steps": steps, "batch_size": 4, "grad_accum": 4, "save_every": 0},
+                 "tracking": {"backend": "none"}}
+    for key, value in overrides.items():
+        set_dotted(raw, key, value)
+    return config_from_dict(raw).validate()
+
+
 def build_model(shape: dict, attn: str = "sdpa"):
     """Random bf16 weights built on the GPU (< 1 s), frozen, eval mode, like load_base_model."""
     import torch

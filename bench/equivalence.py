@@ -39,8 +39,8 @@ def probe_kernels() -> dict:
 def same_math(model, examples, steps: int, say) -> dict:
     """Per-step losses of plain HF+PEFT vs loralab (dropout 0, same order); adapter reload."""
     import torch
+    from common import NoTokenizer, loralab_cfg
     from peft import PeftModel
-    from train_speed import NoTokenizer, loralab_cfg
 
     from loralab.data.batching import collate_padded, plan_steps
     from loralab.model.fast_lora import disable_fast_lora, enable_fast_lora

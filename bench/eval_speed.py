@@ -120,10 +120,10 @@ def hf_batch(model, prompts, new: int, **kw) -> int:
 
 
 def _hf_raw(model, prompts, new, **kw):
-    from loralab.evaluate.generate import _left_pad
+    from loralab.evaluate.generate import left_pad
 
     device = next(model.parameters()).device
-    ids, mask = _left_pad(prompts, PAD, device)
+    ids, mask = left_pad(prompts, PAD, device)
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
                              min_new_tokens=new, do_sample=False, pad_token_id=PAD, **kw)

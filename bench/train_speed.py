@@ -27,8 +27,10 @@ from common import (  # noqa: E402
     PAD_ID,
     SEVEN_B,
     TARGETS,
+    NoTokenizer,
     build_model,
     environment,
+    loralab_cfg,
     markdown_table,
     median,
     mfu,
@@ -53,26 +55,6 @@ def say(*parts) -> None:
     line = " ".join(str(p) for p in parts)
     LOG.append(line)
     print(line, flush=True)
-
-
-class NoTokenizer:
-    pad_token_id = PAD_ID
-
-    def save_pretrained(self, folder) -> None:
-        del folder
-
-
-def loralab_cfg(out: Path, steps: int, overrides: dict):
-    from loralab.config import config_from_dict, set_dotted
-
-    raw: dict = {"output_dir": str(out), "model": {"path": "7b-shapes"},
-                 "data": {"path": "random", "max_length": 384},
-                 "lora": {"target_modules": TARGETS},
-                 "train": {"max_steps": steps, "batch_size": 4, "grad_accum": 4, "save_every": 0},
-                 "tracking": {"backend": "none"}}
-    for key, value in overrides.items():
-        set_dotted(raw, key, value)
-    return config_from_dict(raw).validate()
 
 
 def run_loralab(name, model, examples, steps, warm, overrides, params) -> dict:

@@ -298,7 +298,7 @@ class FastForward:
         self.lm = lm
         several = isinstance(lora, list)
         self.layers = build_layers(lm, None if several else lora)
-        self.stacks = stack_adapters(lm, lora) if several else None
+        self.stacks = stack_adapters(lm, lora, GROUPS, plain_linear) if several else None
         self.copies = len(lora) if several else 1
         head_dim = getattr(attn, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.shape = Shape(cfg.num_attention_heads, cfg.num_key_value_heads, head_dim,

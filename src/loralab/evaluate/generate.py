@@ -13,19 +13,20 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from loralab.errors import UserError
+from loralab.evaluate.settings import GenSettings
 from loralab.evaluate.static_engine import (  # re-exported: tests and benchmarks import them here
     CHECK_EVERY,
     LAST_RUN,
     MIN_SHARED_PREFIX,
     StaticKV,
-    _core,
-    _left_pad,
     common_prefix_length,
+    core_model,
     grouped_decode_attention,
+    left_pad,
     make_forward,
     row_groups,
     static_generate,
@@ -35,30 +36,11 @@ __all__ = [
     "CHECK_EVERY", "ENGINES", "LAST_RUN", "MIN_SHARED_PREFIX", "GenSettings", "GenStats",
     "Generation", "StaticKV", "common_prefix_length", "cut_at_stop", "default_max_new_tokens",
     "generate_ids", "generate_ids_for_adapters", "generate_texts",
-    "generate_texts_for_adapters", "grouped_decode_attention", "hf_generate",
+    "generate_texts_for_adapters", "grouped_decode_attention", "hf_generate", "left_pad",
     "length_batches", "make_forward", "pick_engine", "row_groups", "static_generate", "stop_token_ids",
 ]
 
 ENGINES = ("auto", "static", "hf")
-
-
-@dataclass
-class GenSettings:
-    """How to generate; `min_new_tokens` = max_new_tokens forces a fixed length (benchmarks)."""
-
-    max_new_tokens: int
-    batch_size: int = 64
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    engine: str = "auto"  # auto: static when greedy and the attention is sdpa/eager, else hf
-    cuda_graph: bool = True  # static engine on CUDA: replay the decode step as a CUDA graph
-    compile: bool = False  # static engine on CUDA: torch.compile the decode step before capture
-    fast_forward: bool = True  # static engine: loralab's own forward where the model allows it
-    shared_prefix: bool = True  # static engine: prefill the prompts' common prefix once
-    prefill_chunks: int = 3  # static engine: prefill in this many length-sorted row groups
-    min_new_tokens: int = 0
-    seed: int = 0  # sampling only
 
 
 @dataclass
@@ -75,6 +57,9 @@ class GenStats:
     new_tokens: int
     seconds: float
     engine: str
+    # What the static engine did in this call (cuda_graph, graph_error, fast_forward,
+    # shared_prefix, ...): returned with the generations, read by eval's metrics.json.
+    engine_run: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         rate = self.new_tokens / self.seconds if self.seconds > 0 else None
@@ -125,7 +110,7 @@ def pick_engine(model: Any, settings: GenSettings) -> str:
         if settings.engine == "static" and settings.do_sample:
             raise UserError("the static engine is greedy only: use engine=hf to sample")
         return settings.engine
-    attn = getattr(_core(model).config, "_attn_implementation", "sdpa")
+    attn = getattr(core_model(model).config, "_attn_implementation", "sdpa")
     return "static" if not settings.do_sample and attn in ("sdpa", "eager") else "hf"
 
 
@@ -137,7 +122,7 @@ def generate_texts(
     engine = pick_engine(model, settings)
     outs, seconds, stop_ids = _timed(model, tokenizer, prompts, lambda ids, stop, pad: (
         generate_ids(model, ids, settings, stop, pad, engine, lora)))
-    return _decoded(tokenizer, outs, stop_ids, settings, seconds, engine)
+    return _decoded(tokenizer, outs, stop_ids, settings, seconds, engine, dict(LAST_RUN))
 
 
 def generate_texts_for_adapters(
@@ -152,7 +137,8 @@ def generate_texts_for_adapters(
     outs, seconds, stop_ids = _timed(model, tokenizer, prompts, lambda ids, stop, pad: (
         generate_ids_for_adapters(model, ids, settings, stop, pad, loras)))
     share = seconds / len(loras)
-    return [_decoded(tokenizer, o, stop_ids, settings, share, "static") for o in outs]
+    run = dict(LAST_RUN)
+    return [_decoded(tokenizer, o, stop_ids, settings, share, "static", run) for o in outs]
 
 
 def _timed(model: Any, tokenizer: Any, prompts: list[str], generate: Any):
@@ -170,13 +156,14 @@ def _timed(model: Any, tokenizer: Any, prompts: list[str], generate: Any):
 
 
 def _decoded(tokenizer: Any, outs: list[list[int]], stop_ids: list[int], settings: GenSettings,
-             seconds: float, engine: str) -> tuple[list[Generation], GenStats]:
+             seconds: float, engine: str, engine_run: dict[str, Any]
+             ) -> tuple[list[Generation], GenStats]:
     results = []
     for out in outs:
         kept, finished = cut_at_stop(out, stop_ids, settings.max_new_tokens)
         results.append(Generation(tokenizer.decode(kept, skip_special_tokens=True), len(kept),
                                   finished))
-    return results, GenStats(sum(r.new_tokens for r in results), seconds, engine)
+    return results, GenStats(sum(r.new_tokens for r in results), seconds, engine, engine_run)
 
 
 def generate_ids(model: Any, prompt_ids: list[list[int]], settings: GenSettings,
@@ -242,7 +229,7 @@ def hf_generate(
     import torch
 
     device = next(model.parameters()).device
-    input_ids, mask = _left_pad(ids, pad_id, device)
+    input_ids, mask = left_pad(ids, pad_id, device)
     kwargs: dict[str, Any] = dict(
         max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens,
         do_sample=settings.do_sample, eos_token_id=stop_ids, pad_token_id=pad_id,

@@ -252,7 +252,7 @@ def evaluate_target(ctx: EvalContext, model: Any, prompts: list[str], meta: dict
     """Generate, score and write one target's predictions.jsonl and metrics.json. `lora`: an
     adapter read as tensors (adapters.AdapterSource), folded into the engine's own forward;
     `generated`: (generations, stats) already made with other adapters in one batch."""
-    from loralab.evaluate.generate import LAST_RUN, generate_texts
+    from loralab.evaluate.generate import generate_texts
     from loralab.scoring.tasks import score_predictions, write_target_results
 
     records, task, settings = ctx.records, ctx.task, ctx.settings
@@ -266,8 +266,9 @@ def evaluate_target(ctx: EvalContext, model: Any, prompts: list[str], meta: dict
     scored, metrics = score_predictions(task, rows, bootstrap=ctx.bootstrap)
     gen = {**stats.as_dict(), "max_new_tokens": settings.max_new_tokens,
            "batch_size": settings.batch_size, "do_sample": settings.do_sample,
-           "cuda_graph": stats.engine == "static" and bool(LAST_RUN["cuda_graph"]),
-           "fast_forward": LAST_RUN.get("fast_forward") if stats.engine == "static" else None}
+           "cuda_graph": stats.engine == "static" and bool(stats.engine_run.get("cuda_graph")),
+           "fast_forward": stats.engine_run.get("fast_forward") if stats.engine == "static"
+           else None}
     metrics = {**meta, **metrics, "gen": gen}
     write_target_results(folder, scored, metrics)
     return metrics

@@ -14,10 +14,9 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from loralab.evaluate.generate import GenSettings
+from loralab.evaluate.settings import GenSettings
 
 CHECK_EVERY = 8  # decode steps between checks whether every sequence has stopped (one sync)
 # What the last static run did (benchmarks and metrics.json report it).
@@ -26,12 +25,16 @@ LAST_RUN: dict[str, Any] = {"cuda_graph": False, "graph_error": None, "shared_pr
 MIN_SHARED_PREFIX = 4  # a shorter common prefix is not worth its own forward
 
 
-def _core(model: Any) -> Any:
+def core_model(model: Any) -> Any:
     """The transformers model inside a PeftModel (LoRA layers live in its modules)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _left_pad(ids: list[list[int]], pad_id: int, device: Any):
+_core = core_model  # for evaluate/adapters.py until it imports core_model
+
+
+def left_pad(ids: list[list[int]], pad_id: int, device: Any):
+    """(input ids, attention mask) of `ids` left-padded with `pad_id` to the longest."""
     import torch
 
     width = max(len(x) for x in ids)
@@ -192,7 +195,7 @@ def make_forward(model: Any, settings: GenSettings,
     the reason it was not used."""
     from loralab.evaluate.fast_forward import FastForward, unavailable, why_not
 
-    lm = _core(model)
+    lm = core_model(model)
     # With adapters read as tensors the memory was judged when they were read (AdapterSource);
     # judging it again here, with their factors now on the GPU, could only refuse them late.
     check = why_not if lora is not None else unavailable
@@ -250,7 +253,7 @@ class _PrefillWriter(_cache_base()):
 def _static_generate(model, ids, settings, stop_ids, pad_id, forward) -> list[list[int]]:
     import torch
 
-    lm = _core(model)
+    lm = core_model(model)
     device = next(lm.parameters()).device
     dtype = next(p.dtype for p in lm.parameters() if p.is_floating_point())
     shared = common_prefix_length(ids) if settings.shared_prefix else 0
@@ -317,7 +320,7 @@ def _prefill_rows(forward, suffixes, rows: tuple[int, int], shared: int, width: 
 
     a, b = rows
     device = key_valid.device
-    group_ids, mask = _left_pad(suffixes[a:b], pad_id, device)
+    group_ids, mask = left_pad(suffixes[a:b], pad_id, device)
     local = group_ids.shape[1]
     first = shared + width - local  # the group's first slot: right-aligned with the batch
     end = shared + width

@@ -1,4 +1,5 @@
-"""`loralab merge`: fold an adapter into its base and save a plain transformers model folder.
+"""Fold an adapter into its base and save a plain transformers model folder (the library part
+of `loralab merge`; the command, which finds the run and loads the model, is evaluate/cli.py's).
 
 The merged folder is checked the way a user will use it: reloaded from disk with
 `AutoModelForCausalLM.from_pretrained` and compared, logit by logit, with base + adapter.
@@ -69,24 +70,15 @@ def max_difference(a: list[Any], b: list[Any]) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
 
 
-def merge_to_folder(adapter: Path, out: Path, overwrite: bool = False,
-                    device: str | None = None) -> dict[str, Any]:
-    """Write the merged model (safetensors, config, tokenizer, merge_check.json) atomically."""
+def merge_to_folder(peft_model: Any, tokenizer: Any, out: Path, system_prompt: str | None,
+                    about: dict[str, Any]) -> dict[str, Any]:
+    """Merge `peft_model` (an unmerged PEFT model) and write it with its tokenizer and
+    merge_check.json to `out`, atomically; `about` ({"adapter", "base"}) heads the check.
+    Call check_out_dir(out, overwrite) first, before loading anything."""
     from transformers import AutoModelForCausalLM
 
-    from loralab.evaluate.adapters import attached_adapter
-    from loralab.evaluate.lora_file import check_adapter_file
-    from loralab.evaluate.runner import single_run
-    from loralab.model.load import load_base_model
-
     out = Path(out)
-    check_out_dir(out, overwrite)
-    run, cfg = single_run(Path(adapter))
-    path = run.path
-    check_adapter_file(path)  # before the base model loads
-    model, tokenizer = load_base_model(cfg.model, device or "cpu")
-    peft_model = attached_adapter(model, path, merge=False).__enter__()
-    prompts = check_prompts(tokenizer, run.system_prompt)
+    prompts = check_prompts(tokenizer, system_prompt)
     expected = prompt_logits(peft_model, tokenizer, prompts)
     merged = peft_model.merge_and_unload()
     merged.config.use_cache = True
@@ -98,8 +90,7 @@ def merge_to_folder(adapter: Path, out: Path, overwrite: bool = False,
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=merged.dtype)
         reloaded.to(next(merged.parameters()).device).eval()
         check = {
-            "adapter": str(path.resolve()),
-            "base": cfg.model.path,
+            **about,
             "dtype": str(merged.dtype).replace("torch.", ""),
             "prompts": len(prompts),
             "max_abs_logit_diff": max_difference(expected, prompt_logits(reloaded, tokenizer, prompts)),

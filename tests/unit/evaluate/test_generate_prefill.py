@@ -99,3 +99,13 @@ def test_prompts_without_a_common_prefix(lively_model, qwen_tokenizer):
     static = _texts(lively_model, qwen_tokenizer, raw, engine="static", batch_size=4)
     assert gen.LAST_RUN["shared_prefix"] == 0
     assert static == hf
+
+
+def test_each_call_returns_what_its_engine_did(lively_model, qwen_tokenizer, prompts):
+    # eval's metrics.json reads the stats of its own call, not a global a later call overwrote
+    settings = GenSettings(max_new_tokens=4, engine="static", batch_size=8)
+    _, stats = generate_texts(lively_model, qwen_tokenizer, prompts, settings)
+    settings.shared_prefix = False
+    _, later = generate_texts(lively_model, qwen_tokenizer, prompts, settings)
+    assert stats.engine_run["shared_prefix"] >= 10 and later.engine_run["shared_prefix"] == 0
+    assert stats.engine_run["fast_forward"] is True and stats.engine_run["cuda_graph"] is False
