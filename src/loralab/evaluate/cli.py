@@ -203,11 +203,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from loralab.data.render import render_prompt
     from loralab.evaluate.adapters import attached_adapter
     from loralab.evaluate.lora_file import check_adapter_file
     from loralab.evaluate.runner import single_run
     from loralab.model.load import load_base_model
-    from loralab.model.merge import check_out_dir, merge_to_folder
+    from loralab.model.merge import CHECK_PROMPTS, check_out_dir, merge_to_folder
 
     check_out_dir(Path(args.out), args.overwrite)
     run, cfg = single_run(Path(args.adapter))
@@ -215,7 +216,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     model, tokenizer = load_base_model(cfg.model, args.device or "cpu")
     peft_model = attached_adapter(model, run.path, merge=False).__enter__()
     about = {"adapter": str(run.path.resolve()), "base": cfg.model.path}
-    check = merge_to_folder(peft_model, tokenizer, Path(args.out), run.system_prompt, about)
+    prompts = [render_prompt(tokenizer, run.system_prompt, [{"role": "user", "content": p}])
+               for p in CHECK_PROMPTS]
+    check = merge_to_folder(peft_model, tokenizer, Path(args.out), prompts, about)
     print(f"merged model → {args.out}")
     print(f"largest logit difference vs base+adapter: {check['max_abs_logit_diff']:.3g} "
           f"(reloaded from disk, {check['prompts']} prompts, {check['dtype']})")

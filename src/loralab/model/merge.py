@@ -46,13 +46,6 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
                         f"({names}); move them or choose another --out")
 
 
-def check_prompts(tokenizer: Any, system: str | None) -> list[str]:
-    from loralab.data.render import render_prompt
-
-    return [render_prompt(tokenizer, system, [{"role": "user", "content": p}])
-            for p in CHECK_PROMPTS]
-
-
 def prompt_logits(model: Any, tokenizer: Any, prompts: list[str]) -> list[Any]:
     """Full logits of every prompt (fp32, CPU), one prompt at a time: no padding involved."""
     import torch
@@ -70,15 +63,15 @@ def max_difference(a: list[Any], b: list[Any]) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
 
 
-def merge_to_folder(peft_model: Any, tokenizer: Any, out: Path, system_prompt: str | None,
+def merge_to_folder(peft_model: Any, tokenizer: Any, out: Path, prompts: list[str],
                     about: dict[str, Any]) -> dict[str, Any]:
     """Merge `peft_model` (an unmerged PEFT model) and write it with its tokenizer and
-    merge_check.json to `out`, atomically; `about` ({"adapter", "base"}) heads the check.
-    Call check_out_dir(out, overwrite) first, before loading anything."""
+    merge_check.json to `out`, atomically. `prompts`: CHECK_PROMPTS rendered as the model is
+    prompted, compared logit by logit after a reload; `about` ({"adapter", "base"}) heads the
+    check. Call check_out_dir(out, overwrite) first, before loading anything."""
     from transformers import AutoModelForCausalLM
 
     out = Path(out)
-    prompts = check_prompts(tokenizer, system_prompt)
     expected = prompt_logits(peft_model, tokenizer, prompts)
     merged = peft_model.merge_and_unload()
     merged.config.use_cache = True
