@@ -165,3 +165,49 @@ def _rank_pid(parent: int, rank: int) -> int:
         if ppid == parent and f"RANK={rank}".encode() in env:
             return int(entry.name)
     raise AssertionError(f"no rank {rank} under {parent}")
+
+
+META_WORKER = '''
+import json, sys, tempfile
+import torch
+from accelerate import init_empty_weights
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+from loralab.config import load_config
+from loralab.model.load import TINY_QWEN2
+from loralab.model.tokenizer import builtin_tokenizer_dir, load_tokenizer
+from loralab.train.cli import demo_config_path
+from loralab.train.dist import from_env, shutdown
+from loralab.train.loop import Base, train_adapter
+
+dist = from_env()
+with init_empty_weights():  # weights on the meta device: nothing allocated on the host
+    model = AutoModelForCausalLM.from_config(Qwen2Config(**TINY_QWEN2))
+model.requires_grad_(False)
+out = dist.share(tempfile.mkdtemp())
+cfg = load_config(demo_config_path(), [f"data.path={sys.argv[1]}", f"output_dir={out}",
+                  "train.strategy=fsdp", "train.max_steps=2", "tracking.backend=none",
+                  "data.max_length=256", "train.batch_size=4", "train.grad_accum=1"])
+_, result = train_adapter(cfg, Base(model, load_tokenizer(str(builtin_tokenizer_dir())),
+                          torch.device("cpu")), show_progress=False, dist=dist)
+if dist.is_main:
+    print("RESULT " + json.dumps(result))
+shutdown()
+'''
+
+
+def test_fsdp_materialises_a_meta_base_shard_by_shard(tmp_path, small_data):
+    """A base built on the meta device (a model too big for the host) trains under fsdp: each
+    process allocates only its shards of the decoder layers."""
+    script = tmp_path / "worker.py"
+    script.write_text(META_WORKER)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node=2", str(script), str(small_data)],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, "\n".join(x for x in proc.stderr.splitlines() if "rank1" in x)[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    result = json.loads(line[len("RESULT "):])
+    assert result["status"] == "done" and result["steps"] == 2
+    assert all(map(lambda x: x == x and x < 100, (result["first_loss"], result["final_loss"])))
+    sharding = result["fsdp"]
+    assert 0 < sharding["sharded_bytes_per_process"] <= sharding["sharded_bytes"] / 2 + 4096

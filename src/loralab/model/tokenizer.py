@@ -65,7 +65,10 @@ def builtin_tokenizer_dir(cache_dir: Path | None = None) -> Path:
     try:
         _write_qwen25_files(source, staging)
         (staging / STAMP_FILE).write_text(json.dumps(stamp), encoding="utf-8")
-        _swap_in(staging, target)
+        # Another process (a rank of the same job) may have finished first: keep its folder,
+        # which it may be reading now, and drop ours.
+        if not _stamp_matches(target, stamp):
+            _swap_in(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -37,6 +37,29 @@ def shard_decoder_layers(model: torch.nn.Module, dist: Dist) -> int:
     return len(layers)
 
 
+def move_to(model: torch.nn.Module, device: torch.device) -> None:
+    """Move the sharded model to `device`. A base whose weights were built on the meta device
+    (accelerate's `init_empty_weights`: shapes without weights, for benchmarks of models too big
+    for one host's memory) is materialised there with random values (N(0, 0.02), norms 1), each
+    process allocating only its shards; its real buffers (rotary frequencies) are kept."""
+    if not any(p.is_meta for p in model.parameters()):
+        model.to(device)
+        return
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers() if not b.is_meta}
+    model.to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name in buffers:
+                b.copy_(buffers[name])
+        for name, p in model.named_parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            if name.endswith("norm.weight"):
+                local.fill_(1.0)
+            else:
+                local.normal_(0.0, 0.02, generator=generator)
+
+
 def sharded_bytes(model: torch.nn.Module) -> tuple[int, int]:
     """(bytes this process holds of the base's sharded weights, their full size)."""
     from torch.distributed.tensor import DTensor

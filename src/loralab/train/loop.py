@@ -59,10 +59,15 @@ def train_run(
     dist = from_env()
     if base is None:
         from loralab.data.summary import build_dataset
-        from loralab.model.load import resolve_tokenizer_path
+        from loralab.model.load import resolve_model_path, resolve_tokenizer_path
         from loralab.model.tokenizer import load_tokenizer
 
-        dist.main_decides(lambda: ckpt.check_run_dir(Path(cfg.output_dir), resume, overwrite))
+        def check_and_fetch() -> None:  # the main process downloads or builds, the others reuse
+            ckpt.check_run_dir(Path(cfg.output_dir), resume, overwrite)
+            resolve_tokenizer_path(cfg.model)
+            resolve_model_path(cfg.model)
+
+        dist.main_decides(check_and_fetch)
         tokenizer = load_tokenizer(resolve_tokenizer_path(cfg.model))
         data = build_dataset(cfg.data, tokenizer, cfg.train.seed)
         # FSDP loads on the CPU (a base may not fit one GPU), shards, then moves the shards.
@@ -174,7 +179,7 @@ def _shard(base: Base, peft_model: Any, dist: Dist) -> dict[str, Any]:
     from loralab.train import fsdp
 
     layers = fsdp.shard_decoder_layers(base.model, dist)
-    peft_model.to(dist.device)
+    fsdp.move_to(peft_model, dist.device)
     base.device = dist.device
     return fsdp.describe(base.model, layers, dist)
 
