@@ -12,6 +12,8 @@ tokens; the losses of the first 20 steps of the 2-GPU global-16 job are set agai
 
     python bench/multi_gpu.py --out $OUT                 # on a machine with 2 GPUs
     python bench/multi_gpu.py --out $OUT --steps 8 --warm 3 --jobs one_gpu_global16   # smoke
+    python bench/multi_gpu.py --out $OUT --steps 8 --warm 3 \
+        --jobs fsdp_72b,fsdp_32b_capped,one_gpu_32b_capped      # FSDP: sharding, measured
 """
 
 from __future__ import annotations
@@ -28,6 +30,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import SEVEN_B, TARGETS, build_model, environment, median, seed_like_examples  # noqa: E402
 
+SHAPES = {  # Qwen2.5 configs beyond 7B (random bf16 weights, built on the meta device)
+    "32b": dict(SEVEN_B, hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
+                num_attention_heads=40, num_key_value_heads=8),
+    "72b": dict(SEVEN_B, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
+                num_attention_heads=64, num_key_value_heads=8),
+}
+FSDP_JOBS = {  # name: (processes, sequences per step, shape, per-process memory cap GiB or 0)
+    "fsdp_72b": (2, 16, "72b", 0),  # 145 GB of weights: does not fit one H200
+    "fsdp_32b_capped": (2, 16, "32b", 48),  # 65 GB of weights under a 48 GiB cap per process
+    "one_gpu_32b_capped": (1, 16, "32b", 48),  # the same cap without sharding: must not fit
+}
 JOBS = {  # name: (processes, sequences per optimizer step)
     "one_gpu_global16": (1, 16),
     "one_gpu_global8": (1, 8),  # what one GPU does with a 2-GPU job's share: the ceiling
@@ -45,7 +58,24 @@ def worker(args: argparse.Namespace) -> None:
     from loralab.train.loop import Base, train_adapter
 
     dist = from_env()
-    model = build_model(SEVEN_B)
+    if args.memory_cap_gib:
+        total = torch.cuda.get_device_properties(dist.device).total_memory
+        torch.cuda.set_per_process_memory_fraction(args.memory_cap_gib * 2**30 / total, dist.device)
+    if args.shape:
+        from accelerate import init_empty_weights
+        from transformers import AutoModelForCausalLM, Qwen2Config
+
+        with init_empty_weights():  # each process materialises only its shards (train/fsdp.py)
+            model = AutoModelForCausalLM.from_config(Qwen2Config(**SHAPES[args.shape]),
+                                                     dtype=torch.bfloat16)
+        model.requires_grad_(False)
+        model.config.use_cache = False
+        if dist.world == 1:  # nothing to shard: the whole model on this GPU (or out of memory)
+            from loralab.train.fsdp import move_to
+
+            move_to(model, dist.device)
+    else:
+        model = build_model(SEVEN_B)
     examples = seed_like_examples(4000)
     out = Path(dist.share(tempfile.mkdtemp(prefix="mgpu_")))
     cfg = config_from_dict({
@@ -53,7 +83,7 @@ def worker(args: argparse.Namespace) -> None:
         "data": {"path": "random", "max_length": 384},
         "lora": {"target_modules": TARGETS, "dropout": 0.0},
         "train": {"max_steps": args.steps, "batch_size": args.global_batch, "grad_accum": 1,
-                  "save_every": 0},
+                  "save_every": 0, "strategy": "fsdp" if args.shape else "ddp"},
         "tracking": {"backend": "none"},
     }).validate()
 
@@ -78,17 +108,19 @@ def worker(args: argparse.Namespace) -> None:
             "step_tokens_per_s": [round(r["tokens_per_s"]) for r in rows],
             "losses": [r["loss"] for r in rows], "grad_norms": [r["grad_norm"] for r in rows],
             "peak_gib_per_gpu": peaks, "wall_s": round(wall, 1), "fast_path": result["fast_path"],
+            "fsdp": result.get("fsdp"),
         }))
     peft_model.unload()
     shutdown()
 
 
 def run_job(name: str, args: argparse.Namespace, out: Path) -> dict:
-    procs, batch = JOBS[name]
+    procs, batch, shape, cap = FSDP_JOBS[name] if name in FSDP_JOBS else (*JOBS[name], "", 0)
     result = out / f"{name}.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}",
            __file__, "--worker", "--global-batch", str(batch), "--steps", str(args.steps),
-           "--warm", str(args.warm), "--result", str(result)]
+           "--warm", str(args.warm), "--result", str(result), "--shape", shape,
+           "--memory-cap-gib", str(cap)]
     t0 = time.time()
     with open(out / f"{name}.log", "w") as log:
         code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
@@ -128,6 +160,8 @@ def main() -> int:
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--global-batch", type=int, default=16, help=argparse.SUPPRESS)
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--shape", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--memory-cap-gib", type=float, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args)
