@@ -209,7 +209,7 @@ class FakePeft:
     def __init__(self) -> None:
         self.weight = torch.nn.Parameter(torch.randn(4, 4))
 
-    def save_pretrained(self, folder, safe_serialization=True):
+    def save_pretrained(self, folder, safe_serialization=True, save_embedding_layers=False):
         from safetensors.torch import save_file
 
         save_file({"w": self.weight.detach()}, str(Path(folder) / "adapter_model.safetensors"))
