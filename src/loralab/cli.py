@@ -103,16 +103,21 @@ SYSTEM_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EACCES, errno.EP
 _OS_ERROR_TEXT = re.compile(r"\(os error (\d+)\)")  # how Rust libraries (safetensors) say it
 
 
-def _is_user_file_error(exc: BaseException) -> bool:
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
+def _is_user_file_error(exc: BaseException, missing_file_counts: bool = True) -> bool:
+    """A missing file named by the user (here or as the explicit cause), or what the machine
+    says (full disk, size limit, permissions) anywhere in the chain. A missing file met while
+    handling another error is not enough: that other error may be a bug of ours."""
+    if missing_file_counts and isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
         return True
     if isinstance(exc, OSError) and exc.errno in SYSTEM_ERRNOS:
         return True
     found = _OS_ERROR_TEXT.search(str(exc))
     if found and int(found.group(1)) in SYSTEM_ERRNOS:
         return True
-    cause = exc.__cause__ or exc.__context__
-    return cause is not None and cause is not exc and _is_user_file_error(cause)
+    if exc.__cause__ is not None and exc.__cause__ is not exc:
+        return _is_user_file_error(exc.__cause__, missing_file_counts)
+    context = None if exc.__suppress_context__ else exc.__context__
+    return context is not None and context is not exc and _is_user_file_error(context, False)
 
 
 def _one_line(exc: BaseException) -> str:

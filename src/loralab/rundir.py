@@ -243,6 +243,14 @@ def _remove(item: Path) -> None:
 _HELD: dict[Path, int] = {}
 
 
+def process_rank() -> int:
+    """This process's rank in a job of several (torchrun, accelerate, loralab --nproc), else 0:
+    a RANK left in the environment without a WORLD_SIZE > 1 is not such a job."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        return int(os.environ.get("RANK", "0") or 0)
+    return 0
+
+
 @contextlib.contextmanager
 def folder_lock(folder: Path) -> Iterator[None]:
     """Hold `folder` for this process: a second process gets UserError "... in use by PID N".
@@ -253,7 +261,7 @@ def folder_lock(folder: Path) -> Iterator[None]:
     it again on release if it stayed empty). Under `accelerate launch` only rank 0 locks.
     """
     folder = Path(folder)
-    if os.environ.get("RANK", "0") != "0":
+    if process_rank() != 0:
         yield
         return
     if folder.exists() and not folder.is_dir():

@@ -95,6 +95,22 @@ def test_fsdp_shards_the_layers_and_trains_as_one_process(runs):
     assert 0 < sharding["sharded_bytes_per_process"] <= sharding["sharded_bytes"] / 2 + 4096
 
 
+def test_fsdp_with_uneven_shares_does_not_hang(runs, tmp_path):
+    """3 micro-batches a step on 2 processes: one runs 2, the other 1 plus a zero-weight pass
+    (under FSDP every layer is a collective). Same losses as one process; no hang."""
+    common, _, _ = runs
+    uneven = [o for o in common if not o.startswith(("train.batch_size", "train.grad_accum",
+                                                     "tracking."))]
+    uneven += ["train.batch_size=1", "train.grad_accum=3", "tracking.backend=none"]
+    env = {"LORALAB_DIST_TIMEOUT": "60"}  # a hang fails the test in a minute
+    for name, more in (("one", []), ("fsdp", ["train.strategy=fsdp", "--nproc", "2"])):
+        proc = _run([*uneven, f"output_dir={tmp_path / name}"], *more, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    for a, b in zip(_metrics(tmp_path / "one"), _metrics(tmp_path / "fsdp"), strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["labelled_tokens"] == a["labelled_tokens"]
+
+
 def test_two_processes_resume_to_the_same_adapter(runs):
     """Dropout on: each process's RNG state is checkpointed and restored, not only rank 0's."""
     common, root, _ = runs
@@ -121,7 +137,7 @@ def test_two_machines_on_localhost_train_as_one(runs):
     nodes = [
         subprocess.Popen(
             _cmd([*common, f"output_dir={root / 'nodes'}"], "--nproc", "1", "--nnodes", "2",
-                 "--node-rank", str(k), "--master-port", port),
+                 "--node-rank", str(k), "--master-addr", "127.0.0.1", "--master-port", port),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for k in (0, 1)
@@ -150,6 +166,7 @@ def test_a_killed_rank_ends_the_job(runs, tmp_path):
     assert time.monotonic() - killed_at < 60
     assert proc.returncode != 0
     assert "rank 1 of 2 was killed by SIGKILL" in err, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]  # the surviving rank says one line, or nothing
 
 
 def _rank_pid(parent: int, rank: int) -> int:

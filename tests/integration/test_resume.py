@@ -7,10 +7,12 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from loralab.cli import main
+from loralab.errors import UserError
 from loralab.train.cli import demo_config_path
 
 
@@ -51,3 +53,23 @@ def test_resume_refuses_a_changed_config(overrides, tmp_path, capsys):
     assert main(["train", str(demo_config_path()), *overrides, "--quiet"]) == 0
     assert main(["train", str(demo_config_path()), *overrides, "lora.r=16", "--quiet", "--resume"]) == 2
     assert "lora.r" in capsys.readouterr().err
+
+
+def test_a_run_of_an_older_loralab_resumes(overrides, tmp_path):
+    """Its config.yaml lacks keys added since (they had their defaults): not a changed config."""
+    import yaml
+
+    from loralab.train.checkpoint import check_resume_config
+
+    common = [o for o in overrides if not o.startswith("train.max_steps")]
+    assert main(["train", str(demo_config_path()), *common, "train.max_steps=2", "--quiet"]) == 0
+    run = tmp_path / "run"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    new = {**saved, "train": dict(saved["train"])}
+    for key in ("strategy", "keep_checkpoints", "early_stopping_patience"):
+        del saved["train"][key]  # as written before these keys existed
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    check_resume_config(run, new)  # no error
+    new["train"]["keep_checkpoints"] = 5  # a real change is still refused
+    with pytest.raises(UserError, match="keep_checkpoints"):
+        check_resume_config(run, new)

@@ -99,6 +99,9 @@ def test_dry_run_writes_summary_and_trains_nothing(overrides, tmp_path):
     assert summary["records"] == 16 and summary["kept"] == 16
     assert {"truncated", "skipped", "tokens"} <= summary.keys()
     assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
+    # The README's order: check with --dry-run, then train into the same folder.
+    assert main(["train", str(DEMO_CONFIG), *overrides, "--quiet"]) == 0
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
 
 
 def test_refuses_to_overwrite_a_run_unless_asked(overrides, tmp_path, capsys):

@@ -192,3 +192,28 @@ def test_the_cli_exits_2_with_one_line_for_an_invalid_config(tmp_path):
         "loralab: error: train.lr must be a finite number, got nan"]
     assert not (tmp_path / "run").exists()
     assert math.isnan(float("nan"))
+
+
+def test_a_bug_met_while_handling_a_missing_file_keeps_its_traceback():
+    """A KeyError raised inside `except FileNotFoundError` is ours, not the user's file."""
+    from loralab.cli import _is_user_file_error
+
+    try:
+        try:
+            with open("/nonexistent/loralab/file"):
+                pass
+        except FileNotFoundError:
+            {}["missing"]
+    except KeyError as exc:
+        assert not _is_user_file_error(exc)
+    try:
+        raise RuntimeError("could not save") from FileNotFoundError(2, "gone", "/x")
+    except RuntimeError as exc:
+        assert _is_user_file_error(exc)  # an explicit cause: the user's missing file
+    try:
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            raise RuntimeError("cleanup failed") from None
+    except RuntimeError as exc:
+        assert not _is_user_file_error(exc)  # `from None`: the context was suppressed

@@ -179,12 +179,12 @@ def test_two_processes_racing_for_one_folder_exactly_one_proceeds(tmp_path):
     script = textwrap.dedent("""
         import sys, time
         from loralab.errors import UserError
-        from loralab.train.checkpoint import run_lock
+        from loralab.rundir import folder_lock  # no torch: both are up long before the start
         time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
         try:
-            with run_lock(sys.argv[1]):
+            with folder_lock(sys.argv[1]):
                 print("proceeds", flush=True)
-                time.sleep(1.5)
+                time.sleep(6)  # held well past the other's try, even on a loaded machine
         except UserError as exc:
             print("refused:", exc, flush=True)
     """)

@@ -27,11 +27,11 @@ class AdapterSource:
         from loralab.evaluate.fast_forward import unavailable
         from loralab.evaluate.generate import pick_engine
         from loralab.evaluate.lora_file import LoraPrefetch, check_adapter_file
-        from loralab.evaluate.static_engine import _core
+        from loralab.evaluate.static_engine import core_model
 
         for path in paths:  # every adapter's file, before the first one is generated with
             check_adapter_file(path)
-        self.model, self.lm = model, _core(model)
+        self.model, self.lm = model, core_model(model)
         engine = pick_engine(model, settings)
         self.reason = "engine=hf" if engine != "static" else (
             unavailable(self.lm) if settings.fast_forward else "fast_forward off")

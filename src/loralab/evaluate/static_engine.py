@@ -30,7 +30,6 @@ def core_model(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-_core = core_model  # for evaluate/adapters.py until it imports core_model
 
 
 def left_pad(ids: list[list[int]], pad_id: int, device: Any):

@@ -9,6 +9,7 @@ from typing import Any
 
 from rich.console import Console
 
+from loralab import layout
 from loralab.sweep.spec import SweepSpec, Trial, load_sweep
 
 console = Console()
@@ -39,7 +40,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     spec = load_sweep(args.sweep_file, args.overrides)
     if args.dry_run:
         return dry_run(spec)
-    from loralab.sweep.manifest import read_manifest
+    from loralab.layout import SweepDir
     from loralab.sweep.runner import run_sweep, sweep_status_line
     from loralab.sweep.summary import write_summary
 
@@ -47,7 +48,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         manifest = run_sweep(spec, resume=args.resume, overwrite=args.overwrite,
                              show_progress=not args.quiet)
     except KeyboardInterrupt:
-        manifest = read_manifest(spec.output_dir)
+        manifest = SweepDir(spec.output_dir).read_manifest()
         if manifest:
             write_summary(manifest, spec.output_dir)
         again = " ".join(shlex.quote(a) for a in [args.sweep_file, *args.overrides])
@@ -56,7 +57,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return 130
     written = write_summary(manifest, spec.output_dir)
     console.print(f"{sweep_status_line(manifest)}; written: "
-                  + ", ".join(str(p) for p in [spec.output_dir / "sweep.json", *written]))
+                  + ", ".join(str(p) for p in [spec.output_dir / layout.SWEEP_MANIFEST, *written]))
     failed = [e["name"] for e in manifest["trials"] if e["status"] != "done"]
     return 1 if failed else 0
 

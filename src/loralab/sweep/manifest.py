@@ -21,11 +21,6 @@ STATUSES = ("pending", "running", "done", "failed", "interrupted")
 RESULT_KEYS = ("final_loss", "steps", "tokens_per_s", "wall_seconds", "train_seconds")
 
 
-def read_manifest(sweep_dir: Path) -> dict[str, Any] | None:
-    """Shim until sweep/cli.py calls `SweepDir(sweep_dir).read_manifest()` itself."""
-    return SweepDir(sweep_dir).read_manifest()
-
-
 def save_manifest(sweep_dir: Path, manifest: dict[str, Any]) -> None:
     """Write sweep.json (and loralab's marker, which makes the folder a sweep it may clear)."""
     manifest["updated"] = _now()

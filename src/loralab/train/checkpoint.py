@@ -13,22 +13,22 @@ from typing import Any
 
 import torch
 
-from loralab import rundir
+from loralab import layout, rundir
 from loralab.errors import UserError
 from loralab.io import (
     atomic_write_bytes,
     atomic_write_text,
     make_temp_dir,
-    read_json,
     read_jsonl,
     use_umask,
     write_json,
 )
 
-CHECKPOINTS = "checkpoints"
+CHECKPOINTS = layout.CHECKPOINTS
 STATE_FILE = "trainer_state.pt"
 KEEP_CHECKPOINTS = 2  # the newest two: one may be mid-write when a run is killed
 MARKER = rundir.MARKER
+DRY_RUN_FILE = layout.DATA_SUMMARY  # all that --dry-run writes
 
 
 def is_run_dir(path: Path) -> bool:
@@ -50,7 +50,7 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         raise UserError(f"output_dir {run_dir} is a file, not a folder")
     if overwrite:
         rundir.refuse_precious(run_dir)
-    if rundir.is_empty(run_dir):
+    if rundir.is_empty(run_dir) or holds_only_a_dry_run(run_dir):
         return
     kind = rundir.folder_kind(run_dir)
     if kind is None:
@@ -67,6 +67,16 @@ def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
             f"output_dir {run_dir} already holds a run; use --overwrite to replace it, "
             "--resume to continue it, or output_dir=... for a new one"
         )
+
+
+def holds_only_a_dry_run(run_dir: Path) -> bool:
+    """A folder `loralab train --dry-run` made: loralab's marker and data_summary.json only
+    (the training run that follows writes into it as into a new folder)."""
+    run_dir = Path(run_dir)
+    if rundir.folder_kind(run_dir) != "run":
+        return False
+    allowed = {rundir.MARKER, rundir.LOCK, DRY_RUN_FILE}
+    return all(p.name in allowed for p in run_dir.iterdir())
 
 
 def clear_run_dir(run_dir: Path) -> None:
@@ -243,13 +253,18 @@ def check_resume_config(run_dir: Path, new_config: dict[str, Any]) -> None:
     """Resuming with changed hyperparameters would silently mix two runs: refuse."""
     from loralab.config import read_yaml_mapping
 
-    if not (run_dir / "config.yaml").is_file():
+    if not (run_dir / layout.CONFIG).is_file():
         raise UserError(f"cannot resume {run_dir}: its config.yaml is missing")
-    saved = _flatten(read_yaml_mapping(run_dir / "config.yaml"))
+    from loralab.config import Config
+
+    saved = _flatten(read_yaml_mapping(run_dir / layout.CONFIG))
     wanted = _flatten(new_config)
+    # A key an older loralab did not write had its default then (it did not exist).
+    defaults = _flatten(Config().to_dict())
     # A moved or copied run folder resumes where it is now: output_dir is not a hyperparameter.
     diffs = [k for k, v in wanted.items()
-             if saved.get(k) != v and not k.startswith("tracking.") and k != "output_dir"]
+             if saved.get(k, defaults.get(k)) != v and not k.startswith("tracking.")
+             and k != "output_dir"]
     if diffs:
         raise UserError(
             f"cannot resume {run_dir} with a different config: {', '.join(diffs[:5])} changed"
@@ -266,10 +281,5 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def read_result(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / "result.json"
-    return read_json(path) if path.is_file() else None
-
-
 def write_result(run_dir: Path, result: dict[str, Any]) -> None:
-    write_json(run_dir / "result.json", result)
+    write_json(run_dir / layout.RESULT, result)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from importlib import resources
 from pathlib import Path
 
 from rich.console import Console
 
+from loralab import layout
 from loralab.config import Config, load_config
 from loralab.errors import UserError
 
@@ -39,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--nproc", type=int, default=1, help="processes on this machine, one per GPU")
     g.add_argument("--nnodes", type=int, default=1, help="machines in the job (default 1)")
     g.add_argument("--node-rank", type=int, default=0, help="this machine's index, 0..nnodes-1")
-    g.add_argument("--master-addr", default="127.0.0.1", help="address of the machine of rank 0")
+    g.add_argument("--master-addr", help="address of the machine of rank 0 (needed with --nnodes > 1)")
     g.add_argument("--master-port", type=int, default=0, help="its port (needed with --nnodes > 1)")
     p.set_defaults(func=cmd_train)
 
@@ -57,6 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UserError("--nproc and --nnodes must be >= 1 and --node-rank in 0..nnodes-1")
     if args.nproc * args.nnodes > 1 and "RANK" not in os.environ:
         return _launch(args)
+    from loralab.rundir import process_rank
     from loralab.train import dist
     from loralab.train.loop import train_run
 
@@ -66,9 +69,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
     except dist.PeerFailed:
         return 2  # the main process refused the run and said why
+    except Exception as exc:
+        if not dist.lost_a_peer(exc):
+            raise
+        print(f"loralab: error: rank {process_rank()} lost another process of the job "
+              f"({str(exc).splitlines()[0][:160]})", file=sys.stderr)
+        return 1
     finally:
         dist.shutdown()
-    if os.environ.get("RANK", "0") == "0":
+    if process_rank() == 0:
         _print_result(result)
     return 0
 
@@ -78,9 +87,11 @@ def _launch(args: argparse.Namespace) -> int:
 
     argv = ["train", args.config, *args.overrides]
     argv += [f"--{flag}" for flag in ("resume", "overwrite", "quiet") if getattr(args, flag)]
-    top = Topology(args.nproc, args.nnodes, args.node_rank, args.master_addr, args.master_port)
-    if top.nnodes > 1 and not top.master_port:
-        raise UserError("--nnodes > 1 needs --master-port (the same on every machine)")
+    if args.nnodes > 1 and not (args.master_addr and args.master_port):
+        raise UserError("--nnodes > 1 needs --master-addr (the machine of rank 0) and "
+                        "--master-port, the same on every machine")
+    top = Topology(args.nproc, args.nnodes, args.node_rank, args.master_addr or "127.0.0.1",
+                   args.master_port)
     return launch(argv, top)
 
 
@@ -91,16 +102,20 @@ def dry_run(cfg: Config) -> int:
     from loralab.model.load import resolve_tokenizer_path
     from loralab.model.tokenizer import load_tokenizer
     from loralab.rundir import is_empty
+    from loralab.train import checkpoint as ckpt
 
     tokenizer = load_tokenizer(resolve_tokenizer_path(cfg.model))
     _, summary = build_dataset(cfg.data, tokenizer, cfg.train.seed)
     print_summary(summary)
     run_dir = Path(cfg.output_dir)
-    if not is_empty(run_dir):  # a run, or a user's folder: write nothing into it
+    if not (is_empty(run_dir) or ckpt.holds_only_a_dry_run(run_dir)):
+        # A run, or a user's folder: write nothing into it.
         console.print(f"{run_dir} is not empty: data_summary.json not written there")
-    else:
-        write_json(run_dir / "data_summary.json", summary)
-        console.print(f"config and data OK; data summary written to {run_dir / 'data_summary.json'}")
+        return 0
+    with ckpt.run_lock(run_dir):  # marked as loralab's: the training run may use it next
+        ckpt.mark_run_dir(run_dir)
+        write_json(run_dir / ckpt.DRY_RUN_FILE, summary)
+    console.print(f"config and data OK; data summary written to {run_dir / ckpt.DRY_RUN_FILE}")
     return 0
 
 
@@ -133,7 +148,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _is_demo_run(run_dir: Path) -> bool:
     from loralab.config import get_dotted, read_yaml_mapping
 
-    path = run_dir / "config.yaml"
+    path = run_dir / layout.CONFIG
     if not path.is_file():
         return False
     return str(get_dotted(read_yaml_mapping(path), "model.path") or "").startswith("builtin:")

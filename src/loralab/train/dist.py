@@ -131,10 +131,17 @@ def from_env() -> Dist:
     Sets the CUDA device to LOCAL_RANK before anything is put on a GPU (else every process
     would load its base model onto GPU 0).
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    from loralab.rundir import process_rank
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    rank = process_rank()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else 0
     if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            from loralab.errors import UserError
+
+            raise UserError(f"process {rank} wants GPU {local_rank} but "
+                            f"{torch.cuda.device_count()} are visible: use fewer processes")
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
@@ -146,6 +153,17 @@ def from_env() -> Dist:
             kwargs["device_id"] = device
         torch.distributed.init_process_group(backend, rank=rank, world_size=world, **kwargs)
     return Dist(rank, world, local_rank, device)
+
+
+def lost_a_peer(exc: BaseException) -> bool:
+    """Whether `exc` is a collective failing because another process of the job died."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) == 1:
+        return False
+    dist_error = getattr(torch.distributed, "DistError", ())
+    text = str(exc)
+    return isinstance(exc, dist_error) or (isinstance(exc, RuntimeError) and any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer",
+                            "NCCL communicator was aborted", "Timed out", "Broken pipe")))
 
 
 def shutdown() -> None:

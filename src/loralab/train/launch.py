@@ -62,14 +62,33 @@ def launch(argv: list[str], top: Topology) -> int:
         raise ValueError("several machines need --master-port (the same on every machine)")
     port = top.master_port or free_port()
     procs = [
-        subprocess.Popen([sys.executable, "-m", "loralab.cli", *argv], env=rank_env(top, k, port))
+        subprocess.Popen([sys.executable, "-m", "loralab.cli", *argv], env=rank_env(top, k, port),
+                         preexec_fn=_die_with_parent)
         for k in range(top.nproc)
     ]
+    # SIGTERM/SIGHUP (kill, timeout, a cancelled CI job, a closed terminal) stop the ranks too.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_interrupt)
     try:
         return _watch(procs, top)
     except KeyboardInterrupt:
         _stop(procs, signal.SIGINT)
         return 130
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _die_with_parent() -> None:
+    """In each rank, before it starts: the kernel sends it SIGTERM if the launcher dies
+    (even by SIGKILL), so no rank trains on alone holding the run folder's lock."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the signal handlers above still apply
+        pass
 
 
 def _watch(procs: list[subprocess.Popen], top: Topology) -> int:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from loralab import layout
 from loralab.config import Config, save_config
 from loralab.errors import UserError
 from loralab.io import append_jsonl, write_json
@@ -118,7 +119,7 @@ def train_adapter(
 
 
 def _refuse_finished(run_dir: Path) -> None:
-    done = ckpt.read_result(run_dir) or {}
+    done = layout.RunDir(run_dir).read_result()
     if done.get("status") == "done":
         raise UserError(f"{run_dir} finished ({done.get('steps')} steps): nothing to resume; "
                         "--overwrite trains it again")
@@ -169,9 +170,9 @@ def _prepare_dir(run_dir: Path, cfg: Config, summary: dict, resume: bool, overwr
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt.mark_run_dir(run_dir)  # loralab's marker; temp files of a killed write go
     if not resume:
-        save_config(cfg, run_dir / "config.yaml")
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    write_json(run_dir / "data_summary.json", summary)
+        save_config(cfg, run_dir / layout.CONFIG)
+        (run_dir / layout.STEP_METRICS).unlink(missing_ok=True)
+    write_json(run_dir / layout.DATA_SUMMARY, summary)
 
 
 def _shard(base: Base, peft_model: Any, dist: Dist) -> dict[str, Any]:
@@ -205,7 +206,7 @@ def _train(
     loss_module = LabelledLoss(peft_model, cfg.train.loss_chunk, fast.labelled_only)
     opt = make_optimizer(cfg, peft_model, len(examples))
     dist.same_start(opt.params)
-    done = restore_progress(run_dir, resume, peft_model, opt, dist.rank, cfg.train.early_stopping_patience)
+    done = restore_progress(run_dir, resume, peft_model, opt, dist, cfg.train.early_stopping_patience)
     result = {
         **run_identity(
             cfg,
@@ -230,14 +231,16 @@ def _train(
             row = _train_step(cfg, dist, loss_module, opt, examples, step, fast, base, done)
             stop = False
             if held_out and (step + 1) % cfg.train.eval_every == 0:
-                row["eval_loss"] = held_out_loss(
+                # Every process evaluates all of it (the same passes: FSDP's layers are
+                # collectives) and the main's figure decides for all, to the last bit.
+                row["eval_loss"] = dist.share(held_out_loss(
                     loss_module, peft_model, held_out, fast.micro_batch,
                     base.tokenizer.pad_token_id, base.device, fast.packing, fast.pad_multiple,
-                )
+                ))
                 stop = done.best.update(row["eval_loss"], step + 1, peft_model)
             last = stop or step + 1 == opt.schedule.total_steps
             if main and ((step + 1) % cfg.train.log_every == 0 or last):
-                append_jsonl(run_dir / "metrics.jsonl", row)
+                append_jsonl(run_dir / layout.STEP_METRICS, row)
                 tracker.log(_tracker_metrics(row), step + 1)
             bar.update(step + 1, row["loss"], row["tokens_per_s"], row.get("eval_loss"))
             every = cfg.train.save_every
@@ -305,6 +308,7 @@ def _train_step(
         base.tokenizer.pad_token_id,
         packed=fast.packing,
         pad_multiple=fast.pad_multiple,
+        lockstep=cfg.train.strategy == "fsdp",
     )
     dist.sum_gradients(opt.params)
     grad_norm = clip_gradients(opt.params, cfg.train.max_grad_norm)

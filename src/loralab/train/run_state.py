@@ -6,8 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loralab import layout
+from loralab.errors import UserError
 from loralab.train import checkpoint as ckpt
-from loralab.train.dist import Dist
+from loralab.train.dist import Dist, PeerFailed
 from loralab.train.early_stop import BestEval
 from loralab.train.schedule import Optim
 
@@ -25,7 +27,7 @@ class Progress:
 
 
 def restore_progress(
-    run_dir: Path, resume: bool, peft_model: Any, opt: Optim, rank: int, patience: int
+    run_dir: Path, resume: bool, peft_model: Any, opt: Optim, dist: Dist, patience: int
 ) -> Progress:
     """The last checkpoint's weights, optimizer, schedule and RNG; metrics after it dropped."""
     if not resume:
@@ -37,7 +39,7 @@ def restore_progress(
         opt.optimizer.load_state_dict(state["optimizer"])
         opt.scheduler.load_state_dict(state["scheduler"])
         rngs = state.get("rng_by_rank") or [state["rng"]]
-        ckpt.set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+        ckpt.set_rng_state(rngs[dist.rank] if dist.rank < len(rngs) else rngs[0])
         done = Progress(
             state["step"],
             list(state["losses"]),
@@ -45,8 +47,21 @@ def restore_progress(
             float(state["train_seconds"]),
             best=BestEval.from_state(patience, state.get("best")),
         )
-    ckpt.trim_metrics(run_dir / "metrics.jsonl", done.step)
+    _same_step_everywhere(done.step, dist)
+    if dist.is_main:  # only the main process writes the run folder
+        ckpt.trim_metrics(run_dir / layout.STEP_METRICS, done.step)
     return done
+
+
+def _same_step_everywhere(step: int, dist: Dist) -> None:
+    """Every process must resume from the same checkpoint (each reads the run folder itself)."""
+    steps = dist.gather(step)
+    if len(set(steps)) > 1:
+        message = (f"--resume: the processes found different checkpoints (steps {steps}); with "
+                   "several machines, output_dir must be one folder they all share")
+        if dist.is_main:
+            raise UserError(message)
+        raise PeerFailed(message)
 
 
 def save_progress(

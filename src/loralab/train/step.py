@@ -21,26 +21,35 @@ class StepStats:
 
 
 def accumulate_step(
-    dist: Dist, loss_module, examples, micro_batches, pad_id, *, packed=False, pad_multiple=1
+    dist: Dist, loss_module, examples, micro_batches, pad_id, *, packed=False, pad_multiple=1,
+    lockstep=False,
 ) -> StepStats:
     """Forward/backward this process's micro-batches of one optimizer step.
 
     Each micro-batch's summed loss is divided by the labelled-token count of the whole step
     (all processes), and the processes' gradients are then summed (`Dist.sum_gradients`): the
     gradient is the same however the step is split into micro-batches, packed rows or processes.
+    With `lockstep` (FSDP: every layer's forward and backward is a collective) all processes run
+    as many micro-batches: one with fewer repeats a sequence of the step with weight 0.
     """
     from loralab.data.batching import collate_for_model, real_tokens, to_device
 
     lengths = {i: len(examples[i].input_ids) for mb in micro_batches for i in mb}
     shard = process_shard(micro_batches, dist.rank, dist.world, lengths)
+    weights = [1.0] * len(shard)
+    if lockstep and dist.world > 1:
+        missing = int(dist.max(len(shard))) - len(shard)
+        shard, weights = shard + [micro_batches[0][:1]] * missing, weights + [0.0] * missing
     groups = [[examples[i] for i in mb] for mb in shard]
     batches = [collate_for_model(group, pad_id, packed, pad_multiple) for group in groups]
-    local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    local = sum(w * int((b["labels"][:, 1:] != -100).sum()) for w, b in zip(weights, batches, strict=True))
     (step_tokens,) = dist.sum([local])
     stats = StepStats()
-    for group, batch in zip(groups, batches, strict=True):
+    for group, batch, weight in zip(groups, batches, weights, strict=True):
         loss_sum, n = loss_module(**to_device(batch, dist.device))
-        (loss_sum / max(1.0, step_tokens)).backward()
+        (loss_sum * weight / max(1.0, step_tokens)).backward()
+        if not weight:
+            continue
         stats.loss_sum += float(loss_sum.detach())
         stats.tokens += int(n)
         stats.seen_tokens += real_tokens(group)
