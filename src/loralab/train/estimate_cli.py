@@ -33,50 +33,51 @@ def run(args: argparse.Namespace) -> int:
 
 
 def estimate_lines(cfg: Any, gpu_gib: float | None = None) -> list[str]:
-    """The report `loralab estimate` prints, as lines."""
-    from loralab.model.memory import (
-        CARD_SHARE,
-        GIB,
-        StepShape,
-        estimate,
-        plan_memory,
-        worst_micro_batch,
-    )
+    """The report `loralab estimate` prints, as lines: the plan training makes on a GPU
+    (`levers.plan`, the function the training loop calls) for the config as given and for
+    `train.memory: auto` on a card of `gpu_gib`."""
+    from loralab.model.memory import GIB
 
+    card = gpu_gib if gpu_gib is not None else _this_gpu_gib()
     shape = model_shape(cfg)
     lengths, labelled, source = data_lengths(cfg)
-    tcfg = cfg.train
-    cuda_like = True  # the estimate is for the GPU path: auto levers resolve as on CUDA
-    packed = tcfg.packing != "off"
-    compiled = tcfg.compile != "off"
-    step = StepShape(
-        fused_lora=tcfg.fused_lora != "off" and not cfg.lora.dora, dropout=cfg.lora.dropout,
-        varlen_attention=packed and tcfg.attention != "sdpa", labelled_only=tcfg.labelled_logits,
-        loss_chunk=tcfg.loss_chunk, r=cfg.lora.r, targets=tuple(cfg.lora.target_modules),
-        compiled=compiled and cuda_like,
-    )
-    pad = tcfg.pack_multiple or 64
-    ckpt = tcfg.gradient_checkpointing == "on"
-    tokens, lab = worst_micro_batch(lengths, labelled, tcfg.batch_size, packed, pad)
-    given = estimate(shape, tokens, lab, tcfg.batch_size, ckpt, step)
-    card = gpu_gib if gpu_gib is not None else _this_gpu_gib()
-    effective = tcfg.batch_size * tcfg.grad_accum
-    auto = plan_memory(shape, lengths, labelled, effective, int(card * GIB * CARD_SHARE), step,
-                       packed, tcfg.gradient_checkpointing, pad)
+    given, auto, budget = gpu_plans(cfg, shape, lengths, labelled, card)
+    effective = cfg.train.batch_size * cfg.train.grad_accum
     lines = [
         f"model {cfg.model.path}: {shape.params:,} parameters, {shape.layers} layers, "
         f"hidden {shape.hidden}, LoRA r={cfg.lora.r} on {len(cfg.lora.target_modules)} "
         "projections",
-        f"data: {source}; packing {'on' if packed else 'off'}, compile "
-        f"{'on' if compiled else 'off'}, dropout {cfg.lora.dropout}",
-        f"seed's formula 2P + 16 P_LoRA: {given.seed_formula / GIB:.2f} GiB (no activations)",
-        _describe("as configured", given),
+        f"data: {source}; packing {'on' if given.packing else 'off'} (attention "
+        f"{given.attention}), compile {'on' if given.compile else 'off'}, dropout {cfg.lora.dropout}",
+        f"seed's formula 2P + 16 P_LoRA: {given.predicted.seed_formula / GIB:.2f} GiB (no activations)",
+        _describe("as configured", given.predicted),
         _describe(f"train.memory=auto on a {card:.0f} GiB card (effective batch {effective})",
-                  auto),
+                  auto.predicted),
+        "(each figure is the peak of the plan's largest micro-batch of this data: the worst step)",
     ]
-    if auto.total > card * GIB * CARD_SHARE:
+    if auto.predicted.total > budget:
         lines.append("  does not fit even with micro-batch 1 and checkpointing")
     return lines
+
+
+def gpu_plans(cfg: Any, shape: Any, lengths: list[int], labelled: list[int],
+              card_gib: float) -> tuple[Any, Any, int]:
+    """(the plan for the config as given, the plan of train.memory=auto, the byte budget) on a
+    GPU of `card_gib`: `levers.plan`, which the training loop calls through `levers.resolve`."""
+    import dataclasses
+
+    from loralab.model.memory import CARD_SHARE, GIB
+    from loralab.train.levers import plan
+
+    # Packed rows attend through varlen or flex on a GPU: both keep the KV heads, as planned.
+    backend = cfg.train.attention if cfg.train.attention != "auto" else "varlen"
+    budget = int(card_gib * GIB * CARD_SHARE)
+
+    def for_memory(memory: str) -> Any:
+        planned = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, memory=memory))
+        return plan(planned, True, backend, shape, lengths, labelled, budget)
+
+    return for_memory("fixed"), for_memory("auto"), budget
 
 
 def _describe(title: str, est: Any) -> str:

@@ -9,12 +9,19 @@ micro-batch chosen by `memory: auto` divides the effective batch (loss is token-
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from loralab.model.memory import Estimate, StepShape, card_budget, plan_memory, shape_of
+from loralab.model.memory import (
+    Estimate,
+    ModelShape,
+    StepShape,
+    card_budget,
+    plan_memory,
+    shape_of,
+)
 
 CUDA_PACK_MULTIPLE = 64  # packed rows are filled to a multiple of this on CUDA (few shapes)
 
@@ -33,9 +40,10 @@ class FastPath:
     labelled_only: bool
     pad_multiple: int
     predicted_gib: dict[str, float] | None = None
+    predicted: Estimate | None = field(default=None, repr=False, compare=False)
 
     def describe(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "predicted"}
 
 
 def _on(value: str, cuda: bool) -> bool:
@@ -51,27 +59,40 @@ def resolve(
     """
     from loralab.model.attention import pick_backend
 
-    tcfg, cuda = cfg.train, device.type == "cuda"
+    cuda = device.type == "cuda"
+    lengths = [len(e.input_ids) for e in examples]
+    labelled = [sum(1 for x in e.labels[1:] if x != -100) for e in examples]
+    shape = shape_of(model.config, sum(p.numel() for p in model.parameters())) if cuda else None
+    return plan(cfg, cuda, pick_backend(cfg.train.attention, device), shape, lengths, labelled,
+                card_budget(device) if cuda else 0, processes)
+
+
+def plan(
+    cfg: Any, cuda: bool, backend: str, shape: ModelShape | None, lengths: list[int],
+    labelled: list[int], budget: int, processes: int = 1,
+) -> FastPath:
+    """The levers for a device kind and the data, and the peak memory they are predicted to
+    reach: what training runs with, and what `loralab estimate` prints (one function, so the
+    two cannot drift). `backend` is the attention used for packed rows; `shape` None (CPU):
+    no memory planning. The prediction is for the plan's worst micro-batch of this data."""
+    tcfg = cfg.train
     packing = _on(tcfg.packing, cuda)
-    attention = pick_backend(tcfg.attention, device) if packing else "sdpa"
+    attention = backend if packing else "sdpa"
     fused = _on(tcfg.fused_lora, cuda) and not cfg.lora.dora
     pad_multiple = tcfg.pack_multiple if tcfg.pack_multiple else (CUDA_PACK_MULTIPLE if cuda else 1)
     step = step_shape(cfg, fused, _keeps_kv_heads(attention, packing, cuda), _on(tcfg.compile, cuda))
     micro, accum = tcfg.batch_size, tcfg.grad_accum
     ckpt = tcfg.gradient_checkpointing == "on"
     predicted = None
-    if cuda:
-        lengths = [len(e.input_ids) for e in examples]
-        labelled = [sum(1 for x in e.labels[1:] if x != -100) for e in examples]
-        shape = shape_of(model.config, sum(p.numel() for p in model.parameters()))
+    if shape is not None:
         if tcfg.memory == "auto":
             share = -(-micro * accum // processes)
-            plan = plan_memory(shape, lengths, labelled, share, card_budget(device), step,
-                               packing, tcfg.gradient_checkpointing, pad_multiple)
+            chosen = plan_memory(shape, lengths, labelled, share, budget, step, packing,
+                                 tcfg.gradient_checkpointing, pad_multiple)
             # A micro-batch must divide the step (it may not when the processes' shares do not).
             effective = micro * accum
-            micro = max(d for d in range(1, plan.micro_batch + 1) if effective % d == 0)
-            ckpt, accum = plan.checkpointing, effective // micro
+            micro = max(d for d in range(1, chosen.micro_batch + 1) if effective % d == 0)
+            ckpt, accum = chosen.checkpointing, effective // micro
         predicted = _predict(shape, lengths, labelled, micro, ckpt, step, packing, pad_multiple)
     return FastPath(
         packing=packing,
@@ -84,6 +105,7 @@ def resolve(
         labelled_only=tcfg.labelled_logits,
         pad_multiple=pad_multiple if packing else 1,
         predicted_gib=predicted.gib() if predicted else None,
+        predicted=predicted,
     )
 
 
