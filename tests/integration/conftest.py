@@ -94,3 +94,26 @@ def _assert_reloads_in_plain_peft(peft_model, run_dir: Path) -> None:
         got = reloaded(input_ids=probe).logits
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
     assert not torch.allclose(plain, expected, atol=1e-5), "the adapter must change the logits"
+
+
+@pytest.fixture(scope="session")
+def train_tiny_run(tmp_path_factory, small_data, tiny_base):
+    """`train_tiny_run(name, *overrides)`: a 2-step run of the demo config on the small data,
+    trained in-process on the shared tiny base into a fresh folder; returns (run dir, config).
+    Overrides may name the small data's path as {small_data} (e.g. for data.eval_path)."""
+    from loralab.config import load_config
+    from loralab.train.cli import demo_config_path
+    from loralab.train.loop import train_run
+
+    def train(name: str, *overrides: str):
+        run = tmp_path_factory.mktemp(name) / "run"
+        cfg = load_config(demo_config_path(), [
+            f"data.path={small_data}", f"output_dir={run}",
+            "tracking.backend=none", "train.max_steps=2", "train.batch_size=4",
+            "train.grad_accum=1", "data.max_length=256",
+            *(o.format(small_data=small_data) for o in overrides),
+        ])
+        train_run(cfg, base=tiny_base, show_progress=False)
+        return run, cfg
+
+    return train

@@ -11,20 +11,10 @@ from loralab.io import read_json
 
 
 @pytest.fixture(scope="module")
-def run_with_checkpoints(tmp_path_factory, small_data, tiny_base):
+def run_with_checkpoints(train_tiny_run):
     """3 steps, a checkpoint after each of the first two (the last step is the final adapter)."""
-    from loralab.config import load_config
-    from loralab.train.cli import demo_config_path
-    from loralab.train.loop import train_run
-
-    run = tmp_path_factory.mktemp("ckpt") / "run"
-    cfg = load_config(demo_config_path(), [
-        f"data.path={small_data}", f"data.eval_path={small_data}", f"output_dir={run}",
-        "tracking.backend=none", "train.max_steps=3", "train.save_every=1", "train.batch_size=4",
-        "train.grad_accum=1", "data.max_length=256", "eval.max_new_tokens=4", "eval.bootstrap=20",
-    ])
-    train_run(cfg, base=tiny_base, show_progress=False)
-    return run
+    return train_tiny_run("ckpt", "data.eval_path={small_data}", "train.max_steps=3", "train.save_every=1",
+                          "eval.max_new_tokens=4", "eval.bootstrap=20")[0]
 
 
 def _checkpoints(run):

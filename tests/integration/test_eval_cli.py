@@ -13,20 +13,9 @@ from loralab.io import read_json, read_jsonl
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, small_data, tiny_base):
+def trained_run(train_tiny_run):
     """A 2-step adapter run trained in-process on the shared tiny base."""
-    from loralab.config import load_config
-    from loralab.train.cli import demo_config_path
-    from loralab.train.loop import train_run
-
-    run = tmp_path_factory.mktemp("eval") / "run"
-    cfg = load_config(demo_config_path(), [
-        f"data.path={small_data}", f"data.eval_path={small_data}", f"output_dir={run}",
-        "tracking.backend=none", "train.max_steps=2", "train.batch_size=4", "train.grad_accum=1",
-        "data.max_length=256", "eval.max_new_tokens=6", "eval.bootstrap=50",
-    ])
-    train_run(cfg, base=tiny_base, show_progress=False)
-    return run
+    return train_tiny_run("eval", "data.eval_path={small_data}", "eval.max_new_tokens=6", "eval.bootstrap=50")[0]
 
 
 def _sweep(tmp_path: Path, trials: list[dict]) -> Path:

@@ -12,19 +12,8 @@ from loralab.io import read_json, read_jsonl
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, small_data, tiny_base):
-    from loralab.config import load_config
-    from loralab.train.cli import demo_config_path
-    from loralab.train.loop import train_run
-
-    run = tmp_path_factory.mktemp("merge") / "run"
-    cfg = load_config(demo_config_path(), [
-        f"data.path={small_data}", f"output_dir={run}", "tracking.backend=none",
-        "train.max_steps=2", "train.batch_size=4", "train.grad_accum=1", "data.max_length=256",
-        "eval.max_new_tokens=5",
-    ])
-    train_run(cfg, base=tiny_base, show_progress=False)
-    return run
+def trained_run(train_tiny_run):
+    return train_tiny_run("merge", "eval.max_new_tokens=5")[0]
 
 
 def test_merge_writes_a_loadable_model_that_matches_base_plus_adapter(trained_run, tmp_path,

@@ -39,19 +39,9 @@ def train(*args) -> int:
 
 
 @pytest.fixture(scope="module")
-def checkpointed_run(tmp_path_factory, small_data, tiny_base):
+def checkpointed_run(train_tiny_run):
     """A finished 2-step run with checkpoints/step-0000001 (trained once for this module)."""
-    from loralab.config import load_config
-    from loralab.train.loop import train_run
-
-    run = tmp_path_factory.mktemp("safety") / "run"
-    cfg = load_config(demo_config_path(), [
-        f"data.path={small_data}", f"output_dir={run}", "tracking.backend=none",
-        "train.max_steps=2", "train.save_every=1", "train.batch_size=4", "train.grad_accum=1",
-        "data.max_length=256",
-    ])
-    train_run(cfg, base=tiny_base, show_progress=False)
-    return run, cfg
+    return train_tiny_run("safety", "train.save_every=1")
 
 
 def copy_run(run, tmp_path):
