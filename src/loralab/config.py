@@ -90,7 +90,9 @@ class ModelConfig:
 class DataConfig:
     """Where the records are and how they become tokens."""
 
-    path: str = ""  # training file: JSON array, JSONL, alpaca fields or chat `messages`
+    # Training file (JSON array, JSONL, alpaca fields or chat `messages`), or a list of files
+    # mixed in order, each a path or {path: ..., limit: N} / {path: ..., sample: N}.
+    path: str | list[Any] = ""
     eval_path: str | None = None  # held-out file used by `loralab eval` (same formats)
     system_prompt: str | None = None  # replaces every record's instruction (train = inference prompt)
     limit: int | None = None  # keep the first N records (the seed's "amount of data")
@@ -101,6 +103,9 @@ class DataConfig:
     def validate(self) -> None:
         if not self.path:
             raise UserError("data.path is empty: give the training file")
+        if isinstance(self.path, list):
+            for i, part in enumerate(self.path):
+                check_mix_part(f"data.path[{i}]", part)
         if self.limit is not None and self.limit <= 0:
             raise UserError(f"data.limit must be > 0 or null, got {self.limit}")
         if self.sample is not None and self.sample <= 0:
@@ -109,6 +114,23 @@ class DataConfig:
             raise UserError("data.limit and data.sample are exclusive: set one of them")
         if self.max_length < 16:
             raise UserError(f"data.max_length must be >= 16, got {self.max_length}")
+
+
+def check_mix_part(key: str, part: Any) -> None:
+    """One file of a data.path list: a path, or {path, limit | sample} with positive counts."""
+    if isinstance(part, str) and part:
+        return
+    if not isinstance(part, dict) or not isinstance(part.get("path"), str) or not part["path"]:
+        raise UserError(f"{key} must be a file path or {{path: ..., limit: N}}, got {part!r}")
+    unknown = set(part) - {"path", "limit", "sample"}
+    if unknown:
+        raise UserError(f"{key} has unknown keys {sorted(unknown)}: path, limit, sample")
+    if "limit" in part and "sample" in part:
+        raise UserError(f"{key}: limit and sample are exclusive")
+    for count in ("limit", "sample"):
+        value = part.get(count)
+        if count in part and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise UserError(f"{key}.{count} must be a positive integer, got {value!r}")
 
 
 @dataclass
@@ -301,6 +323,8 @@ def _override_text(key: str, item: str, value: Any) -> Any:
     if isinstance(value, str) or value is None:
         return value
     ftype = _key_type(key)
+    if isinstance(value, list) and list in {typing.get_origin(a) for a in typing.get_args(ftype)}:
+        return value  # data.path=[a.json, {path: b.json, limit: 100}]: a mix of files
     if ftype is str or (typing.get_origin(ftype) in (typing.Union, types.UnionType)
                         and str in typing.get_args(ftype)):
         return item.partition("=")[2].strip()
@@ -318,6 +342,9 @@ def _key_type(key: str) -> Any:
 
 def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
     """Relative paths written in a YAML file mean 'next to that file', as in docker-compose."""
+    mix = get_dotted(raw, "data.path")
+    if isinstance(mix, list):  # each file of a mix, as data.path itself
+        raw["data"]["path"] = [_resolved_part(part, base_dir) for part in mix]
     for key in PATH_KEYS:
         value = get_dotted(raw, key)
         if isinstance(value, str) and value and is_relative_file_path(value):
@@ -326,6 +353,15 @@ def _resolve_paths(raw: dict[str, Any], base_dir: Path) -> None:
             if key == "model.path" and not candidate.exists():
                 continue
             set_dotted(raw, key, str(candidate.resolve()) if candidate.exists() else str(candidate))
+
+
+def _resolved_part(part: Any, base_dir: Path) -> Any:
+    path = part.get("path") if isinstance(part, dict) else part
+    if not isinstance(path, str) or not path or not is_relative_file_path(path):
+        return part
+    candidate = base_dir / path
+    resolved = str(candidate.resolve()) if candidate.exists() else str(candidate)
+    return {**part, "path": resolved} if isinstance(part, dict) else resolved
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:

@@ -183,6 +183,12 @@ def _coerce(key: str, value: Any, ftype: Any) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        if len(inner) > 1:  # e.g. str | list: the member whose kind the value has
+            for member in inner:
+                if isinstance(value, typing.get_origin(member) or member):
+                    return _coerce(key, value, member)
+            kinds = " or ".join(getattr(typing.get_origin(m) or m, "__name__", str(m)) for m in inner)
+            raise UserError(f"{key} must be a {kinds}, got {_shown(value)}")
         return _coerce(key, value, inner[0])
     if origin is list:
         if isinstance(value, str):

@@ -14,6 +14,8 @@ from loralab.config import load_config
 from loralab.train.cli import demo_config_path
 from loralab.train.loop import train_adapter, train_run
 
+DATA_DIR = demo_config_path().parents[1] / "data"
+
 DEMO_CONFIG = demo_config_path()
 
 # First losses of the tiny model (seed 1234) on the first 16 bundled eval records, bs 4 x GA 2,
@@ -123,3 +125,13 @@ def test_train_run_leaves_base_reusable(tiny_base, overrides, tmp_path):
     second = train_run(cfg2, base=tiny_base, show_progress=False)
     assert first["first_loss"] == pytest.approx(second["first_loss"], rel=1e-6)
     assert not any("lora" in n for n, _ in tiny_base.model.named_parameters())
+
+
+def test_dry_run_of_a_mix_of_files(overrides, small_data, tmp_path):
+    """data.path as a list: the files in order, each with its own limit."""
+    other = DATA_DIR / "tag_scores_train.json"
+    mixed = [o for o in overrides if not o.startswith("data.path")]
+    mixed.append(f"data.path=[{small_data}, {{path: {other}, limit: 3}}]")
+    assert main(["train", str(DEMO_CONFIG), *mixed, "--dry-run"]) == 0
+    summary = json.loads((tmp_path / "run" / "data_summary.json").read_text())
+    assert summary["records"] == 16 + 3 and summary["path"] == f"{small_data}, {other}"

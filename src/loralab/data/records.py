@@ -245,3 +245,28 @@ def selection_note(n_records: int, limit: int | None, sample: int | None) -> str
         key = "limit" if limit is not None else "sample"
         return f"data.{key}={wanted} but the file holds {n_records} records: using all of them"
     return None
+
+
+def read_mix(parts: list[Any], seed: int) -> tuple[list[Record], list[str]]:
+    """A data.path list: each file read and cut to its own limit/sample, then all in order.
+    Returns the records and the summary's notes (a part that asked for more than it holds)."""
+    records: list[Record] = []
+    notes: list[str] = []
+    for part in parts:
+        path = part if isinstance(part, str) else part["path"]
+        limit = None if isinstance(part, str) else part.get("limit")
+        sample = None if isinstance(part, str) else part.get("sample")
+        rows = read_records(path)
+        records += select_records(rows, limit, sample, seed)
+        note = selection_note(len(rows), limit, sample)
+        if note:
+            notes.append(f"{path}: {note}")
+    return records, notes
+
+
+def mix_paths(source: str | list[Any]) -> list[str]:
+    """The files of data.path (one, or each of a list)."""
+    if isinstance(source, str):
+        return [source]
+    return [p if isinstance(p, str) else p["path"] for p in source]
+

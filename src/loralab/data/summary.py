@@ -5,7 +5,14 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from loralab.data.records import apply_system_prompt, read_records, select_records, selection_note
+from loralab.data.records import (
+    apply_system_prompt,
+    mix_paths,
+    read_mix,
+    read_records,
+    select_records,
+    selection_note,
+)
 from loralab.data.render import Example, encode_record, required_length
 from loralab.errors import UserError
 
@@ -23,9 +30,11 @@ def build_dataset(
     source = path or data_cfg.path
     if not source:
         raise UserError("data.path is empty: give the training file")
-    records = read_records(source)
+    if isinstance(source, list):
+        records, notes = read_mix(source, seed)
+    else:
+        records, notes = read_records(source), []
     records = apply_system_prompt(records, data_cfg.system_prompt)
-    notes = []
     if select:
         chosen = select_records(records, data_cfg.limit, data_cfg.sample, seed)
         note = selection_note(len(records), data_cfg.limit, data_cfg.sample)
@@ -47,7 +56,7 @@ def build_dataset(
             f"the shortest answer needs {shortest} tokens"
         )
     summary = summarize(examples, skipped, n_read=len(records), n_selected=len(chosen))
-    summary.update(path=str(source), max_length=data_cfg.max_length, notes=notes)
+    summary.update(path=", ".join(mix_paths(source)), max_length=data_cfg.max_length, notes=notes)
     return examples, summary
 
 

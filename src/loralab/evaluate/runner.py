@@ -317,7 +317,7 @@ def run_eval(data: Path | None, adapter_args: list[Path], base: bool, limit: int
              compile_decode: str | bool = "auto", curve_of: Path | None = None) -> dict[str, Any]:
     """The whole `loralab eval`; returns {"comparison_dir", "targets"}. curve_of: a run whose
     checkpoints and final adapter are evaluated, each target labelled with its step."""
-    from loralab.data.records import read_records
+    from loralab.data.records import mix_paths, read_records
     from loralab.model.load import load_tokenizer_for, resolve_tokenizer_path
     from loralab.scoring.references import score_references
     from loralab.scoring.tasks import get_task
@@ -337,7 +337,7 @@ def run_eval(data: Path | None, adapter_args: list[Path], base: bool, limit: int
     records = read_eval_records(eval_path, limit)
     task = get_task(cfg.eval)
     check_references(task, records)
-    train_answers = [r.answer for r in read_records(cfg.data.path)]
+    train_answers = [r.answer for path in mix_paths(cfg.data.path) for r in read_records(path)]
     tokenizer = load_tokenizer_for(resolve_tokenizer_path(cfg.model))
     max_new = cfg.eval.max_new_tokens or _default_max_new(tokenizer, records)
     model, tokenizer = _load_base(cfg, device)

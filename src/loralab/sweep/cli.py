@@ -92,7 +92,7 @@ def estimate_work(trial: Trial) -> dict[str, int]:
     from loralab.data.summary import build_dataset
 
     cfg = trial.config
-    key = (cfg.model.path, cfg.data.path, cfg.data.system_prompt, cfg.data.limit, cfg.data.sample,
+    key = (cfg.model.path, str(cfg.data.path), cfg.data.system_prompt, cfg.data.limit, cfg.data.sample,
            cfg.data.max_length, cfg.train.seed)
     if key not in _DATASETS:
         _, _DATASETS[key] = build_dataset(cfg.data, _tokenizer(cfg), cfg.train.seed)

@@ -125,7 +125,9 @@ def data_lengths(cfg: Any) -> tuple[list[int], list[int], str]:
     """(lengths, labelled counts, where they came from): the data when readable, else max_length."""
     from pathlib import Path
 
-    if cfg.data.path and Path(cfg.data.path).is_file():
+    from loralab.data.records import mix_paths
+
+    if cfg.data.path and all(Path(p).is_file() for p in mix_paths(cfg.data.path)):
         from loralab.data.summary import build_dataset
         from loralab.model.load import resolve_tokenizer_path
         from loralab.model.tokenizer import load_tokenizer
@@ -134,7 +136,7 @@ def data_lengths(cfg: Any) -> tuple[list[int], list[int], str]:
         examples, _ = build_dataset(cfg.data, tokenizer, cfg.train.seed)
         lengths = [len(e.input_ids) for e in examples]
         labelled = [sum(1 for x in e.labels[1:] if x != -100) for e in examples]
-        return lengths, labelled, f"{len(examples)} examples of {cfg.data.path}"
+        return lengths, labelled, f"{len(examples)} examples of {', '.join(mix_paths(cfg.data.path))}"
     n = max(1, cfg.train.batch_size * cfg.train.grad_accum)
     longest = cfg.data.max_length
     return [longest] * n, [longest // 4] * n, f"no data file: every sequence {longest} tokens"

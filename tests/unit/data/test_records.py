@@ -159,3 +159,37 @@ def test_select_rejects_both_and_empty(tmp_path):
         select_records(records, 1, 1, seed=0)
     with pytest.raises(UserError, match="no records left"):
         select_records([], None, None, seed=0)
+
+
+def test_a_mix_of_files_keeps_each_files_own_limit_and_sample(tmp_path):
+    from loralab.data.records import read_mix
+
+    def write(name, n):
+        rows = [{"instruction": "s", "input": f"{name} {i}", "output": f"{name}-{i}"} for i in range(n)]
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(rows))
+        return str(path)
+
+    a, b, c = write("a", 5), write("b", 6), write("c", 2)
+    records, notes = read_mix([a, {"path": b, "limit": 2}, {"path": c, "sample": 9}], seed=0)
+    assert [r.answer for r in records] == ["a-0", "a-1", "a-2", "a-3", "a-4", "b-0", "b-1",
+                                           "c-0", "c-1"]
+    assert len(notes) == 1 and c in notes[0] and "sample=9" in notes[0]
+    sampled, _ = read_mix([{"path": b, "sample": 3}], seed=0)
+    assert len(sampled) == 3 and {r.answer for r in sampled} <= {f"b-{i}" for i in range(6)}
+
+
+def test_a_mix_in_the_config_is_checked_and_resolved_next_to_the_yaml(tmp_path):
+    from loralab.config import load_config
+    from loralab.errors import UserError
+
+    (tmp_path / "cfg.yaml").write_text(
+        "data:\n  path: [a.json, {path: sub/b.json, limit: 4}]\noutput_dir: out\n")
+    cfg = load_config(tmp_path / "cfg.yaml")
+    assert cfg.data.path == [str(tmp_path / "a.json"), {"path": str(tmp_path / "sub/b.json"),
+                                                        "limit": 4}]
+    for bad, message in (("[a.json, {path: b.json, limit: 0}]", "limit must be a positive"),
+                         ("[a.json, {path: b.json, lmit: 3}]", "unknown keys"),
+                         ("[a.json, 3]", r"data.path\[1\] must be a file path")):
+        with pytest.raises(UserError, match=message):
+            load_config(tmp_path / "cfg.yaml", [f"data.path={bad}"])
