@@ -290,6 +290,23 @@ def folder_lock(folder: Path) -> Iterator[None]:
                 folder.rmdir()  # only if empty
 
 
+@contextlib.contextmanager
+def sibling_lock(target: Path) -> Iterator[None]:
+    """Hold `target` for this process when the folder itself is replaced whole by a rename (a
+    merged model): the lock file sits beside it, `.NAME.loralab.lock`. Same rules as
+    folder_lock: a second process gets UserError "... in use by PID N"."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = target.parent / f".{target.name}{LOCK}"
+    fd = _acquire(lock, target)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()  # while still holding it: see _acquire
+        os.close(fd)
+
+
 def _acquire(path: Path, folder: Path) -> int:
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)

@@ -346,3 +346,18 @@ def test_files_and_folders_get_the_users_umask(tmp_path, monkeypatch, umask):
     assert (folder / ckpt.STATE_FILE).stat().st_mode & 0o777 == 0o666 & ~umask
     assert (tmp_path / "run" / "adapter_config.json").stat().st_mode & 0o777 == 0o666 & ~umask
     assert json.loads((tmp_path / "result.json").read_text()) == {"a": 1}
+
+
+def test_a_folder_replaced_whole_is_locked_beside_it(tmp_path):
+    """loralab merge swaps its output folder in by a rename: its lock sits beside it."""
+    out = tmp_path / "merged"
+    with rundir.sibling_lock(out):
+        script = ("import sys; from loralab.rundir import sibling_lock\n"
+                  "from loralab.errors import UserError\n"
+                  "try:\n    sibling_lock(sys.argv[1]).__enter__(); print('proceeds')\n"
+                  "except UserError as exc: print('refused:', exc)")
+        other = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True,
+                               text=True, timeout=60)
+        assert other.stdout.startswith("refused:") and "in use by PID" in other.stdout
+        assert not out.exists()  # the folder itself is left to the rename
+    assert list(tmp_path.iterdir()) == []  # the lock file goes with the lock

@@ -203,6 +203,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from loralab.rundir import sibling_lock
+
+    with sibling_lock(Path(args.out)):  # one merge into a folder at a time
+        return _merge(args)
+
+
+def _merge(args: argparse.Namespace) -> int:
     from loralab.data.render import render_prompt
     from loralab.evaluate.adapters import attached_adapter
     from loralab.evaluate.lora_file import check_adapter_file
