@@ -60,13 +60,18 @@ MERGE_CHECK = "merge_check.json"
 
 
 @dataclass(frozen=True)
-class RunDir:
-    """A training run's folder (also a checkpoint's: `checkpoints/step-N/` holds an adapter)."""
+class _Folder:
+    """A folder of loralab's, by its path (a str is taken too)."""
 
     path: Path
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
+
+
+@dataclass(frozen=True)
+class RunDir(_Folder):
+    """A training run's folder (also a checkpoint's: `checkpoints/step-N/` holds an adapter)."""
 
     @property
     def config(self) -> Path:
@@ -121,13 +126,8 @@ class RunDir:
 
 
 @dataclass(frozen=True)
-class SweepDir:
+class SweepDir(_Folder):
     """A sweep's folder: sweep.json, its summaries and one run folder per trial."""
-
-    path: Path
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "path", Path(self.path))
 
     @property
     def manifest(self) -> Path:
@@ -178,13 +178,8 @@ class SweepDir:
 
 
 @dataclass(frozen=True)
-class ComparisonDir:
+class ComparisonDir(_Folder):
     """Where targets are compared: targets.json, base/, references/ and the report."""
-
-    path: Path
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "path", Path(self.path))
 
     @property
     def targets_manifest(self) -> Path:

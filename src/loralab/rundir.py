@@ -217,6 +217,13 @@ def remove_known(folder: Path, kind: str) -> list[Path]:
     return other
 
 
+def claim(folder: Path, kind: str) -> None:
+    """Make `folder` loralab's `kind` (its marker) and remove the temporary files an interrupted
+    write left there. Call it holding the folder's lock, right after deciding to write there."""
+    mark(folder, kind)
+    clean_stale_temp(folder)
+
+
 def clean_stale_temp(folder: Path) -> list[Path]:
     """Remove temporary files of an interrupted write in `folder` and its checkpoints/.
     Call it only while holding the folder's lock (another writer's temp files are live)."""
@@ -243,12 +250,15 @@ def _remove(item: Path) -> None:
 _HELD: dict[Path, int] = {}
 
 
+def job_size() -> int:
+    """How many processes the job has (WORLD_SIZE, set by torchrun, accelerate, loralab --nproc)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
 def process_rank() -> int:
-    """This process's rank in a job of several (torchrun, accelerate, loralab --nproc), else 0:
-    a RANK left in the environment without a WORLD_SIZE > 1 is not such a job."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        return int(os.environ.get("RANK", "0") or 0)
-    return 0
+    """This process's rank in a job of several, else 0: a RANK left in the environment without
+    a WORLD_SIZE > 1 is not such a job."""
+    return int(os.environ.get("RANK", "0") or 0) if job_size() > 1 else 0
 
 
 @contextlib.contextmanager

@@ -44,7 +44,7 @@ def make_run(folder: Path, marker: bool = True) -> Path:
     (folder / "adapter_model.safetensors").write_bytes(b"x")
     (folder / "checkpoints" / "step-0000001").mkdir(parents=True)
     if marker:
-        ckpt.mark_run_dir(folder)
+        rundir.claim(folder, "run")
     return folder
 
 
@@ -132,7 +132,7 @@ def test_stale_temporary_files_are_cleaned_at_the_next_start(tmp_path):
     litter[0].mkdir()
     litter[1].mkdir()
     litter[2].write_text("{")
-    ckpt.mark_run_dir(run)
+    rundir.claim(run, "run")
     assert not any(p.exists() for p in litter)
     assert (run / "checkpoints" / "step-0000001").is_dir() and (run / "result.json").is_file()
 
@@ -141,8 +141,8 @@ def test_stale_temporary_files_are_cleaned_at_the_next_start(tmp_path):
 
 HOLDER = textwrap.dedent("""
     import sys, time
-    from loralab.train.checkpoint import run_lock
-    with run_lock(sys.argv[1]):
+    from loralab.rundir import folder_lock
+    with folder_lock(sys.argv[1]):
         print("locked", flush=True)
         time.sleep(float(sys.argv[2]))
 """)
@@ -160,16 +160,16 @@ def test_a_second_writer_is_refused_with_the_holders_pid_and_a_dead_ones_lock_is
     folder = tmp_path / "run"
     proc = _holder(folder, 60)
     try:
-        with pytest.raises(UserError, match=f"in use by PID {proc.pid}"), ckpt.run_lock(folder):
+        with pytest.raises(UserError, match=f"in use by PID {proc.pid}"), rundir.folder_lock(folder):
             pass
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert rundir.lock_holder(folder) == proc.pid  # kill -9: its lock file stays behind
-    with ckpt.run_lock(folder):
+    with rundir.folder_lock(folder):
         assert rundir.lock_holder(folder) == os.getpid()
     assert not (folder / rundir.LOCK).exists(), "released: the lock file goes"
-    with ckpt.run_lock(tmp_path / "unused"):
+    with rundir.folder_lock(tmp_path / "unused"):
         pass
     assert not (tmp_path / "unused").exists(), "a folder the lock created and nothing used goes"
 
@@ -196,7 +196,7 @@ def test_two_processes_racing_for_one_folder_exactly_one_proceeds(tmp_path):
 
 
 def test_the_lock_is_reentrant_within_one_process(tmp_path):
-    with ckpt.run_lock(tmp_path / "r"), ckpt.run_lock(tmp_path / "r"):
+    with rundir.folder_lock(tmp_path / "r"), rundir.folder_lock(tmp_path / "r"):
         assert rundir.lock_holder(tmp_path / "r") == os.getpid()
 
 

@@ -39,8 +39,7 @@ def run_sweep(
 
     with rundir.folder_lock(spec.output_dir):  # one sweep per folder at a time
         manifest = start_manifest(spec, resume, overwrite)
-        rundir.mark(spec.output_dir, "sweep")
-        rundir.clean_stale_temp(spec.output_dir)
+        rundir.claim(spec.output_dir, "sweep")
         save_manifest(spec.output_dir, manifest)
         _run_trials(spec, manifest, show_progress)
     return manifest

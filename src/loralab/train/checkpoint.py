@@ -91,24 +91,6 @@ def clear_run_dir(run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
-def run_lock(run_dir: Path):
-    """`with run_lock(run_dir):` one writer per folder (a run's or a sweep's): a second process
-    gets UserError "... in use by PID N"; a dead holder's lock is taken over."""
-    return rundir.folder_lock(Path(run_dir))
-
-
-def mark_run_dir(run_dir: Path, kind: str = "run") -> None:
-    """Create the folder, write loralab's marker, and clean the temporary files of an
-    interrupted write. Call it holding run_lock, right after deciding to write there."""
-    rundir.mark(Path(run_dir), kind)
-    clean_stale_temp(Path(run_dir))
-
-
-def clean_stale_temp(run_dir: Path) -> list[Path]:
-    """.adapter.*, checkpoints/.step-*, .*.tmp left by a killed write (only under run_lock)."""
-    return rundir.clean_stale_temp(Path(run_dir))
-
-
 def save_adapter_files(peft_model: Any, tokenizer: Any, folder: Path) -> None:
     """PEFT adapter + tokenizer into `folder`, via a temporary folder and renames.
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -57,9 +56,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         return dry_run(cfg)
     if args.nproc < 1 or args.nnodes < 1 or not 0 <= args.node_rank < args.nnodes:
         raise UserError("--nproc and --nnodes must be >= 1 and --node-rank in 0..nnodes-1")
-    if args.nproc * args.nnodes > 1 and "RANK" not in os.environ:
+    from loralab.rundir import job_size, process_rank
+
+    if args.nproc * args.nnodes > 1 and job_size() == 1:  # not yet inside a launched job
         return _launch(args)
-    from loralab.rundir import process_rank
     from loralab.train import dist
     from loralab.train.loop import train_run
 
@@ -101,7 +101,7 @@ def dry_run(cfg: Config) -> int:
     from loralab.io import write_json
     from loralab.model.load import resolve_tokenizer_path
     from loralab.model.tokenizer import load_tokenizer
-    from loralab.rundir import is_empty
+    from loralab.rundir import claim, folder_lock, is_empty
     from loralab.train import checkpoint as ckpt
 
     tokenizer = load_tokenizer(resolve_tokenizer_path(cfg.model))
@@ -112,8 +112,8 @@ def dry_run(cfg: Config) -> int:
         # A run, or a user's folder: write nothing into it.
         console.print(f"{run_dir} is not empty: data_summary.json not written there")
         return 0
-    with ckpt.run_lock(run_dir):  # marked as loralab's: the training run may use it next
-        ckpt.mark_run_dir(run_dir)
+    with folder_lock(run_dir):  # marked as loralab's: the training run may use it next
+        claim(run_dir, "run")
         write_json(run_dir / ckpt.DRY_RUN_FILE, summary)
     console.print(f"config and data OK; data summary written to {run_dir / ckpt.DRY_RUN_FILE}")
     return 0

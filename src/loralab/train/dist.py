@@ -120,10 +120,6 @@ class Dist:
         if error is not None:
             raise error
 
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
 
 def from_env() -> Dist:
     """This process's Dist; joins the process group when launched as one of several.
@@ -131,10 +127,9 @@ def from_env() -> Dist:
     Sets the CUDA device to LOCAL_RANK before anything is put on a GPU (else every process
     would load its base model onto GPU 0).
     """
-    from loralab.rundir import process_rank
+    from loralab.rundir import job_size, process_rank
 
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    rank = process_rank()
+    world, rank = job_size(), process_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else 0
     if torch.cuda.is_available():
         if local_rank >= torch.cuda.device_count():
@@ -157,7 +152,9 @@ def from_env() -> Dist:
 
 def lost_a_peer(exc: BaseException) -> bool:
     """Whether `exc` is a collective failing because another process of the job died."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) == 1:
+    from loralab.rundir import job_size
+
+    if job_size() == 1:
         return False
     dist_error = getattr(torch.distributed, "DistError", ())
     text = str(exc)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from loralab import layout
+from loralab import layout, rundir
 from loralab.config import Config, save_config
 from loralab.errors import UserError
 from loralab.io import append_jsonl, write_json
@@ -108,7 +108,7 @@ def train_adapter(
     with contextlib.ExitStack() as held:
 
         def check() -> None:  # one writer per folder: the lock is held until the run ends
-            held.enter_context(ckpt.run_lock(run_dir))
+            held.enter_context(rundir.folder_lock(run_dir))
             ckpt.check_run_dir(run_dir, resume, overwrite)
             if resume:
                 ckpt.check_resume_config(run_dir, cfg.to_dict())
@@ -168,7 +168,7 @@ def _prepare_dir(run_dir: Path, cfg: Config, summary: dict, resume: bool, overwr
     if overwrite:
         ckpt.clear_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.mark_run_dir(run_dir)  # loralab's marker; temp files of a killed write go
+    rundir.claim(run_dir, "run")  # loralab's marker; temp files of a killed write go
     if not resume:
         save_config(cfg, run_dir / layout.CONFIG)
         (run_dir / layout.STEP_METRICS).unlink(missing_ok=True)

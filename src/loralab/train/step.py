@@ -34,7 +34,8 @@ def accumulate_step(
     """
     from loralab.data.batching import collate_for_model, real_tokens, to_device
 
-    lengths = {i: len(examples[i].input_ids) for mb in micro_batches for i in mb}
+    lengths = ({i: len(examples[i].input_ids) for mb in micro_batches for i in mb}
+               if dist.world > 1 else None)  # only dealing a step out to processes needs them
     shard = process_shard(micro_batches, dist.rank, dist.world, lengths)
     weights = [1.0] * len(shard)
     if lockstep and dist.world > 1:
