@@ -22,8 +22,8 @@ import time
 
 import torch
 
-from loralab.evaluate import generate as gen
-from loralab.evaluate.generate import GenSettings, generate_ids
+from loralab.engine import api as gen
+from loralab.engine.api import GenSettings, generate_ids
 from loralab.io import git_commit, versions
 
 QWEN7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
@@ -120,7 +120,7 @@ def hf_batch(model, prompts, new: int, **kw) -> int:
 
 
 def _hf_raw(model, prompts, new, **kw):
-    from loralab.evaluate.generate import left_pad
+    from loralab.engine.api import left_pad
 
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, PAD, device)
@@ -294,8 +294,8 @@ def k_adapters(model, prompts, args, device, record):
     import tempfile
     from pathlib import Path
 
-    from loralab.evaluate.adapters import AdapterSource, attached_adapter
-    from loralab.evaluate.lora_file import read_lora
+    from loralab.engine.adapters import AdapterSource, attached_adapter
+    from loralab.engine.lora_weights import read_lora
 
     names = [f"a{i}" for i in range(args.adapters)]
     for i, n in enumerate(names[1:], 2):
@@ -324,7 +324,7 @@ def k_adapters(model, prompts, args, device, record):
         """Adapters applied unmerged, `per_batch` of them sharing each batch: all K (the decode
         reads the base weights once per step for all, eval.adapter_batch) or 1 (no fold while
         copying, a low-rank update per projection group instead)."""
-        from loralab.evaluate.generate import generate_ids_for_adapters
+        from loralab.engine.api import generate_ids_for_adapters
 
         source = AdapterSource(base, paths, GenSettings(max_new_tokens=args.new))
         loras = [source.tensors(i)[0] for i in range(len(paths))]

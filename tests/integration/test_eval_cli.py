@@ -136,7 +136,7 @@ def test_adapters_that_do_not_fit_one_batch_go_one_at_a_time(trained_run, tmp_pa
                                                              monkeypatch):
     import torch
 
-    from loralab.evaluate import generate
+    from loralab.engine import api as generate
 
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")

@@ -277,7 +277,7 @@ def _damage(file: Path, how: str) -> None:
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "bad_header"])
 def test_check_adapter_file_names_a_damaged_safetensors(tmp_path, damage):
-    from loralab.evaluate.lora_file import check_adapter_file
+    from loralab.engine.lora_weights import check_adapter_file
 
     FakePeft().save_pretrained(tmp_path)
     _damage(tmp_path / "adapter_model.safetensors", damage)
@@ -287,7 +287,7 @@ def test_check_adapter_file_names_a_damaged_safetensors(tmp_path, damage):
 
 
 def test_an_adapter_bin_with_a_pickle_payload_never_runs(tmp_path):
-    from loralab.evaluate.lora_file import check_adapter_file
+    from loralab.engine.lora_weights import check_adapter_file
 
     proof = tmp_path / "pwned"
     write_payload(tmp_path / "adapter_model.bin", proof)

@@ -114,7 +114,7 @@ def read_inputs(path: Path) -> list[dict[str, Any]]:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from loralab.data.render import render_prompt
-    from loralab.evaluate.generate import GenSettings, generate_texts
+    from loralab.engine.api import GenSettings, generate_texts
     from loralab.io import atomic_write_text
     from loralab.scoring.tasks import get_task
 
@@ -144,7 +144,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def load_adapter_model(adapter: Path, device: str | None, merge: bool = True):
     """(model with the adapter, tokenizer, the run's Config) for predict and chat."""
-    from loralab.evaluate.adapters import attached_adapter
+    from loralab.engine.adapters import attached_adapter
     from loralab.evaluate.runner import single_run
     from loralab.model.load import load_base_model
 
@@ -163,7 +163,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from transformers import TextIteratorStreamer
 
     from loralab.data.render import render_prompt
-    from loralab.evaluate.generate import stop_token_ids
+    from loralab.engine.api import stop_token_ids
 
     model, tokenizer, cfg = load_adapter_model(args.adapter, args.device)
     system = args.system if args.system is not None else cfg.data.system_prompt
@@ -211,8 +211,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def _merge(args: argparse.Namespace) -> int:
     from loralab.data.render import render_prompt
-    from loralab.evaluate.adapters import attached_adapter
-    from loralab.evaluate.lora_file import check_adapter_file
+    from loralab.engine.adapters import attached_adapter
+    from loralab.engine.lora_weights import check_adapter_file
     from loralab.evaluate.runner import single_run
     from loralab.model.load import load_base_model
     from loralab.model.merge import CHECK_PROMPTS, check_out_dir, merge_to_folder

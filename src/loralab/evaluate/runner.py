@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from loralab.config import Config, get_dotted, load_config, read_yaml_mapping
+from loralab.engine.adapters import AdapterSource
 from loralab.errors import UserError
 from loralab.evaluate import run_dirs
-from loralab.evaluate.adapters import AdapterSource
 from loralab.layout import (
     ADAPTER_CONFIG,
     CHECKPOINT_CURVE,
@@ -182,7 +182,7 @@ def want_compile(mode: str | bool, on_cuda: bool, planned_new_tokens: int) -> bo
 
 def gen_settings(cfg: Config, max_new_tokens: int, engine: str = "auto",
                  compile_decode: bool = False):
-    from loralab.evaluate.generate import GenSettings
+    from loralab.engine.api import GenSettings
 
     e = cfg.eval
     return GenSettings(max_new_tokens=max_new_tokens, batch_size=e.batch_size,
@@ -210,7 +210,7 @@ def evaluate_group(ctx: EvalContext, runs: list[AdapterRun], indices: range,
     their prompts generate in one batch (eval.adapter_batch); the rest one at a time."""
     import torch
 
-    from loralab.evaluate.generate import generate_texts_for_adapters
+    from loralab.engine.api import generate_texts_for_adapters
     from loralab.scoring.tasks import hyperparams_from_run
 
     group = [i for i in indices if i < len(runs)]
@@ -252,7 +252,7 @@ def evaluate_target(ctx: EvalContext, model: Any, prompts: list[str], meta: dict
     """Generate, score and write one target's predictions.jsonl and metrics.json. `lora`: an
     adapter read as tensors (adapters.AdapterSource), folded into the engine's own forward;
     `generated`: (generations, stats) already made with other adapters in one batch."""
-    from loralab.evaluate.generate import generate_texts
+    from loralab.engine.api import generate_texts
     from loralab.scoring.tasks import score_predictions, write_target_results
 
     records, task, settings = ctx.records, ctx.task, ctx.settings
@@ -372,7 +372,7 @@ def run_eval(data: Path | None, adapter_args: list[Path], base: bool, limit: int
 
 
 def _default_max_new(tokenizer: Any, records: list) -> int:
-    from loralab.evaluate.generate import default_max_new_tokens
+    from loralab.engine.api import default_max_new_tokens
 
     return default_max_new_tokens(tokenizer, [r.answer for r in records])
 

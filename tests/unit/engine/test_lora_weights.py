@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from loralab.evaluate.adapters import AdapterSource
-from loralab.evaluate.generate import GenSettings
-from loralab.evaluate.lora_file import LoraPrefetch, load_lora_file, read_lora
+from loralab.engine.adapters import AdapterSource
+from loralab.engine.api import GenSettings
+from loralab.engine.lora_weights import LoraPrefetch, load_lora_file, read_lora
 
 Q = "model.layers.0.self_attn.q_proj"
 

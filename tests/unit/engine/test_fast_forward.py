@@ -7,10 +7,10 @@ import random
 import pytest
 import torch
 
-from loralab.evaluate import fast_forward as ff
-from loralab.evaluate.generate import LAST_RUN, GenSettings, generate_ids
-from loralab.evaluate.lora_file import read_lora
-from loralab.evaluate.static_engine import StaticKV, _additive
+from loralab.engine import fast_forward as ff
+from loralab.engine.api import LAST_RUN, GenSettings, generate_ids
+from loralab.engine.decode import StaticKV, _additive
+from loralab.engine.lora_weights import read_lora
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 STOP, PAD = [151645], 151643
@@ -140,7 +140,7 @@ def test_too_little_memory_for_the_copy_falls_back(lively_model, prompt_ids, mon
     assert "stacked copy needs" in reason
     assert out == _generate(lively_model, prompt_ids, False)[0]
     # the eval then reads no adapter as tensors: each one goes through PEFT
-    from loralab.evaluate.adapters import AdapterSource
+    from loralab.engine.adapters import AdapterSource
 
     source = AdapterSource(lively_model, [], GenSettings(8))
     assert "stacked copy needs" in source.reason and source.prefetch is None
@@ -150,7 +150,7 @@ def test_adapters_sharing_a_batch_equal_each_folded_alone(lively_model, prompt_i
                                                          save_adapter):
     """Three adapters of different ranks and targets in one batch (unmerged, adapter-major
     rows) give each one's own tokens; batch_size 4 makes two batches of prompts."""
-    from loralab.evaluate.generate import generate_ids_for_adapters
+    from loralab.engine.api import generate_ids_for_adapters
 
     loras = []
     for i, (rank, targets) in enumerate([(4, ["q_proj", "v_proj"]), (8, TARGETS),

@@ -24,10 +24,10 @@ class AdapterSource:
     """Yields, per adapter, what to generate with: (model, lora tensors or None, how)."""
 
     def __init__(self, model: Any, paths: list[Path], settings: Any) -> None:
-        from loralab.evaluate.fast_forward import unavailable
-        from loralab.evaluate.generate import pick_engine
-        from loralab.evaluate.lora_file import LoraPrefetch, check_adapter_file
-        from loralab.evaluate.static_engine import core_model
+        from loralab.engine.api import pick_engine
+        from loralab.engine.decode import core_model
+        from loralab.engine.fast_forward import unavailable
+        from loralab.engine.lora_weights import LoraPrefetch, check_adapter_file
 
         for path in paths:  # every adapter's file, before the first one is generated with
             check_adapter_file(path)
@@ -41,7 +41,7 @@ class AdapterSource:
 
     def tensors(self, index: int) -> tuple[dict[str, Any] | None, str | None]:
         """(adapter `index` as tensors on the model's device, None) or (None, why not)."""
-        from loralab.evaluate.lora_file import lora_for_model
+        from loralab.engine.lora_weights import lora_for_model
 
         if self.prefetch is None:
             return None, self.reason
@@ -75,7 +75,7 @@ class attached_adapter:  # noqa: N801 - used as a context manager, reads like on
     def __enter__(self) -> Any:
         from peft import PeftModel
 
-        from loralab.evaluate.lora_file import check_adapter_file
+        from loralab.engine.lora_weights import check_adapter_file
         from loralab.model.quiet import quiet_hf
 
         check_adapter_file(self.path)

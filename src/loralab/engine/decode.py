@@ -16,7 +16,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from loralab.evaluate.settings import GenSettings
+from loralab.engine.settings import GenSettings
 
 CHECK_EVERY = 8  # decode steps between checks whether every sequence has stopped (one sync)
 # What the last static run did (benchmarks and metrics.json report it).
@@ -192,7 +192,7 @@ def make_forward(model: Any, settings: GenSettings,
     """loralab's FastForward (with `lora` folded in, or a list of adapters sharing the batch)
     where the model and memory allow it, else HFForward; LAST_RUN["fast_forward"] is True or
     the reason it was not used."""
-    from loralab.evaluate.fast_forward import FastForward, unavailable, why_not
+    from loralab.engine.fast_forward import FastForward, unavailable, why_not
 
     lm = core_model(model)
     # With adapters read as tensors the memory was judged when they were read (AdapterSource);

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from loralab.data.render import render_prompt
-from loralab.evaluate import generate as gen
-from loralab.evaluate.generate import (
+from loralab.engine import api as gen
+from loralab.engine.api import (
     GenSettings,
     common_prefix_length,
     generate_texts,
@@ -61,7 +61,7 @@ def test_shared_prefix_and_row_groups_match_hf_generate(lively_model, qwen_token
 def test_prefill_groups_give_the_same_first_logits(lively_model, qwen_tokenizer, prompts,
                                                    monkeypatch, fast):
     """Closer than text equality: the prefill's next-token logits agree to float rounding."""
-    from loralab.evaluate.fast_forward import FastForward
+    from loralab.engine.fast_forward import FastForward
 
     ids = [qwen_tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     ids.sort(key=len, reverse=True)

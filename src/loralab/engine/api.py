@@ -2,7 +2,7 @@
 
 Two engines behind one function, `generate_texts`:
 - `static` (greedy): loralab's own loop over a preallocated KV cache with explicit masks, its
-  decode step replayed as a CUDA graph on CUDA (`loralab.evaluate.static_engine`).
+  decode step replayed as a CUDA graph on CUDA (`loralab.engine.decode`).
 - `hf`: transformers' `generate` (sampling, attention kernels the static loop cannot drive);
   static cache on CUDA, dynamic cache on CPU.
 Prompts are sorted by length before batching so a batch pads little. A generation that never
@@ -16,9 +16,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from loralab.errors import UserError
-from loralab.evaluate.settings import GenSettings
-from loralab.evaluate.static_engine import (  # re-exported: tests and benchmarks import them here
+from loralab.engine.decode import (  # re-exported: tests and benchmarks import them here
     CHECK_EVERY,
     LAST_RUN,
     MIN_SHARED_PREFIX,
@@ -31,6 +29,8 @@ from loralab.evaluate.static_engine import (  # re-exported: tests and benchmark
     row_groups,
     static_generate,
 )
+from loralab.engine.settings import GenSettings
+from loralab.errors import UserError
 
 __all__ = [
     "CHECK_EVERY", "ENGINES", "LAST_RUN", "MIN_SHARED_PREFIX", "GenSettings", "GenStats",

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from loralab.data.render import render_prompt
-from loralab.evaluate import generate as gen
-from loralab.evaluate.generate import (
+from loralab.engine import api as gen
+from loralab.engine.api import (
     GenSettings,
     cut_at_stop,
     default_max_new_tokens,
@@ -89,7 +89,7 @@ def test_static_engine_batching_does_not_change_outputs(lively_model, qwen_token
 @pytest.mark.parametrize("engine,fast", [("static", True), ("static", False), ("hf", False)])
 def test_generation_that_stops_is_finished_and_exits_early(lively_model, qwen_tokenizer, prompts,
                                                            monkeypatch, engine, fast):
-    from loralab.evaluate.fast_forward import FastForward
+    from loralab.engine.fast_forward import FastForward
 
     calls = {"n": 0}
 
