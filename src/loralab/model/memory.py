@@ -245,4 +245,7 @@ def card_budget(device: Any) -> int:
     import torch
 
     total = torch.cuda.get_device_properties(device).total_memory
-    return int(total * CARD_SHARE)
+    # A per-process cap (torch.cuda.set_per_process_memory_fraction) is the card this process has.
+    read_cap = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # torch >= 2.8
+    fraction = read_cap(device) if read_cap else 1.0
+    return int(total * min(fraction, 1.0) * CARD_SHARE)

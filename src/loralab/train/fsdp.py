@@ -34,6 +34,14 @@ def shard_decoder_layers(model: torch.nn.Module, dist: Dist) -> int:
     for layer in layers:
         trainable = {p for p in layer.parameters() if p.requires_grad}
         fully_shard(layer, mesh=mesh, ignored_params=trainable)
+    # The decoder stack is the root and holds no shards of its own (embeddings and norm stay
+    # whole). Without a root every layer is one, and FSDP keeps a root's weights gathered
+    # after its forward: all layers would end up whole on every process (seen: 72B shapes
+    # reached 137 GiB per H200 in the first layers' backward).
+    decoder = getattr(model, "model", model)
+    in_layers = {id(p) for layer in layers for p in layer.parameters()}
+    whole = {p for p in decoder.parameters() if id(p) not in in_layers}
+    fully_shard(decoder, mesh=mesh, ignored_params=whole)
     return len(layers)
 
 

@@ -8,6 +8,7 @@ micro-batch chosen by `memory: auto` divides the effective batch (loss is token-
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -62,7 +63,11 @@ def resolve(
     cuda = device.type == "cuda"
     lengths = [len(e.input_ids) for e in examples]
     labelled = [sum(1 for x in e.labels[1:] if x != -100) for e in examples]
-    shape = shape_of(model.config, sum(p.numel() for p in model.parameters())) if cuda else None
+    held = [_held(p) for p in model.parameters()]
+    shape = shape_of(model.config, sum(n for n, _ in held)) if cuda else None
+    if any(sharded for _, sharded in held):  # FSDP runs the plain PEFT forward, uncompiled
+        train = dataclasses.replace(cfg.train, fused_lora="off", compile="off")
+        cfg = dataclasses.replace(cfg, train=train)
     return plan(cfg, cuda, pick_backend(cfg.train.attention, device), shape, lengths, labelled,
                 card_budget(device) if cuda else 0, processes)
 
@@ -107,6 +112,13 @@ def plan(
         predicted_gib=predicted.gib() if predicted else None,
         predicted=predicted,
     )
+
+
+def _held(p: torch.nn.Parameter) -> tuple[int, bool]:
+    """(elements this process holds of a parameter, whether it is a shard): memory is
+    planned for what one process holds."""
+    local = getattr(p, "to_local", None)  # a DTensor: FSDP's shard of the whole
+    return (local().numel(), True) if local else (p.numel(), False)
 
 
 def _keeps_kv_heads(attention: str, packing: bool, cuda: bool) -> bool:
