@@ -56,6 +56,8 @@ def _run_trials(spec: SweepSpec, manifest: dict[str, Any], show_progress: bool) 
     )
     if workers > 1:
         _run_in_workers(spec, manifest, todo, workers)
+    elif spec.mode != "sequential" and len(todo) > 1:
+        _run_maybe_packed(spec, manifest, todo, show_progress)
     else:
         _run_in_process(spec, manifest, todo, show_progress)
 
@@ -172,8 +174,9 @@ def _announce(manifest: dict[str, Any], trial: Trial) -> None:
 # ---------------------------------------------------------------- in this process
 
 
-def _run_in_process(spec: SweepSpec, manifest: dict, todo: list[Trial], show_progress: bool) -> None:
-    bases = SharedBase()
+def _run_in_process(spec: SweepSpec, manifest: dict, todo: list[Trial], show_progress: bool,
+                    bases: SharedBase | None = None) -> None:
+    bases = bases or SharedBase()
     for trial in todo:
         _report(spec, manifest, trial.name, "running", {"worker": None})
         if show_progress:
@@ -186,6 +189,61 @@ def _run_in_process(spec: SweepSpec, manifest: dict, todo: list[Trial], show_pro
         except Exception as exc:  # the base model did not load: this trial fails, others may not
             status, fields = "failed", {"error": f"base model: {type(exc).__name__}: {exc}"}
         _report(spec, manifest, trial.name, status, fields)
+
+
+def _run_maybe_packed(spec: SweepSpec, manifest: dict, todo: list[Trial], show_progress: bool) -> None:
+    """sweep.mode packed|auto: the mode decided with the loaded base (memory on a GPU), then
+    the trials trained together, or one after another."""
+    from loralab.sweep.mode import choose, combined_config, unpackable
+
+    bases = SharedBase()
+    cuda = bool(visible_gpus())
+    if spec.mode == "auto" and (unpackable(todo) or not cuda):  # decided without the base
+        choice = choose(spec.mode, todo, cuda)
+        console.print(f"sweep mode {choice.mode} ({choice.reason})")
+        _run_in_process(spec, manifest, todo, show_progress, bases)
+        return
+    planned = None
+    try:
+        base = bases.get(todo[0])
+    except Exception as exc:  # no base: every trial fails with the reason, as sequentially
+        for trial in todo:
+            _report(spec, manifest, trial.name, "failed",
+                    {"error": f"base model: {type(exc).__name__}: {exc}"})
+        return
+    if base.device.type == "cuda" and not unpackable(todo):
+        planned = _plan_combined(combined_config(todo), base)
+    choice = choose(spec.mode, todo, base.device.type == "cuda", planned)
+    console.print(f"sweep mode {choice.mode} ({choice.reason})"
+                  + (f": {choice.together} trials together" if choice.mode == "packed" else ""))
+    if choice.mode == "sequential":
+        _run_in_process(spec, manifest, todo, show_progress, bases)
+        return
+    from loralab.sweep.packed import run_packed
+
+    def report(name: str, status: str, fields: dict) -> None:
+        _report(spec, manifest, name, status, fields)
+
+    try:
+        run_packed(todo, base, report, show_progress)
+    except KeyboardInterrupt:
+        for entry in manifest["trials"]:
+            if entry["status"] == "running":
+                mark(manifest, entry["name"], "interrupted", error=INTERRUPTED)
+        save_manifest(spec.output_dir, manifest)
+        raise
+
+
+def _plan_combined(cfg: Any, base: Any) -> Any:
+    """levers.plan for the combined step (its examples are what the memory plan needs)."""
+    from loralab.data.summary import build_dataset
+    from loralab.train import levers
+
+    try:
+        examples, _ = build_dataset(cfg.data, base.tokenizer, cfg.train.seed)
+    except Exception:  # the first trial's data is bad: it will fail on its own; plan without
+        return None
+    return levers.resolve(cfg, base.model, base.device, examples)
 
 
 # ---------------------------------------------------------------- worker processes

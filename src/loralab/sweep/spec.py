@@ -24,7 +24,8 @@ from loralab.errors import UserError
 from loralab.sweep.naming import trial_name
 
 TOP_KEYS = ("name", "base", "output_dir", "overrides", "grid", "trials", "sweep")
-SWEEP_KEYS = ("parallel",)
+SWEEP_KEYS = ("parallel", "mode")
+MODES = ("auto", "packed", "sequential")
 # Keys a sweep sets itself: a trial's run directory and its place in the tracker.
 OWNED_KEYS = ("output_dir",)
 
@@ -49,6 +50,7 @@ class SweepSpec:
     overrides: dict[str, Any]  # applied to every trial (sweep file, then command line)
     varying: list[str]  # keys named in grid/trials, in order: they make the names
     parallel: str | int
+    mode: str = "auto"  # auto | packed | sequential (sweep/mode.py)
     trials: list[Trial] = field(default_factory=list)
 
     @property
@@ -89,10 +91,16 @@ def load_sweep(path: str | Path, cli_overrides: list[str] | tuple[str, ...] = ()
         overrides=overrides,
         varying=_ordered_keys(points),
         parallel=_parallel(settings, errors),
+        mode=_mode(settings, errors),
     )
     _check_keys(spec.overrides, points, errors)
     if not errors:
         spec.trials = _build_trials(spec, points, errors)
+    if not errors and spec.mode == "packed" and len(spec.trials) > 1:
+        from loralab.sweep.mode import unpackable
+
+        errors += [f"sweep.mode=packed: {why} (use sweep.mode=auto or sequential)"
+                   for why in unpackable(spec.trials)]
     if errors:
         raise UserError(f"{path}: " + "; ".join(errors))
     return spec
@@ -121,13 +129,21 @@ def _base_path(raw: dict[str, Any], here: Path, errors: list[str]) -> Path:
 def _parallel(settings: dict[str, Any], errors: list[str]) -> str | int:
     for key in settings:
         if key not in SWEEP_KEYS:
-            errors.append(f"unknown key sweep.{key} (known: sweep.parallel)")
+            errors.append(f"unknown key sweep.{key} (known: {', '.join('sweep.' + k for k in SWEEP_KEYS)})")
     value = settings.get("parallel", "auto")
     ok = value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value > 0)
     if not ok:
         errors.append(f"sweep.parallel must be auto or a number > 0, got {value!r}")
         return 1
     return value
+
+
+def _mode(settings: dict[str, Any], errors: list[str]) -> str:
+    value = settings.get("mode", "auto")
+    if value not in MODES:
+        errors.append(f"sweep.mode must be one of {', '.join(MODES)}, got {value!r}")
+        return "auto"
+    return str(value)
 
 
 def expand_points(raw: dict[str, Any], errors: list[str]) -> list[dict[str, Any]]:
