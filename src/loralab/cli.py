@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "loralab.evaluate.cli",
     "loralab.report.cli",
     "loralab.config_cli",
+    "loralab.serve.cli",
 )
 
 
@@ -36,6 +37,7 @@ EXAMPLES = """examples:
   loralab sweep configs/sweeps/rank.yaml          # one adapter per grid point
   loralab eval --adapters runs/sweeps/rank --base # every trial vs the base model
   loralab report runs/sweeps/rank/comparison      # tables, PNGs, report.html
+  loralab serve --adapters runs/sweeps/rank       # every trial behind an OpenAI-compatible API
 
 'loralab COMMAND --help' describes each command."""
 

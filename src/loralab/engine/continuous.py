@@ -1,0 +1,439 @@
+"""Continuous batching: rows join and leave a running decode batch, each with its own length,
+position and adapter.
+
+The static engine (decode.py) writes every row's keys at one shared cache offset, so a batch
+is fixed from its first token to its last. A server needs the opposite: a request that arrives
+while others decode joins at the next step, and a finished row leaves at once. Here the cache is
+preallocated per layer as [max_rows, kv_heads, max_len, head_dim] and every row carries its own
+next slot, position id and which slots it may attend (`valid`), all device tensors, so one
+decode step is the same code whichever rows are busy (on CUDA it is replayed as a CUDA graph
+per attention-length bucket; idle rows compute garbage nobody reads).
+
+Several adapters share each step (S-LoRA / Punica style, without their kernels): the loaded
+adapters' factors are concatenated along the rank per projection group, A [C, in] and B [out, C]
+(scale folded into B), and a per-row column mask keeps each row's own adapter's columns:
+y = x·Wᵀ + ((x·Aᵀ) ⊙ mask_row)·Bᵀ. The extra work grows with the total rank of the loaded
+adapters, not with their number of rows; a row of the base model has an all-zero mask.
+
+Sampling (greedy, or temperature / top_p with a per-request seed) runs on the logits after the
+step, outside the graph.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from loralab.engine.fast_forward import GROUPS, Layer, Shape, build_layers, rms, rotate, why_not
+from loralab.errors import UserError
+
+MIN_BUCKET = 128  # the shortest attention length a decode graph is captured for
+
+
+@dataclass
+class Sampling:
+    """How a row picks its tokens: greedy when temperature is 0."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass
+class _Row:
+    adapter: int  # 0: the base model
+    sampling: Sampling
+    generator: Any  # torch.Generator of a sampling row, else None
+    next_slot: int  # host copy of the row's next cache slot (picks the attention bucket)
+
+
+def stack_loras(lm: Any, loras: dict[int, dict[str, Any]], dtype: Any, device: Any
+                ) -> tuple[list[dict[str, Any]], dict[int, Any], dict[int, dict[int, slice]]]:
+    """The loaded adapters' factors concatenated along the rank, per layer and GROUPS group.
+
+    `loras`: adapter id (≥1) -> {module name: (A [r, in], B [out, r], scale)}. Returns
+    (per layer {group: (A [C, in], B [out, C]) or None}, {members: owner id per column [C]},
+    {id: {members: the adapter's column slice}}). Columns are laid out per adapter (by id),
+    then per member linear, the adapter's rank each; a member an adapter does not train is
+    zero, which adds exact zeros."""
+    import torch
+
+    ids = sorted(loras)
+    ranks = {k: max((a.shape[0] for a, _, _ in loras[k].values()), default=1) for k in ids}
+    owners, columns = {}, {k: {} for k in ids}
+    for members in {len(names) for _, _, names in GROUPS}:
+        owner, start = [], 0
+        for k in ids:
+            width = members * ranks[k]
+            owner += [k] * width
+            columns[k][members] = slice(start, start + width)
+            start += width
+        owners[members] = torch.tensor(owner, dtype=torch.long, device=device)
+    layers = []
+    for i, layer in enumerate(lm.model.layers):
+        entry = {}
+        for group, owner_name, names in GROUPS:
+            parent = getattr(layer, owner_name)
+            keys = [f"model.layers.{i}.{owner_name}.{n}" for n in names]
+            if not any(key in loras[k] for k in ids for key in keys):
+                entry[group] = None
+                continue
+            linears = [getattr(parent, n) for n in names]
+            linears = [getattr(m, "base_layer", m) for m in linears]
+            outs = [m.out_features for m in linears]
+            width = len(owners[len(names)])
+            a_all = torch.zeros(width, linears[0].in_features, dtype=dtype, device=device)
+            b_all = torch.zeros(sum(outs), width, dtype=dtype, device=device)
+            for k in ids:
+                first = columns[k][len(names)].start
+                row = 0
+                for j, (key, out) in enumerate(zip(keys, outs, strict=True)):
+                    if key in loras[k]:
+                        a, b, scale = loras[k][key]
+                        c0 = first + j * ranks[k]
+                        a_all[c0 : c0 + a.shape[0]] = a.to(device, dtype)
+                        b_all[row : row + out, c0 : c0 + a.shape[0]] = (
+                            b.to(device).float() * scale).to(dtype)
+                    row += out
+            entry[group] = (a_all, b_all)
+        layers.append(entry)
+    return layers, owners, columns
+
+
+def _linear(x: Any, weight: Any, bias: Any, lora: Any, mask: Any) -> Any:
+    """x·Wᵀ + b plus the rows' own adapters: lora (A [C, in], B [out, C]); mask [.., C]."""
+    import torch.nn.functional as F  # noqa: N812
+
+    y = F.linear(x, weight, bias)
+    if lora is None:
+        return y
+    a, b = lora
+    h = x @ a.T
+    return y + (h if mask is None else h * mask) @ b.T
+
+
+def _layer(x: Any, w: Layer, s: Shape, lora: dict, masks: dict, attend: Any) -> Any:
+    """One decoder layer over x [..., hidden]; `attend(q, k, v)` does the attention part
+    (q/k/v shaped [..., heads·dim]) and returns [..., heads·dim]."""
+    import torch.nn.functional as F  # noqa: N812
+
+    def lin(h, group, members):
+        return _linear(h, getattr(w, group), getattr(w, f"{group}_bias"),
+                       lora.get(group), masks.get(members))
+
+    q_size, kv_size = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    q, k, v = lin(rms(x, w.input_norm, s.eps), "qkv", 3).split((q_size, kv_size, kv_size), -1)
+    x = x + lin(attend(q, k, v), "o", 1)
+    gate, up = lin(rms(x, w.post_norm, s.eps), "gate_up", 2).chunk(2, dim=-1)
+    return x + lin(F.silu(gate) * up, "down", 1)
+
+
+def _additive(valid: Any, dtype: Any) -> Any:
+    """'may attend' → additive mask (a finite minimum keeps a fully masked row finite)."""
+    import torch
+
+    zero = torch.zeros((), dtype=dtype, device=valid.device)
+    return torch.where(valid, zero, torch.finfo(dtype).min)
+
+
+class ContinuousBatch:
+    """A decode batch of up to `max_rows` rows over one base model and the loaded adapters.
+
+    add(prompts, adapter, samplings) -> (rows, first tokens); step() -> {row: token} for
+    every busy row; free(row). Not thread-safe: one thread drives it (the server's scheduler).
+    """
+
+    def __init__(self, lm: Any, max_rows: int = 64, max_len: int = 2048,
+                 cuda_graph: bool = True) -> None:
+        import torch
+
+        reason = why_not(lm)
+        if reason:
+            raise UserError(f"the continuous engine cannot run this model ({reason}): "
+                            "serve it with --engine naive")
+        cfg, attn = lm.config, lm.model.layers[0].self_attn
+        self.lm, self.max_rows, self.max_len = lm, max_rows, max_len
+        weight = lm.lm_head.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        head_dim = getattr(attn, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.shape = Shape(cfg.num_attention_heads, cfg.num_key_value_heads, head_dim,
+                           lm.model.layers[0].input_layernorm.variance_epsilon,
+                           getattr(attn, "scaling", head_dim ** -0.5))
+        with torch.inference_mode():
+            self.layers = build_layers(lm)
+        kv = (max_rows, cfg.num_key_value_heads, max_len, head_dim)
+        zeros = dict(dtype=self.dtype, device=self.device)
+        self.keys = [torch.zeros(kv, **zeros) for _ in self.layers]
+        self.values = [torch.zeros(kv, **zeros) for _ in self.layers]
+        long = dict(dtype=torch.long, device=self.device)
+        self.token, self.position = torch.zeros(max_rows, **long), torch.zeros(max_rows, **long)
+        self.slot, self.active = torch.zeros(max_rows, **long), torch.zeros(max_rows, **long)
+        self.row_adapter = torch.zeros(max_rows, **long)
+        self.valid = torch.zeros(max_rows, max_len, dtype=torch.bool, device=self.device)
+        self.logits = torch.zeros(max_rows, cfg.vocab_size, dtype=torch.float32,
+                                  device=self.device)
+        self.rows: dict[int, _Row] = {}
+        self.free_rows = list(range(max_rows))
+        self.loras: dict[int, dict[str, Any]] = {}
+        self.stack: list[dict[str, Any]] = [{} for _ in self.layers]
+        self.owners: dict[int, Any] = {}
+        self.columns: dict[int, dict[int, slice]] = {}
+        self.use_graph = cuda_graph and self.device.type == "cuda"
+        self.graphs: dict[int, dict[str, Any]] = {}
+        self.stats = {"graph_error": None, "captures": 0, "capture_seconds": 0.0}
+
+    # ------------------------------------------------------------ adapters
+
+    def set_adapters(self, loras: dict[int, dict[str, Any]]) -> None:
+        """Replace the loaded adapters (id ≥ 1 -> {module: (A, B, scale)}). Busy rows keep
+        their adapter id: the caller frees rows of an adapter it drops first."""
+        import torch
+
+        with torch.inference_mode():
+            if loras:
+                self.stack, self.owners, self.columns = stack_loras(
+                    self.lm, loras, self.dtype, self.device)
+            else:
+                self.stack, self.owners, self.columns = [{} for _ in self.layers], {}, {}
+        self.loras = dict(loras)
+        self.graphs.clear()  # captured graphs point at the old factors
+
+    def adapter_bytes(self) -> int:
+        """Bytes the stacked factors take on the device."""
+        return sum(t.nbytes for layer in self.stack for ab in layer.values() if ab for t in ab)
+
+    # ------------------------------------------------------------ rows
+
+    def add(self, prompts: list[list[int]], adapter: int = 0,
+            samplings: list[Sampling] | None = None) -> tuple[list[int], list[int]]:
+        """Prefill `prompts` (all for `adapter`) into free rows; (rows, first token of each)."""
+        import torch
+
+        if len(prompts) > len(self.free_rows):
+            raise RuntimeError(f"{len(prompts)} rows asked, {len(self.free_rows)} free")
+        if adapter and adapter not in self.loras:
+            raise KeyError(f"adapter id {adapter} is not loaded")
+        samplings = samplings or [Sampling() for _ in prompts]
+        width = max(len(p) for p in prompts)
+        if width >= self.max_len:
+            raise ValueError(f"a prompt of {width} tokens does not fit {self.max_len} slots")
+        rows = [self.free_rows.pop(0) for _ in prompts]
+        with torch.inference_mode():
+            logits = self._prefill(prompts, rows, adapter, width)
+            index = torch.tensor(rows, device=self.device)
+            lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+            self.position[index] = lengths
+            self.slot[index] = width
+            self.active[index] = 1
+            self.row_adapter[index] = adapter
+            for row, sampling in zip(rows, samplings, strict=True):
+                gen = None
+                if sampling.temperature > 0:
+                    gen = torch.Generator(device=self.device)
+                    gen.manual_seed(sampling.seed if sampling.seed is not None
+                                    else int(time.time_ns() % 2**63))
+                self.rows[row] = _Row(adapter, sampling, gen, width)
+            tokens = self._choose(logits.float(), rows)
+            self.token[index] = tokens
+        return rows, tokens.tolist()
+
+    def free(self, row: int) -> None:
+        """The row leaves the batch; its slots are reused by the next add."""
+        import torch
+
+        if self.rows.pop(row, None) is None:
+            return
+        with torch.inference_mode():
+            self.active[row] = 0
+            self.slot[row] = 0
+            self.row_adapter[row] = 0
+        self.free_rows.append(row)
+
+    def busy(self) -> list[int]:
+        return sorted(self.rows)
+
+    def room(self, row: int) -> int:
+        """Tokens the row can still take before its cache row is full."""
+        return self.max_len - self.rows[row].next_slot
+
+    # ------------------------------------------------------------ prefill
+
+    def _prefill(self, prompts: list[list[int]], rows: list[int], adapter: int, width: int):
+        """Left-padded prompts written to cache slots [0, width) of `rows`; last logits."""
+        import torch
+        import torch.nn.functional as F  # noqa: N812
+
+        n, dev, s = len(prompts), self.device, self.shape
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=dev)
+        real = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
+                            device=dev, dtype=torch.bool)
+        index = torch.tensor(rows, device=dev)
+        self.valid[index] = False
+        self.valid[index, :width] = real
+        slots = torch.arange(width, device=dev)
+        allowed = (slots[None] <= slots[:, None])[None] & real[:, None, :]
+        allowed |= torch.eye(width, dtype=torch.bool, device=dev)[None]  # pads stay finite
+        mask = _additive(allowed[:, None], self.dtype)
+        positions = (real.long().cumsum(1) - 1).clamp(min=0)
+        model = self.lm.model
+        x = model.embed_tokens(ids)
+        cos, sin = model.rotary_emb(x, positions)
+        cos, sin = cos[:, None], sin[:, None]
+        lora = self._one_adapter(adapter)
+        for i, w in enumerate(self.layers):
+            def attend(q, k, v, i=i):
+                q = rotate(q.view(n, width, s.heads, s.head_dim).transpose(1, 2), cos, sin)
+                k = rotate(k.view(n, width, s.kv_heads, s.head_dim).transpose(1, 2), cos, sin)
+                v = v.view(n, width, s.kv_heads, s.head_dim).transpose(1, 2)
+                self.keys[i][index, :, :width] = k.to(self.dtype)
+                self.values[i][index, :, :width] = v.to(self.dtype)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=s.scaling,
+                                                     enable_gqa=True)
+                return out.transpose(1, 2).reshape(n, width, s.heads * s.head_dim)
+
+            x = _layer(x, w, s, lora[i], {}, attend)
+        return self._head(x[:, -1])
+
+    def _one_adapter(self, adapter: int) -> list[dict[str, Any]]:
+        """Per layer {group: (A, B)} of one adapter's columns (views); {} for the base."""
+        out: list[dict[str, Any]] = [{} for _ in self.layers]
+        if not adapter:
+            return out
+        cols = self.columns[adapter]
+        for mine, layer in zip(out, self.stack, strict=True):
+            for group, _, names in GROUPS:
+                ab = layer.get(group)
+                if ab is not None:
+                    mine[group] = (ab[0][cols[len(names)]], ab[1][:, cols[len(names)]])
+        return out
+
+    def _head(self, x: Any) -> Any:
+        import torch.nn.functional as F  # noqa: N812
+
+        norm = self.lm.model.norm
+        return F.linear(rms(x, norm.weight, norm.variance_epsilon), self.lm.lm_head.weight,
+                        self.lm.lm_head.bias)
+
+    # ------------------------------------------------------------ decode
+
+    def step(self) -> dict[int, int]:
+        """One new token for every busy row: {row: token}."""
+        import torch
+
+        if not self.rows:
+            return {}
+        need = max(r.next_slot for r in self.rows.values()) + 1
+        if need > self.max_len:
+            raise RuntimeError("a row ran past the cache: free it before its room runs out")
+        bucket = self._bucket(need)
+        with torch.inference_mode():
+            self._run(bucket)
+            rows = sorted(self.rows)
+            tokens = self._choose(self.logits, rows)
+            self.token[torch.tensor(rows, device=self.device)] = tokens
+        for row in rows:
+            self.rows[row].next_slot += 1
+        return dict(zip(rows, tokens.tolist(), strict=True))
+
+    def _bucket(self, need: int) -> int:
+        """The attention length for this step: on CUDA a power of two (one graph each), on
+        CPU the longest busy row (eager: no reason to attend to more)."""
+        if not self.use_graph:
+            return need
+        bucket = MIN_BUCKET
+        while bucket < need:
+            bucket *= 2
+        return min(bucket, self.max_len)
+
+    def _decode(self, length: int) -> None:
+        """The step every row takes; reads and writes only tensors the batch holds."""
+        import torch.nn.functional as F  # noqa: N812
+
+        s, rows = self.shape, self.max_rows
+        self.valid.scatter_(1, self.slot[:, None], True)
+        mask = _additive(self.valid[:, None, None, :length], self.dtype)
+        masks = {m: (owner[None] == self.row_adapter[:, None]).to(self.dtype)
+                 for m, owner in self.owners.items()}
+        model = self.lm.model
+        x = model.embed_tokens(self.token)
+        cos, sin = model.rotary_emb(x[:, None], self.position[:, None])  # [rows, 1, dim]
+        where = self.slot[:, None, None, None].expand(rows, s.kv_heads, 1, s.head_dim)
+        for i, w in enumerate(self.layers):
+            def attend(q, k, v, i=i):
+                q = rotate(q.view(rows, s.heads, s.head_dim), cos, sin)
+                k = rotate(k.view(rows, s.kv_heads, s.head_dim), cos, sin)
+                self.keys[i].scatter_(2, where, k[:, :, None].to(self.dtype))
+                self.values[i].scatter_(2, where, v.view(rows, s.kv_heads, 1, s.head_dim))
+                out = F.scaled_dot_product_attention(
+                    q[:, :, None], self.keys[i][:, :, :length], self.values[i][:, :, :length],
+                    attn_mask=mask, scale=s.scaling, enable_gqa=True)
+                return out.reshape(rows, -1)
+
+            x = _layer(x, w, s, self.stack[i], masks, attend)
+        self.logits.copy_(self._head(x))
+        self.slot.add_(self.active)
+        self.position.add_(self.active)
+
+    def _run(self, length: int) -> None:
+        """_decode(length) eagerly, or on CUDA: two eager warm-up steps (real steps), then a
+        graph captured for this length and replayed from then on."""
+        import torch
+
+        if not self.use_graph:
+            self._decode(length)
+            return
+        entry = self.graphs.setdefault(length, {"n": 0, "graph": None})
+        if entry["graph"] is not None:
+            entry["graph"].replay()
+            return
+        entry["n"] += 1
+        stream = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(stream)
+        with torch.cuda.stream(side):
+            self._decode(length)
+        stream.wait_stream(side)
+        if entry["n"] < 2:
+            return
+        graph, started = torch.cuda.CUDAGraph(), time.perf_counter()
+        try:
+            # capture records without running: the eager call above was this step
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self._decode(length)
+        except Exception as exc:  # an op that cannot be captured: stay eager for this length
+            self.stats["graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
+            entry["n"] = -(10**9)
+            return
+        entry["graph"] = graph
+        self.stats["captures"] += 1
+        self.stats["capture_seconds"] += time.perf_counter() - started
+
+    # ------------------------------------------------------------ sampling
+
+    def _choose(self, logits: Any, rows: list[int]) -> Any:
+        """The next token of `rows` (logits [len(rows) or max_rows, vocab]): argmax, or a
+        draw with the row's temperature, top_p and generator."""
+        import torch
+
+        if logits.shape[0] != len(rows):
+            logits = logits[torch.tensor(rows, device=self.device)]
+        tokens = logits.argmax(-1)
+        for j, row in enumerate(rows):
+            sampling = self.rows[row].sampling
+            if sampling.temperature > 0:
+                tokens[j] = sample(logits[j], sampling, self.rows[row].generator)
+        return tokens
+
+
+def sample(logits: Any, sampling: Sampling, generator: Any) -> Any:
+    """One token from logits [vocab] with temperature and nucleus (top_p) filtering."""
+    import torch
+
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        before = sorted_probs.cumsum(0) - sorted_probs  # mass of the tokens ranked above
+        sorted_probs[before >= sampling.top_p] = 0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator)[0]

@@ -1,0 +1,322 @@
+"""The HTTP side: FastAPI routes in OpenAI's shapes, SSE streaming, errors, the API key.
+
+Handlers tokenize, queue a Request with the scheduler and turn the token ids it sends back into
+text (incrementally, holding back what could still become a `stop` string or an unfinished
+UTF-8 character). Every error leaves as {"error": {...}} with a 4xx/5xx status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from sse_starlette.sse import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from loralab.engine.continuous import Sampling
+from loralab.serve import schemas
+from loralab.serve.scheduler import Request as Job
+from loralab.serve.schemas import ServeError
+
+DISCONNECT_POLL_S = 0.5  # a non-streaming handler checks this often whether its client left
+
+
+@dataclass
+class ServerState:
+    tokenizer: Any
+    scheduler: Any
+    registry: Any
+    metrics: Any
+    stop_ids: list[int]
+    max_len: int
+    default_max_tokens: int
+    timeout_s: float
+    api_key: str | None
+    engine: str
+
+
+class TextSink:
+    """Token ids in, text out: decoded as a whole each time (byte-level BPE only settles at
+    character boundaries), cut at the first `stop` string."""
+
+    def __init__(self, tokenizer: Any, stops: list[str], stop_ids: list[int]) -> None:
+        self.tokenizer, self.stops, self.stop_ids = tokenizer, stops, set(stop_ids)
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.ids: list[int] = []
+        self.text, self.sent = "", 0
+        self.stopped = False
+
+    def feed(self, tokens: list[int]) -> str:
+        """The text that became final with `tokens`."""
+        self.ids += [t for t in tokens if t not in self.stop_ids]
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if self.stops:
+            hits = [i for i in (self.text.find(s, max(0, self.sent - self.hold))
+                                for s in self.stops) if i >= 0]
+            if hits:
+                self.stopped = True
+                self.text = self.text[: min(hits)]
+                return self.flush()
+        safe = len(self.text) - self.hold
+        if self.text.endswith("\ufffd"):
+            safe = min(safe, len(self.text.rstrip("\ufffd")))
+        if safe <= self.sent:
+            return ""
+        new, self.sent = self.text[self.sent : safe], safe
+        return new
+
+    def flush(self) -> str:
+        new, self.sent = self.text[self.sent :], len(self.text)
+        return new
+
+
+def build_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="loralab serve", docs_url=None, redoc_url=None)
+    app.state.serve = state
+    _error_handlers(app)
+    auth = [Depends(_authorize)]
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "engine": state.engine, "models": state.registry.names()}
+
+    @app.get("/metrics", dependencies=auth)
+    async def metrics() -> PlainTextResponse:
+        sched = state.scheduler
+        text = state.metrics.render(sched.queue_length(), len(sched.running),
+                                    len(state.registry.adapters))
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models() -> dict[str, Any]:
+        reg, now = state.registry, int(state.metrics.started)
+        data = [{"id": reg.base_name, "object": "model", "created": now, "owned_by": "loralab",
+                 "root": reg.base_path, "parent": None}]
+        data += [{"id": a.name, "object": "model", "created": now, "owned_by": "loralab",
+                  "root": str(a.path), "parent": reg.base_name}
+                 for a in reg.adapters.values()]
+        return {"object": "list", "data": data}
+
+    @app.get("/v1/adapters", dependencies=auth)
+    async def adapters() -> dict[str, Any]:
+        reg = state.registry
+        return {"adapters": [{"name": a.name, "path": str(a.path), "bytes": a.nbytes,
+                              "system_prompt": a.system_prompt}
+                             for a in reg.adapters.values()],
+                "max_adapters": reg.max_adapters, "max_bytes": reg.max_bytes}
+
+    @app.post("/v1/adapters", dependencies=auth, status_code=201)
+    async def load_adapter(body: schemas.AdapterLoad) -> dict[str, Any]:
+        from pathlib import Path
+
+        loaded = await state.registry.load(body.name, Path(body.path))
+        return {"loaded": [a.name for a in loaded]}
+
+    @app.delete("/v1/adapters/{name:path}", dependencies=auth)
+    async def unload_adapter(name: str) -> dict[str, Any]:
+        adapter = await state.registry.unload(name)
+        return {"unloaded": adapter.name}
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat(body: schemas.ChatRequest, request: Request) -> Any:
+        return await _chat(state, body, request)
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(body: schemas.CompletionRequest, request: Request) -> Any:
+        return await _completion(state, body, request)
+
+    return app
+
+
+async def _authorize(request: Request) -> None:
+    key = request.app.state.serve.api_key
+    if key is None:
+        return
+    given = request.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+        raise ServeError(401, "a valid API key is needed (Authorization: Bearer KEY)",
+                         "invalid_api_key")
+
+
+def _error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServeError)
+    async def serve_error(_: Request, exc: ServeError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = [str(p) for p in first.get("loc", ()) if p != "body"]
+        message = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            message = "the request body is not valid JSON"
+        elif where:
+            message = f"{'.'.join(where)}: {message}"
+        body = schemas.error_body(400, message, first.get("type"), ".".join(where) or None)
+        return JSONResponse(body, status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(schemas.error_body(exc.status_code, str(exc.detail)),
+                            status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def crash(_: Request, exc: Exception) -> JSONResponse:
+        message = f"internal error: {type(exc).__name__}: {exc}"[:300]
+        return JSONResponse(schemas.error_body(500, message), status_code=500)
+
+
+# ---------------------------------------------------------------- generation
+
+
+def _submit(state: ServerState, model: str, prompt_ids: list[int], body: Any) -> Job:
+    """Check the request against the model and the context, then queue it (429 when full)."""
+    adapter = state.registry.resolve(model)
+    n, limit = len(prompt_ids), body.limit()
+    if n == 0:
+        raise ServeError(400, "the prompt is empty", "invalid_prompt", "prompt")
+    if n >= state.max_len or (limit is not None and n + limit > state.max_len):
+        raise ServeError(400, f"the prompt has {n} tokens and {limit or 1} new ones were asked: "
+                         f"the context is {state.max_len} tokens (--max-len)",
+                         "context_length_exceeded", "messages")
+    max_tokens = min(limit or state.default_max_tokens, state.max_len - n)
+    job = Job(prompt_ids, model, adapter.id if adapter else 0, max_tokens,
+              Sampling(body.temperature, body.top_p, body.seed),
+              time.monotonic() + state.timeout_s, asyncio.get_running_loop())
+    state.metrics.received(model, n)
+    if not state.scheduler.submit(job):
+        state.metrics.rejected(model, "rejected")
+        raise ServeError(429, "the server is busy: its request queue is full, retry later",
+                         "queue_full")
+    return job
+
+
+async def _pump(state: ServerState, job: Job, sink: TextSink, request: Request | None):
+    """(new text, finish reason or None) as the scheduler's events come in."""
+    while True:
+        try:
+            event = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
+        except asyncio.TimeoutError:
+            if request is not None and await request.is_disconnected():
+                state.scheduler.cancel(job)
+                return
+            continue
+        if event[0] == "tokens":
+            delta = sink.feed(event[1])
+            if sink.stopped:
+                job.stopped_by_text = True
+                state.scheduler.cancel(job)
+                yield delta, "stop"
+                return
+            yield delta, None
+        elif event[0] == "done":
+            yield sink.flush(), event[1]
+            return
+        else:
+            raise ServeError(event[1], event[2], "engine_error" if event[1] >= 500 else None)
+
+
+def _usage(job: Job) -> dict[str, int]:
+    return schemas.usage(len(job.prompt_ids), job.generated)
+
+
+async def _collect(state: ServerState, job: Job, sink: TextSink, request: Request
+                   ) -> tuple[str, str]:
+    parts, finish = [], "length"
+    try:
+        async for delta, reason in _pump(state, job, sink, request):
+            parts.append(delta)
+            finish = reason or finish
+    finally:
+        state.scheduler.cancel(job)  # a no-op once it finished; frees its row otherwise
+    return "".join(parts), finish
+
+
+def _render_chat(state: ServerState, body: schemas.ChatRequest) -> list[int]:
+    from loralab.data.render import render_prompt
+
+    adapter = state.registry.resolve(body.model)
+    try:
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in body.messages]
+    except ValueError as exc:
+        raise ServeError(400, str(exc), "invalid_content", "messages") from None
+    has_system = any(m["role"] == "system" for m in messages)
+    system = None if has_system or adapter is None else adapter.system_prompt
+    text = render_prompt(state.tokenizer, system, messages)
+    return state.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+async def _chat(state: ServerState, body: schemas.ChatRequest, request: Request) -> Any:
+    job = _submit(state, body.model, _render_chat(state, body), body)
+    sink = TextSink(state.tokenizer, body.stops(), state.stop_ids)
+    rid = schemas.new_id("chatcmpl")
+    if not body.stream:
+        text, finish = await _collect(state, job, sink, request)
+        return schemas.chat_response(rid, body.model, text, finish, _usage(job))
+
+    async def events():
+        try:
+            first = schemas.chat_chunk(rid, body.model, {"role": "assistant", "content": ""},
+                                       None)
+            yield {"data": json.dumps(first)}
+            async for delta, finish in _pump(state, job, sink, None):
+                if delta or finish:
+                    chunk = schemas.chat_chunk(rid, body.model,
+                                               {"content": delta} if delta else {}, finish)
+                    yield {"data": json.dumps(chunk, ensure_ascii=False)}
+            if body.include_usage():
+                usage = schemas.chat_chunk(rid, body.model, {}, None, _usage(job))
+                yield {"data": json.dumps(usage)}
+            yield {"data": "[DONE]"}
+        except ServeError as exc:
+            yield {"data": json.dumps(exc.body())}
+        finally:
+            state.scheduler.cancel(job)
+
+    return EventSourceResponse(events(), ping=15)
+
+
+def _completion_ids(state: ServerState, body: schemas.CompletionRequest) -> list[int]:
+    prompt = body.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        vocab = len(state.tokenizer)
+        if any(not 0 <= t < vocab for t in prompt):
+            raise ServeError(400, "a prompt token id is outside the vocabulary", None, "prompt")
+        return list(prompt)
+    text = prompt[0] if isinstance(prompt, list) else prompt
+    return state.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+async def _completion(state: ServerState, body: schemas.CompletionRequest,
+                      request: Request) -> Any:
+    job = _submit(state, body.model, _completion_ids(state, body), body)
+    sink = TextSink(state.tokenizer, body.stops(), state.stop_ids)
+    rid = schemas.new_id("cmpl")
+    if not body.stream:
+        text, finish = await _collect(state, job, sink, request)
+        return schemas.completion_response(rid, body.model, text, finish, _usage(job))
+
+    async def events():
+        try:
+            async for delta, finish in _pump(state, job, sink, None):
+                if delta or finish:
+                    chunk = schemas.completion_response(rid, body.model, delta, finish, None)
+                    yield {"data": json.dumps(chunk, ensure_ascii=False)}
+            if body.include_usage():
+                usage = schemas.completion_response(rid, body.model, None, None, _usage(job))
+                yield {"data": json.dumps(usage)}
+            yield {"data": "[DONE]"}
+        except ServeError as exc:
+            yield {"data": json.dumps(exc.body())}
+        finally:
+            state.scheduler.cancel(job)
+
+    return EventSourceResponse(events(), ping=15)

@@ -1,0 +1,103 @@
+"""Server counters in Prometheus' text format (GET /metrics): requests by model and outcome,
+tokens, tokens/s over the last few seconds, queue length, batch size, time to first token."""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from typing import Any
+
+WINDOW_S = 10.0  # tokens/s is measured over this many seconds
+
+
+class Metrics:
+    """Thread-safe counters: the scheduler thread writes, the event loop reads."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.started = time.time()
+        self.requests: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.generated: collections.Counter[str] = collections.Counter()
+        self.prompt_tokens: collections.Counter[str] = collections.Counter()
+        self.steps = 0
+        self.step_seconds = 0.0
+        self.last_batch = 0
+        self.ttft_sum, self.ttft_count = 0.0, 0
+        self.recent: collections.deque[tuple[float, int]] = collections.deque()
+
+    def received(self, model: str, prompt_tokens: int) -> None:
+        with self.lock:
+            self.prompt_tokens[model] += prompt_tokens
+
+    def rejected(self, model: str, outcome: str) -> None:
+        with self.lock:
+            self.requests[(model, outcome)] += 1
+
+    def finished(self, req: Any, outcome: str) -> None:
+        self.rejected(req.model, outcome)
+
+    def tokens(self, model: str, n: int) -> None:
+        now = time.monotonic()
+        with self.lock:
+            self.generated[model] += n
+            self.recent.append((now, n))
+            while self.recent and self.recent[0][0] < now - WINDOW_S:
+                self.recent.popleft()
+
+    def first_token(self, req: Any, seconds: float) -> None:
+        with self.lock:
+            self.ttft_sum += seconds
+            self.ttft_count += 1
+
+    def step(self, rows: int, seconds: float) -> None:
+        with self.lock:
+            self.steps += 1
+            self.step_seconds += seconds
+            self.last_batch = rows
+
+    def tokens_per_s(self) -> float:
+        now = time.monotonic()
+        with self.lock:
+            total = sum(n for t, n in self.recent if t >= now - WINDOW_S)
+        span = min(WINDOW_S, max(now - (self.recent[0][0] if self.recent else now), 1e-9))
+        return total / span if total else 0.0
+
+    def render(self, queue_length: int, running: int, adapters: int) -> str:
+        """The Prometheus exposition text."""
+        rate = self.tokens_per_s()
+        lines = []
+
+        def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+            lines.append(f"# HELP loralab_{name} {help_}")
+            lines.append(f"# TYPE loralab_{name} {kind}")
+            lines.extend(f"loralab_{name}{labels} {value:g}" for labels, value in samples)
+
+        with self.lock:
+            metric("requests_total", "counter", "Finished requests by model and outcome.",
+                   [(f'{{model="{_esc(m)}",outcome="{o}"}}', n)
+                    for (m, o), n in sorted(self.requests.items())])
+            metric("generation_tokens_total", "counter", "New tokens by model.",
+                   [(f'{{model="{_esc(m)}"}}', n) for m, n in sorted(self.generated.items())])
+            metric("prompt_tokens_total", "counter", "Prompt tokens by model.",
+                   [(f'{{model="{_esc(m)}"}}', n)
+                    for m, n in sorted(self.prompt_tokens.items())])
+            metric("decode_steps_total", "counter", "Decode steps taken.", [("", self.steps)])
+            metric("decode_step_seconds_total", "counter", "Time in decode steps.",
+                   [("", self.step_seconds)])
+            metric("time_to_first_token_seconds_sum", "counter",
+                   "Sum of times from arrival to first token.", [("", self.ttft_sum)])
+            metric("time_to_first_token_seconds_count", "counter",
+                   "Requests that got a first token.", [("", self.ttft_count)])
+            metric("batch_size", "gauge", "Rows in the last decode step.",
+                   [("", self.last_batch)])
+        metric("generation_tokens_per_second", "gauge",
+               f"New tokens per second over the last {WINDOW_S:g} s.", [("", rate)])
+        metric("queue_length", "gauge", "Requests waiting for a row.", [("", queue_length)])
+        metric("running_requests", "gauge", "Requests decoding now.", [("", running)])
+        metric("adapters_loaded", "gauge", "Adapters loaded.", [("", adapters)])
+        return "\n".join(lines) + "\n"
+
+
+def _esc(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

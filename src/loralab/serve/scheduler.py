@@ -1,0 +1,277 @@
+"""The scheduler: one thread drives the continuous batch while requests are queued or running.
+
+Requests wait in a bounded queue (a full queue is a 429 before anything runs). Between decode
+steps the thread runs control work (adapter load/unload), drops cancelled and expired requests,
+admits waiting ones into free rows (one prefill per adapter and length group) and takes one
+decode step for every busy row; each step's tokens go back to the event loop in one call, where
+each request's handler turns them into text. A row leaves the batch as soon as its request
+stops, runs out of tokens, times out or its client goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from loralab.engine.continuous import Sampling
+
+PREFILL_TOKENS = 8192  # prompt tokens admitted per step at most: decode keeps its pace
+GROUP_SPREAD = 1.5  # prompts prefilled together pad to at most this × the shortest
+
+
+@dataclass
+class Request:
+    """One generation: what to run, where its events go, and how it ended."""
+
+    prompt_ids: list[int]
+    model: str  # the base model's name or an adapter's
+    adapter: int  # adapter id in the engine, 0 for the base
+    max_tokens: int
+    sampling: Sampling
+    deadline: float  # time.monotonic() after which it fails with a timeout
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+    stopped_by_text: bool = False  # cancelled because its text reached a `stop` string
+    arrived: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    generated: int = 0
+    last_token: int | None = None
+
+
+def emit(batch: list[tuple[Request, tuple]]) -> None:
+    """Deliver (request, event) pairs; runs in the event loop."""
+    for req, event in batch:
+        req.events.put_nowait(event)
+
+
+class Scheduler:
+    """Drives a ContinuousBatch from one background thread."""
+
+    def __init__(self, batch: Any, stop_ids: list[int], max_queue: int, metrics: Any) -> None:
+        self.batch, self.stop_ids = batch, set(stop_ids)
+        self.max_queue, self.metrics = max_queue, metrics
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: dict[int, Request] = {}
+        self.control: collections.deque[tuple[Any, Future]] = collections.deque()
+        self.wake = threading.Condition()
+        self.stopped = False
+        self.thread = threading.Thread(target=self._loop, name="loralab-scheduler", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.wake:
+            self.stopped = True
+            self.wake.notify()
+        self.thread.join(timeout=10)
+
+    # ------------------------------------------------------------ from the event loop
+
+    def submit(self, req: Request) -> bool:
+        """Queue `req`; False when the queue is full (the caller answers 429)."""
+        with self.wake:
+            if len(self.waiting) >= self.max_queue:
+                return False
+            self.waiting.append(req)
+            self.wake.notify()
+        return True
+
+    def cancel(self, req: Request) -> None:
+        """The request's client is gone or it already has its answer: free its row."""
+        req.cancelled = True
+        with self.wake:
+            self.wake.notify()
+
+    def call(self, fn: Any) -> Future:
+        """Run fn() in the scheduler thread between two steps (it may touch the batch)."""
+        future: Future = Future()
+        with self.wake:
+            self.control.append((fn, future))
+            self.wake.notify()
+        return future
+
+    def rows_of(self, adapter: int) -> int:
+        return sum(r.adapter == adapter for r in list(self.running.values()))
+
+    def queue_length(self) -> int:
+        return len(self.waiting)
+
+    # ------------------------------------------------------------ the thread
+
+    def _loop(self) -> None:
+        while True:
+            with self.wake:
+                while not (self.stopped or self.waiting or self.running or self.control):
+                    self.wake.wait()
+                if self.stopped:
+                    break
+                control = list(self.control)
+                self.control.clear()
+            for fn, future in control:
+                try:
+                    future.set_result(fn())
+                except Exception as exc:  # the caller reports it; the server goes on
+                    future.set_exception(exc)
+            out: list[tuple[Request, tuple]] = []
+            self._drop_finished(out)
+            self._admit(out)
+            self._step(out)
+            if out:
+                self._send(out)
+        self._fail_all("the server is shutting down", 503)
+
+    def _send(self, out: list[tuple[Request, tuple]]) -> None:
+        loops: dict[Any, list] = {}
+        for req, event in out:
+            loops.setdefault(req.loop, []).append((req, event))
+        for loop, events in loops.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening
+                loop.call_soon_threadsafe(emit, events)
+
+    def _drop_finished(self, out: list) -> None:
+        """Free the rows of cancelled and expired requests; expire waiting ones too."""
+        now = time.monotonic()
+        for row, req in list(self.running.items()):
+            if req.cancelled or now > req.deadline:
+                self._finish(row, req, out, None if req.cancelled else "timeout")
+        with self.wake:
+            keep = collections.deque()
+            for req in self.waiting:
+                if req.cancelled:
+                    self.metrics.finished(req, "cancelled")
+                elif now > req.deadline:
+                    out.append((req, ("error", 504, "the request timed out in the queue")))
+                    self.metrics.finished(req, "timeout")
+                else:
+                    keep.append(req)
+            self.waiting = keep
+
+    def _finish(self, row: int, req: Request, out: list, reason: str | None) -> None:
+        """The row leaves; reason None: cancelled (nobody to tell), else the finish event."""
+        self.batch.free(row)
+        del self.running[row]
+        if reason == "timeout":
+            out.append((req, ("error", 504, "the request timed out")))
+        elif reason is not None:
+            out.append((req, ("done", reason)))
+        self.metrics.finished(req, reason or ("stop" if req.stopped_by_text else "cancelled"))
+
+    def _take(self) -> list[Request]:
+        """Waiting requests that fit the free rows and this step's prefill budget."""
+        taken, tokens = [], 0
+        with self.wake:
+            while self.waiting and len(taken) < len(self.batch.free_rows):
+                n = len(self.waiting[0].prompt_ids)
+                if taken and tokens + n > PREFILL_TOKENS:
+                    break
+                taken.append(self.waiting.popleft())
+                tokens += n
+        return taken
+
+    def _admit(self, out: list) -> None:
+        for group in prefill_groups(self._take(), self.batch.max_len):
+            try:
+                rows, firsts = self.batch.add([r.prompt_ids for r in group], group[0].adapter,
+                                              [r.sampling for r in group])
+            except Exception as exc:  # this group fails with a 500; the others go on
+                for req in group:
+                    out.append((req, ("error", 500, f"engine error: {type(exc).__name__}: "
+                                                    f"{exc}"[:300])))
+                    self.metrics.finished(req, "error")
+                continue
+            now = time.monotonic()
+            for row, first, req in zip(rows, firsts, group, strict=True):
+                self.running[row] = req
+                req.first_token_at = now
+                self.metrics.first_token(req, now - req.arrived)
+                self._token(row, req, first, out)
+
+    def _token(self, row: int, req: Request, token: int, out: list) -> None:
+        """Pass a token on; finish the row on a stop token, max_tokens or a full cache row."""
+        req.generated += 1
+        self.metrics.tokens(req.model, 1)
+        if token in self.stop_ids:
+            out.append((req, ("tokens", [token])))
+            self._finish(row, req, out, "stop")
+            return
+        out.append((req, ("tokens", [token])))
+        if req.generated >= req.max_tokens or self.batch.room(row) <= 0:
+            self._finish(row, req, out, "length")
+
+    def _step(self, out: list) -> None:
+        if not self.running:
+            return
+        started = time.perf_counter()
+        try:
+            tokens = self.batch.step()
+        except Exception as exc:  # fail the running requests with a 500, keep serving
+            message = f"engine error: {type(exc).__name__}: {exc}"[:300]
+            for row, req in list(self.running.items()):
+                self.batch.free(row)
+                del self.running[row]
+                out.append((req, ("error", 500, message)))
+                self.metrics.finished(req, "error")
+            return
+        self.metrics.step(len(tokens), time.perf_counter() - started)
+        for row, token in tokens.items():
+            req = self.running.get(row)
+            if req is not None:
+                self._token(row, req, token, out)
+
+    def fail_adapter(self, adapter: int, message: str) -> None:
+        """Fail the requests of an adapter being unloaded (409); scheduler thread only."""
+        out: list[tuple[Request, tuple]] = []
+        for row, req in list(self.running.items()):
+            if req.adapter == adapter:
+                self.batch.free(row)
+                del self.running[row]
+                out.append((req, ("error", 409, message)))
+                self.metrics.finished(req, "unloaded")
+        with self.wake:
+            for req in [r for r in self.waiting if r.adapter == adapter]:
+                self.waiting.remove(req)
+                out.append((req, ("error", 409, message)))
+                self.metrics.finished(req, "unloaded")
+        self._send(out)
+
+    def _fail_all(self, message: str, status: int) -> None:
+        out = []
+        for row, req in list(self.running.items()):
+            self.batch.free(row)
+            out.append((req, ("error", status, message)))
+        self.running.clear()
+        for req in self.waiting:
+            out.append((req, ("error", status, message)))
+        self.waiting.clear()
+        self._send(out)
+
+
+def prefill_groups(requests: list[Request], max_len: int) -> list[list[Request]]:
+    """Requests grouped for one prefill each: same adapter, lengths within GROUP_SPREAD of the
+    group's shortest, and every row's tokens still fit the cache after padding."""
+    groups: list[list[Request]] = []
+    by_adapter: dict[int, list[Request]] = {}
+    for req in requests:
+        by_adapter.setdefault(req.adapter, []).append(req)
+    for reqs in by_adapter.values():
+        reqs.sort(key=lambda r: len(r.prompt_ids))
+        group: list[Request] = []
+        for req in reqs:
+            width = len(req.prompt_ids)
+            fits = group and width <= GROUP_SPREAD * len(group[0].prompt_ids) and all(
+                width + r.max_tokens <= max_len for r in [*group, req])
+            if group and not fits:
+                groups.append(group)
+                group = []
+            group.append(req)
+        if group:
+            groups.append(group)
+    return groups
