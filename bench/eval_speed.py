@@ -22,8 +22,7 @@ import time
 
 import torch
 
-from loralab.engine import api as gen
-from loralab.engine.api import GenSettings, generate_ids
+from loralab.engine import GenSettings, generate
 from loralab.io import git_commit, versions
 
 QWEN7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
@@ -39,6 +38,7 @@ SYSTEM_PREFIX = [151644, 8948, 198, 44063, 87752, 108704, 101892, 10904, 92894, 
                  100386, 102206, 5373, 114964, 5373, 99346, 104144, 10958, 105151, 103517, 26381,
                  71817, 102802, 26381, 110683, 151645, 198, 151644, 872, 198]
 ASSISTANT_TURN = [151645, 198, 151644, 77091, 198]
+ENGINE: dict = {}  # what the engine did in the last engine_run (GenStats.engine_dict)
 
 
 def chat_frame() -> tuple[list[int], list[int]]:
@@ -120,7 +120,7 @@ def hf_batch(model, prompts, new: int, **kw) -> int:
 
 
 def _hf_raw(model, prompts, new, **kw):
-    from loralab.engine.api import left_pad
+    from loralab.engine.kv_cache import left_pad
 
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, PAD, device)
@@ -131,18 +131,21 @@ def _hf_raw(model, prompts, new, **kw):
 
 
 def forced(new: int, batch: int, compile_: bool = False, **kw) -> GenSettings:
-    """Settings that generate exactly `new` tokens per prompt (no early stop)."""
+    """Settings that generate exactly `new` tokens per prompt (no early stop) with the static
+    engine, for token id prompts (no tokenizer here)."""
     return GenSettings(max_new_tokens=new, min_new_tokens=new, batch_size=batch,
-                       compile=compile_, **kw)
+                       compile=compile_, engine="static", stop_ids=tuple(STOPS), pad_id=PAD,
+                       **kw)
 
 
 def engine_run(model, prompts, new: int, batch: int, graph=True, compile_=False,
                shared=True, chunks=3, fast=True, lora=None) -> int:
-    gen.LAST_RUN.update(cuda_graph=False, graph_error=None, capture_seconds=None)
     settings = forced(new, batch, compile_, cuda_graph=graph, shared_prefix=shared,
                       prefill_chunks=chunks, fast_forward=fast)
-    outs = generate_ids(model, prompts, settings, STOPS, PAD, "static", lora=lora)
-    return sum(len(o) for o in outs)
+    _, stats = generate(model, None, prompts, settings, lora)
+    ENGINE.clear()
+    ENGINE.update(stats.engine_dict())
+    return stats.new_tokens
 
 
 def main() -> None:
@@ -184,9 +187,7 @@ def main() -> None:
         row = {"name": name, "seconds": round(seconds, 3), "new_tokens": tokens,
                "new_tokens_per_s": round(tokens / seconds, 1), **extra}
         if name.startswith(("loralab_engine", "k", "lone")):
-            row.update({k: gen.LAST_RUN.get(k) for k in ("cuda_graph", "graph_error",
-                                                     "shared_prefix", "fast_forward",
-                                                     "capture_seconds")})
+            row.update(ENGINE)
         return save(row)
 
     def save(row: dict) -> dict:
@@ -260,9 +261,8 @@ def engine_rows(model, prompts, random_prompts, args, device, record, median_of)
 def agreement(model, prompts, args, record) -> None:
     """How often loralab's forward picks the same greedy token as transformers' (bf16 GEMMs of
     other shapes round differently, so near-ties can flip and a row then goes its own way)."""
-    settings = dict(max_new_tokens=args.new, min_new_tokens=args.new, batch_size=len(prompts))
-    outs = [generate_ids(model, prompts, GenSettings(**settings, fast_forward=f), STOPS, PAD,
-                         "static") for f in (True, False)]
+    outs = [[g.ids for g in generate(model, None, prompts, forced(
+        args.new, len(prompts), fast_forward=f))[0]] for f in (True, False)]
     first = [a[0] == b[0] for a, b in zip(*outs, strict=True)]
     same = [a == b for a, b in zip(*outs, strict=True)]
     prefix = [next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
@@ -294,8 +294,7 @@ def k_adapters(model, prompts, args, device, record):
     import tempfile
     from pathlib import Path
 
-    from loralab.engine.adapters import AdapterSource, attached_adapter
-    from loralab.engine.lora_weights import read_lora
+    from loralab.engine import AdapterSource, attached_adapter, read_lora
 
     names = [f"a{i}" for i in range(args.adapters)]
     for i, n in enumerate(names[1:], 2):
@@ -324,16 +323,15 @@ def k_adapters(model, prompts, args, device, record):
         """Adapters applied unmerged, `per_batch` of them sharing each batch: all K (the decode
         reads the base weights once per step for all, eval.adapter_batch) or 1 (no fold while
         copying, a low-rank update per projection group instead)."""
-        from loralab.engine.api import generate_ids_for_adapters
-
         source = AdapterSource(base, paths, GenSettings(max_new_tokens=args.new))
         loras = [source.tensors(i)[0] for i in range(len(paths))]
         source.close()
         total = 0
         for start in range(0, len(loras), per_batch):
-            outs = generate_ids_for_adapters(base, prompts, forced(args.new, full, compile_),
-                                             STOPS, PAD, loras[start : start + per_batch])
-            total += sum(len(o) for per_adapter in outs for o in per_adapter)
+            _, stats = generate(base, None, prompts, forced(args.new, full, compile_),
+                                loras[start : start + per_batch])
+            ENGINE.update(stats.engine_dict())
+            total += stats.new_tokens
         return total
 
     def peft_way() -> int:

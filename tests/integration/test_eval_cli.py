@@ -136,12 +136,16 @@ def test_adapters_that_do_not_fit_one_batch_go_one_at_a_time(trained_run, tmp_pa
                                                              monkeypatch):
     import torch
 
-    from loralab.engine import api as generate
+    from loralab.engine import api
 
-    def out_of_memory(*args, **kwargs):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+    real_generate = api.generate
 
-    monkeypatch.setattr(generate, "generate_texts_for_adapters", out_of_memory)
+    def out_of_memory(model, tokenizer, prompts, settings, adapters=None, **kwargs):
+        if isinstance(adapters, list):  # K adapters sharing a batch: simulate no room
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_generate(model, tokenizer, prompts, settings, adapters, **kwargs)
+
+    monkeypatch.setattr(api, "generate", out_of_memory)
     other = tmp_path / "other"
     shutil.copytree(trained_run, other, ignore=shutil.ignore_patterns("eval"))
     assert main(["eval", "--adapters", str(trained_run), str(other), "--limit", "2",

@@ -15,6 +15,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from loralab.engine.fast_forward import unavailable
+from loralab.engine.forward import core_model, pick_engine
+from loralab.engine.lora_weights import (
+    LoraPrefetch,
+    LoraWeights,
+    check_adapter_file,
+    lora_for_model,
+)
 from loralab.errors import UserError
 
 FOLDED = "folded into loralab's forward"
@@ -24,11 +32,6 @@ class AdapterSource:
     """Yields, per adapter, what to generate with: (model, lora tensors or None, how)."""
 
     def __init__(self, model: Any, paths: list[Path], settings: Any) -> None:
-        from loralab.engine.api import pick_engine
-        from loralab.engine.decode import core_model
-        from loralab.engine.fast_forward import unavailable
-        from loralab.engine.lora_weights import LoraPrefetch, check_adapter_file
-
         for path in paths:  # every adapter's file, before the first one is generated with
             check_adapter_file(path)
         self.model, self.lm = model, core_model(model)
@@ -39,14 +42,13 @@ class AdapterSource:
         self.prefetch = LoraPrefetch(paths, weight.dtype, pin=weight.device.type == "cuda") \
             if self.reason is None and paths else None
 
-    def tensors(self, index: int) -> tuple[dict[str, Any] | None, str | None]:
+    def tensors(self, index: int) -> tuple[LoraWeights | None, str | None]:
         """(adapter `index` as tensors on the model's device, None) or (None, why not)."""
-        from loralab.engine.lora_weights import lora_for_model
-
         if self.prefetch is None:
             return None, self.reason
         loaded, reason = self.prefetch.get(index)
-        return lora_for_model(loaded, self.lm) if loaded else (None, reason)
+        return lora_for_model(loaded, self.lm, self.prefetch.paths[index]) if loaded \
+            else (None, reason)
 
     @contextmanager
     def on_base(self, index: int, path: Path, merge: bool, fetched: tuple | None = None):
@@ -75,7 +77,6 @@ class attached_adapter:  # noqa: N801 - used as a context manager, reads like on
     def __enter__(self) -> Any:
         from peft import PeftModel
 
-        from loralab.engine.lora_weights import check_adapter_file
         from loralab.model.quiet import quiet_hf
 
         check_adapter_file(self.path)

@@ -1,8 +1,9 @@
-"""Batched generation for evaluation: left padding, greedy by default, stop at end-of-turn.
+"""`generate`: the engine's one entry point, for 0, 1 or K adapters.
 
-Two engines behind one function, `generate_texts`:
+Two engines behind it (settings.engine, `forward.pick_engine`):
 - `static` (greedy): loralab's own loop over a preallocated KV cache with explicit masks, its
-  decode step replayed as a CUDA graph on CUDA (`loralab.engine.decode`).
+  decode step replayed as a CUDA graph on CUDA (`decode.static_generate`), on loralab's forward
+  where the model allows it (`fast_forward`), else transformers'.
 - `hf`: transformers' `generate` (sampling, attention kernels the static loop cannot drive);
   static cache on CUDA, dynamic cache on CPU.
 Prompts are sorted by length before batching so a batch pads little. A generation that never
@@ -12,59 +13,70 @@ stops is cut at max_new_tokens and reported as not finished.
 from __future__ import annotations
 
 import time
-import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
-from loralab.engine.decode import (  # re-exported: tests and benchmarks import them here
-    CHECK_EVERY,
-    LAST_RUN,
-    MIN_SHARED_PREFIX,
-    StaticKV,
-    common_prefix_length,
-    core_model,
-    grouped_decode_attention,
-    left_pad,
-    make_forward,
-    row_groups,
-    static_generate,
-)
-from loralab.engine.settings import GenSettings
-from loralab.errors import UserError
+from loralab.engine.decode import hf_generate, static_generate
+from loralab.engine.forward import make_forward, pick_engine
+from loralab.engine.lora_weights import LoraWeights
+from loralab.engine.settings import GenSettings, GenStats
 
-__all__ = [
-    "CHECK_EVERY", "ENGINES", "LAST_RUN", "MIN_SHARED_PREFIX", "GenSettings", "GenStats",
-    "Generation", "StaticKV", "common_prefix_length", "cut_at_stop", "default_max_new_tokens",
-    "generate_ids", "generate_ids_for_adapters", "generate_texts",
-    "generate_texts_for_adapters", "grouped_decode_attention", "hf_generate", "left_pad",
-    "length_batches", "make_forward", "pick_engine", "row_groups", "static_generate", "stop_token_ids",
-]
-
-ENGINES = ("auto", "static", "hf")
+Prompts = Union[Sequence[str], Sequence[Sequence[int]]]  # noqa: UP007 - a runtime alias
 
 
 @dataclass
 class Generation:
-    """One record's output."""
+    """One prompt's output."""
 
-    text: str
+    text: str  # decoded without special tokens ("" when generate was given no tokenizer)
     new_tokens: int  # tokens generated up to and including the stop token
     finished: bool  # stopped by itself before max_new_tokens
+    ids: list[int] = field(default_factory=list)  # those tokens' ids
 
 
-@dataclass
-class GenStats:
-    new_tokens: int
-    seconds: float
-    engine: str
-    # What the static engine did in this call (cuda_graph, graph_error, fast_forward,
-    # shared_prefix, ...): returned with the generations, read by eval's metrics.json.
-    engine_run: dict[str, Any] = field(default_factory=dict)
+def generate(model: Any, tokenizer: Any, prompts: Prompts, settings: GenSettings,
+             adapters: LoraWeights | list[LoraWeights] | None = None,
+             stream: Callable[[str], None] | None = None) -> tuple[Any, GenStats]:
+    """Generate for every prompt; (results in prompt order, what the call did).
 
-    def as_dict(self) -> dict[str, Any]:
-        rate = self.new_tokens / self.seconds if self.seconds > 0 else None
-        return {"new_tokens": self.new_tokens, "seconds": round(self.seconds, 3),
-                "tokens_per_s": rate, "engine": self.engine}
+    `prompts`: chat-rendered texts (tokenized without special tokens) or token id lists.
+    `tokenizer`: decodes the results and gives the stop and pad ids; may be None for token id
+    prompts when settings.stop_ids is set (results then have no text).
+    `adapters`: None (the model as it is, PEFT adapters attached included); one LoraWeights,
+    folded into loralab's forward; or a list of K, whose rows share every batch (unmerged) so a
+    decode step reads the base weights once for all of them. Adapters need the static engine
+    and loralab's forward (`AdapterSource` reads them only then).
+    `stream`: called with each piece of text as it is decoded, for one prompt (chat); runs
+    transformers' generate.
+    Results: [Generation] per prompt; for a list of adapters, one such list per adapter.
+    """
+    if adapters == []:
+        return [], GenStats("static")
+    engine = "static" if isinstance(adapters, list) else pick_engine(model, settings)
+    if adapters is not None and (engine != "static" or stream is not None):
+        raise ValueError("adapters read as tensors need the static engine (engine=hf given)")
+    if stream is not None and (len(prompts) != 1 or tokenizer is None):
+        raise ValueError("stream needs one prompt and a tokenizer")
+    stop_ids, pad_id = _stop_and_pad(tokenizer, model, settings)
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] if isinstance(p, str)
+                  else list(p) for p in prompts]
+    stats = GenStats(engine)
+    device = next(model.parameters()).device
+    _sync(device)
+    started = time.perf_counter()
+    if stream is not None:
+        stats.engine = "hf"
+        outs = [_streamed(model, tokenizer, prompt_ids, settings, stop_ids, pad_id, stream)]
+    else:
+        outs = _generate_ids(model, prompt_ids, settings, stop_ids, pad_id, engine, adapters,
+                             stats)
+    _sync(device)
+    stats.seconds = time.perf_counter() - started
+    results = [[_generation(tokenizer, o, stop_ids, settings) for o in per_adapter]
+               for per_adapter in outs]
+    stats.new_tokens = sum(g.new_tokens for per_adapter in results for g in per_adapter)
+    return (results if isinstance(adapters, list) else results[0]), stats
 
 
 def stop_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
@@ -94,117 +106,74 @@ def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def cut_at_stop(ids: list[int], stop_ids: list[int], limit: int) -> tuple[list[int], bool]:
-    """(tokens up to the first stop token, inclusive; whether a stop token came within limit)."""
+def cut_at_stop(ids: list[int], stop_ids: list[int], limit: int,
+                min_tokens: int = 0) -> tuple[list[int], bool]:
+    """(tokens up to the first stop token at or after `min_tokens`, inclusive; whether a stop
+    token came within limit)."""
     stops = set(stop_ids)
-    for i, token in enumerate(ids[:limit]):
-        if token in stops:
+    for i in range(min_tokens, min(limit, len(ids))):
+        if ids[i] in stops:
             return ids[: i + 1], True
     return ids[:limit], False
 
 
-def pick_engine(model: Any, settings: GenSettings) -> str:
-    if settings.engine not in ENGINES:
-        raise UserError(f"generation engine must be one of {', '.join(ENGINES)}")
-    if settings.engine != "auto":
-        if settings.engine == "static" and settings.do_sample:
-            raise UserError("the static engine is greedy only: use engine=hf to sample")
-        return settings.engine
-    attn = getattr(core_model(model).config, "_attn_implementation", "sdpa")
-    return "static" if not settings.do_sample and attn in ("sdpa", "eager") else "hf"
+def _stop_and_pad(tokenizer: Any, model: Any, settings: GenSettings) -> tuple[list[int], int]:
+    if not settings.stop_ids and tokenizer is None:
+        raise ValueError("generate without a tokenizer needs settings.stop_ids")
+    stop_ids = list(settings.stop_ids) or stop_token_ids(tokenizer, model)
+    if settings.pad_id is not None:
+        return stop_ids, settings.pad_id
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    return stop_ids, pad_id if pad_id is not None else stop_ids[0]
 
 
-def generate_texts(
-    model: Any, tokenizer: Any, prompts: list[str], settings: GenSettings,
-    lora: dict[str, Any] | None = None,
-) -> tuple[list[Generation], GenStats]:
-    """Generate for every prompt (chat-rendered text); results in prompt order."""
-    engine = pick_engine(model, settings)
-    outs, seconds, stop_ids = _timed(model, tokenizer, prompts, lambda ids, stop, pad: (
-        generate_ids(model, ids, settings, stop, pad, engine, lora)))
-    return _decoded(tokenizer, outs, stop_ids, settings, seconds, engine, dict(LAST_RUN))
+def _generation(tokenizer: Any, out: list[int], stop_ids: list[int],
+                settings: GenSettings) -> Generation:
+    kept, finished = cut_at_stop(out, stop_ids, settings.max_new_tokens, settings.min_new_tokens)
+    text = tokenizer.decode(kept, skip_special_tokens=True) if tokenizer is not None else ""
+    return Generation(text, len(kept), finished, kept)
 
 
-def generate_texts_for_adapters(
-    model: Any, tokenizer: Any, prompts: list[str], settings: GenSettings,
-    loras: list[dict[str, Any]],
-) -> list[tuple[list[Generation], GenStats]]:
-    """generate_texts for K adapters (read by lora_file) at once, their rows sharing every batch
-    so each decode step reads the base weights once for all of them. Each adapter's seconds
-    are the batch's seconds / K."""
-    if not loras:
-        return []
-    outs, seconds, stop_ids = _timed(model, tokenizer, prompts, lambda ids, stop, pad: (
-        generate_ids_for_adapters(model, ids, settings, stop, pad, loras)))
-    share = seconds / len(loras)
-    run = dict(LAST_RUN)
-    return [_decoded(tokenizer, o, stop_ids, settings, share, "static", run) for o in outs]
-
-
-def _timed(model: Any, tokenizer: Any, prompts: list[str], generate: Any):
-    """(generate(prompt ids, stop ids, pad id), its seconds between device syncs, stop ids)."""
-    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    stop_ids = stop_token_ids(tokenizer, model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    device = next(model.parameters()).device
-    LAST_RUN.update(cuda_graph=False, graph_error=None)
-    _sync(device)
-    started = time.perf_counter()
-    outs = generate(prompt_ids, stop_ids, pad_id)
-    _sync(device)
-    return outs, time.perf_counter() - started, stop_ids
-
-
-def _decoded(tokenizer: Any, outs: list[list[int]], stop_ids: list[int], settings: GenSettings,
-             seconds: float, engine: str, engine_run: dict[str, Any]
-             ) -> tuple[list[Generation], GenStats]:
-    results = []
-    for out in outs:
-        kept, finished = cut_at_stop(out, stop_ids, settings.max_new_tokens)
-        results.append(Generation(tokenizer.decode(kept, skip_special_tokens=True), len(kept),
-                                  finished))
-    return results, GenStats(sum(r.new_tokens for r in results), seconds, engine, engine_run)
-
-
-def generate_ids(model: Any, prompt_ids: list[list[int]], settings: GenSettings,
-                 stop_ids: list[int], pad_id: int, engine: str = "static",
-                 lora: dict[str, Any] | None = None) -> list[list[int]]:
-    """New token ids (uncut) per prompt, in prompt order, batched by length. `lora`: an
-    adapter read by lora_file.read_lora, folded into the static engine's fast forward."""
-    import torch
-
-    if engine == "static":
-        return _static_by_length(model, prompt_ids, settings, stop_ids, pad_id, lora)[0]
-    with torch.inference_mode():
-        return _by_length(prompt_ids, settings, 1, lambda ids: hf_generate(
-            model, ids, settings, stop_ids, pad_id))[0]
-
-
-def generate_ids_for_adapters(model: Any, prompt_ids: list[list[int]], settings: GenSettings,
-                              stop_ids: list[int], pad_id: int,
-                              loras: list[dict[str, Any]]) -> list[list[list[int]]]:
-    """New token ids per adapter, per prompt (prompt order): generate_ids with K adapters'
-    rows in every batch (the static engine on loralab's forward only)."""
-    return _static_by_length(model, prompt_ids, settings, stop_ids, pad_id, list(loras))
-
-
-def _static_by_length(model, prompt_ids, settings, stop_ids, pad_id, lora):
-    """The static engine over length batches, one forward (weight copy) for all of them."""
+def _generate_ids(model: Any, prompt_ids: list[list[int]], settings: GenSettings,
+                  stop_ids: list[int], pad_id: int, engine: str,
+                  adapters: LoraWeights | list[LoraWeights] | None,
+                  stats: GenStats) -> list[list[list[int]]]:
+    """New token ids (uncut): [adapter][prompt], prompt order, batched by length; one forward
+    (one weight copy) for every batch of the call."""
     import torch
 
     with torch.inference_mode():
-        forward = make_forward(model, settings, lora)
+        if engine != "static":
+            return _by_length(prompt_ids, settings, 1, lambda ids: hf_generate(
+                model, ids, settings, stop_ids, pad_id))
+        forward = make_forward(model, settings, adapters, stats)
         return _by_length(prompt_ids, settings, forward.copies, lambda ids: static_generate(
-            model, ids, settings, stop_ids, pad_id, forward))
+            model, ids, settings, stop_ids, pad_id, forward, stats))
+
+
+def _streamed(model: Any, tokenizer: Any, prompt_ids: list[list[int]], settings: GenSettings,
+              stop_ids: list[int], pad_id: int, stream: Callable[[str], None]) -> list[list[int]]:
+    """transformers' generate for one prompt, its text handed to `stream` as it comes."""
+    import torch
+    from transformers import TextStreamer
+
+    class _Streamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if text:
+                stream(text)
+
+    streamer = _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    with torch.inference_mode():
+        return hf_generate(model, prompt_ids, settings, stop_ids, pad_id, streamer)
 
 
 def _by_length(prompt_ids: list[list[int]], settings: GenSettings, copies: int,
-               generate: Any) -> list[list[list[int]]]:
-    """generate(ids of a length batch) per batch, its rows (`copies` adapter-major blocks of
-    the batch) put back in prompt order: [copy][prompt] -> new token ids."""
+               generate_batch: Any) -> list[list[list[int]]]:
+    """generate_batch(ids of a length batch) per batch, its rows (`copies` adapter-major blocks
+    of the batch) put back in prompt order: [copy][prompt] -> new token ids."""
     results: list[list[list[int]]] = [[[] for _ in prompt_ids] for _ in range(copies)]
     for batch in length_batches([len(p) for p in prompt_ids], settings.batch_size):
-        outs = generate([prompt_ids[i] for i in batch])
+        outs = generate_batch([prompt_ids[i] for i in batch])
         for k, per_copy in enumerate(results):
             for j, i in enumerate(batch):
                 per_copy[i] = outs[k * len(batch) + j]
@@ -218,31 +187,10 @@ def _sync(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
-# ---------------------------------------------------------------- transformers' generate
-
-
-def hf_generate(
-    model: Any, ids: list[list[int]], settings: GenSettings, stop_ids: list[int], pad_id: int
-) -> list[list[int]]:
-    """New token ids per prompt through `model.generate` (explicit settings: no model defaults
-    such as Qwen's repetition_penalty or sampling leak into a greedy evaluation)."""
-    import torch
-
-    device = next(model.parameters()).device
-    input_ids, mask = left_pad(ids, pad_id, device)
-    kwargs: dict[str, Any] = dict(
-        max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens,
-        do_sample=settings.do_sample, eos_token_id=stop_ids, pad_token_id=pad_id,
-        repetition_penalty=1.0, use_cache=True,
-    )
-    if settings.do_sample:
-        torch.manual_seed(settings.seed)
-        kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
-    else:
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    if device.type == "cuda":
-        kwargs["cache_implementation"] = "static"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
-    return [row.tolist() for row in out[:, input_ids.shape[1] :]]
+def generate_ids(model: Any, prompt_ids: list[list[int]], settings: GenSettings,
+                 stop_ids: list[int], pad_id: int, engine: str = "static",
+                 lora: LoraWeights | None = None) -> list[list[int]]:
+    """Uncut new token ids per prompt. Only for tests/unit/engine/test_continuous.py, written
+    against the move commit: remove once it calls `generate` (settings.stop_ids, pad_id)."""
+    return _generate_ids(model, prompt_ids, settings, stop_ids, pad_id, engine, lora,
+                         GenStats(engine))[0]

@@ -1,12 +1,13 @@
-"""The static greedy engine: loralab's own decode loop over a preallocated KV cache.
+"""The decode loops: loralab's static greedy loop over a preallocated KV cache, and
+transformers' `generate` (sampling, attention kernels the static loop cannot drive).
 
-Its decode step touches no Python state that changes between tokens, so on CUDA it is captured
-once per batch in a CUDA graph and replayed: one launch per token instead of ~1,000 kernel
-launches from Python, which is where HF `generate` spends most of a 7B decode step. Prefill skips
-work every prompt shares: the common token prefix (system prompt and chat template) is computed
-once and its keys/values copied into every row, and the suffixes are prefilled in a few
-length-sorted row groups, each padded only to its own longest. Decode attention for
-grouped-query models reads the cache without repeating K/V per query head.
+The static loop's decode step touches no Python state that changes between tokens, so on CUDA
+it is captured once per batch in a CUDA graph and replayed: one launch per token instead of
+~1,000 kernel launches from Python, which is where HF `generate` spends most of a 7B decode
+step. Prefill skips work every prompt shares: the common token prefix (system prompt and chat
+template) is computed once and its keys/values copied into every row, and the suffixes are
+prefilled in a few length-sorted row groups, each padded only to its own longest. Decode
+attention for grouped-query models reads the cache without repeating K/V per query head.
 """
 
 from __future__ import annotations
@@ -16,196 +17,22 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from loralab.engine.settings import GenSettings
+from loralab.engine.forward import core_model, decode_attention
+from loralab.engine.kv_cache import StaticKV, additive_mask, left_pad
+from loralab.engine.settings import GenSettings, GenStats
 
 CHECK_EVERY = 8  # decode steps between checks whether every sequence has stopped (one sync)
-# What the last static run did (benchmarks and metrics.json report it).
-LAST_RUN: dict[str, Any] = {"cuda_graph": False, "graph_error": None, "shared_prefix": 0,
-                            "fast_forward": None}
 MIN_SHARED_PREFIX = 4  # a shorter common prefix is not worth its own forward
 
 
-def core_model(model: Any) -> Any:
-    """The transformers model inside a PeftModel (LoRA layers live in its modules)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-
-
-def left_pad(ids: list[list[int]], pad_id: int, device: Any):
-    """(input ids, attention mask) of `ids` left-padded with `pad_id` to the longest."""
-    import torch
-
-    width = max(len(x) for x in ids)
-    input_ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in ids], device=device)
-    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
-    return input_ids, mask
-
-
-def _cache_base():
-    from transformers.cache_utils import Cache
-
-    return Cache
-
-
-class StaticKV(_cache_base()):
-    """Preallocated keys/values of every layer, written at a device-side offset.
-
-    The offset lives in a tensor so the decode step is the same code every token (graph-safe);
-    it advances once per forward, after all layers wrote (`advance`).
-    """
-
-    is_compileable = True
-
-    def __init__(self, config: Any, batch: int, max_len: int, dtype: Any, device: Any) -> None:
-        import torch
-
-        # Cache.__init__ differs across transformers versions; this class needs none of it.
-        heads = config.num_key_value_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        shape = (batch, heads, max_len, head_dim)
-        n = config.num_hidden_layers
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)]
-        self.offset = torch.zeros((), dtype=torch.long, device=device)
-        self.steps = torch.arange(max_len, device=device)
-        self.layers = []
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        where = self.offset + self.steps[: key_states.shape[2]]
-        self.keys[layer_idx].index_copy_(2, where, key_states.to(self.keys[layer_idx].dtype))
-        self.values[layer_idx].index_copy_(2, where, value_states.to(self.values[layer_idx].dtype))
-        return self.keys[layer_idx], self.values[layer_idx]
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0  # positions and masks are always given explicitly
-
-    def advance(self, n: int) -> None:
-        self.offset.add_(n)
-
-
-def _additive(valid, dtype):
-    """Boolean 'may attend' → additive mask (finite minimum: a fully masked row stays finite)."""
-    import torch
-
-    zero = torch.zeros((), dtype=dtype, device=valid.device)
-    return torch.where(valid, zero, torch.finfo(dtype).min)
-
-
-def _cache_kwarg(lm: Any) -> str:
-    """transformers renamed `past_key_values` to `cache` (5.2x); use what this version takes."""
-    import inspect
-
-    params = inspect.signature(lm.model.forward).parameters if hasattr(lm, "model") else {}
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _forward(lm: Any, input_ids, position_ids, mask, cache, cache_kwarg: str):
-    # Models with per-layer-type masks (Qwen2's has_sliding_layers) take them as a mapping;
-    # the others (Llama, Mistral) take a 4-D mask, which transformers uses as given.
-    masks = {"full_attention": mask, "sliding_attention": mask} \
-        if hasattr(getattr(lm, "model", None), "has_sliding_layers") else mask
-    out = lm(input_ids=input_ids, position_ids=position_ids, attention_mask=masks,
-             use_cache=True, logits_to_keep=1, **{cache_kwarg: cache})
-    return out.logits[:, -1]
-
-
-def grouped_decode_attention(module, query, key, value, attention_mask, dropout=0.0,
-                             scaling=None, **kwargs):
-    """One-token attention for grouped-query models without copying K/V per query head.
-
-    transformers' SDPA path repeats every K/V head for its query heads whenever a mask is given
-    (7× the cache of Qwen2.5-7B read and written per layer and token): the largest cost of a
-    decode step once launches are gone. Longer queries (prefill) use the SDPA path.
-    """
-    import torch
-
-    if query.shape[2] != 1:
-        return _SDPA["forward"](module, query, key, value, attention_mask, dropout=dropout,
-                                scaling=scaling, **kwargs)
-    batch, heads, _, dim = query.shape
-    kv_heads, length = key.shape[1], key.shape[2]
-    scale = scaling if scaling is not None else dim ** -0.5
-    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)
-    scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * scale
-    if attention_mask is not None:
-        scores = scores + attention_mask[:, :, :, :length].float()  # [batch, 1, 1, length]
-    probs = torch.softmax(scores, dim=-1).to(value.dtype)
-    out = torch.matmul(probs, value)  # [batch, kv_heads, group, dim]
-    return out.reshape(batch, 1, heads, dim), None
-
-
-_SDPA: dict[str, Any] = {}
-
-
-class _decode_attention:  # noqa: N801 - a context manager
-    """Route transformers' 'sdpa' attention through grouped_decode_attention while inside."""
-
-    def __enter__(self) -> None:
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-        self.table = ALL_ATTENTION_FUNCTIONS
-        self.had_local = "sdpa" in getattr(self.table, "_local_mapping", {})
-        self.previous = self.table["sdpa"]
-        _SDPA["forward"] = self.previous
-        self.table["sdpa"] = grouped_decode_attention
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.had_local:
-            self.table["sdpa"] = self.previous
-        else:
-            del self.table["sdpa"]
-
-
-def static_generate(
-    model: Any, ids: list[list[int]], settings: GenSettings, stop_ids: list[int], pad_id: int,
-    forward: Any = None,
-) -> list[list[int]]:
-    """Greedy new token ids per prompt (always max_new_tokens of them unless all stopped).
-    `forward`: from make_forward, shared by the batches of one call (built here if None)."""
-    forward = forward or make_forward(model, settings)
-    with _decode_attention():
-        return _static_generate(model, ids, settings, stop_ids, pad_id, forward)
-
-
-class HFForward:
-    """prefill/decode through transformers' own forward (any model the engine accepts)."""
-
-    copies = 1  # one adapter (or none) per row: several adapters per batch need FastForward
-
-    def __init__(self, lm: Any, compile_decode: bool = False) -> None:
-        import torch
-
-        self.lm, self.kwarg = lm, _cache_kwarg(lm)
-        self.step = torch.compile(_forward, dynamic=False) if compile_decode else _forward
-
-    def prefill(self, cache: StaticKV, input_ids, positions, mask, write, read, adapter=0):
-        writer = _PrefillWriter(cache, write, read)
-        return _forward(self.lm, input_ids, positions, mask, writer, self.kwarg)
-
-    def decode(self, cache: StaticKV, token, position, mask):
-        return self.step(self.lm, token, position, mask, cache, self.kwarg)
-
-
-def make_forward(model: Any, settings: GenSettings,
-                 lora: dict[str, Any] | list[dict[str, Any]] | None = None):
-    """loralab's FastForward (with `lora` folded in, or a list of adapters sharing the batch)
-    where the model and memory allow it, else HFForward; LAST_RUN["fast_forward"] is True or
-    the reason it was not used."""
-    from loralab.engine.fast_forward import FastForward, unavailable, why_not
-
-    lm = core_model(model)
-    # With adapters read as tensors the memory was judged when they were read (AdapterSource);
-    # judging it again here, with their factors now on the GPU, could only refuse them late.
-    check = why_not if lora is not None else unavailable
-    reason = check(lm) if settings.fast_forward else "off (fast_forward=False)"
-    LAST_RUN["fast_forward"] = reason or True
-    if lora is not None and reason:
-        raise RuntimeError(f"an adapter read as tensors needs the fast forward: {reason}")
-    compile_decode = settings.compile and lm.lm_head.weight.device.type == "cuda"
-    if reason is None:
-        return FastForward(lm, lora, compile_=compile_decode)
-    return HFForward(lm, compile_decode=compile_decode)
+def static_generate(model: Any, ids: list[list[int]], settings: GenSettings,
+                    stop_ids: list[int], pad_id: int, forward: Any, stats: GenStats
+                    ) -> list[list[int]]:
+    """Greedy new token ids per row (always max_new_tokens of them unless all stopped); rows
+    are `forward.copies` adapter-major blocks of `ids`. `forward`: forward.make_forward's,
+    shared by the batches of one call; what the loop did goes into `stats`."""
+    with decode_attention():
+        return _static_generate(model, ids, settings, stop_ids, pad_id, forward, stats)
 
 
 def common_prefix_length(ids: list[list[int]]) -> int:
@@ -224,32 +51,7 @@ def row_groups(rows: int, groups: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
 
 
-class _PrefillWriter(_cache_base()):
-    """Prefill's view of a StaticKV: writes a block of rows/slots, attends over a cache slice.
-
-    `write` = (rows, first slot) where the new keys go (a batch-1 prefix broadcasts to every
-    row); `read` = (rows, end slot) of what the block's queries attend to.
-    """
-
-    is_compileable = False
-
-    def __init__(self, cache: StaticKV, write: tuple[slice, int], read: tuple[slice, int]):
-        self.cache, self.write, self.read = cache, write, read
-        self.layers = []
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        (rows, start), (read_rows, end) = self.write, self.read
-        stop = start + key_states.shape[2]
-        keys, values = self.cache.keys[layer_idx], self.cache.values[layer_idx]
-        keys[rows, :, start:stop] = key_states.to(keys.dtype)
-        values[rows, :, start:stop] = value_states.to(values.dtype)
-        return keys[read_rows, :, :end], values[read_rows, :, :end]
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0
-
-
-def _static_generate(model, ids, settings, stop_ids, pad_id, forward) -> list[list[int]]:
+def _static_generate(model, ids, settings, stop_ids, pad_id, forward, stats) -> list[list[int]]:
     import torch
 
     lm = core_model(model)
@@ -257,7 +59,7 @@ def _static_generate(model, ids, settings, stop_ids, pad_id, forward) -> list[li
     dtype = next(p.dtype for p in lm.parameters() if p.is_floating_point())
     shared = common_prefix_length(ids) if settings.shared_prefix else 0
     shared = shared if shared >= MIN_SHARED_PREFIX else 0
-    LAST_RUN["shared_prefix"] = shared
+    stats.shared_prefix = max(stats.shared_prefix, shared)
     # Several adapters in one batch (FastForward.copies): every prompt once per adapter,
     # adapter-major, so adapter k owns rows [k·n, (k+1)·n).
     copies, n = forward.copies, len(ids)
@@ -289,7 +91,7 @@ def _static_generate(model, ids, settings, stop_ids, pad_id, forward) -> list[li
                          torch.ones((), dtype=torch.long, device=device), out)
     stop = torch.tensor(stop_ids, device=device)
     step_fn = _make_step(forward, cache, state, dtype)
-    runner = _graph_runner(step_fn, device, settings)
+    runner = _graph_runner(step_fn, device, settings, stats)
     force = settings.min_new_tokens >= steps
     for done in range(1, steps):
         runner()
@@ -308,7 +110,7 @@ def _prefill_prefix(forward, prefix: list[int], cache: StaticKV, dtype, rows: sl
     input_ids = torch.tensor([prefix], device=device)
     causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()
     positions = torch.arange(n, device=device)[None]
-    forward.prefill(cache, input_ids, positions, _additive(causal[None, None], dtype),
+    forward.prefill(cache, input_ids, positions, additive_mask(causal[None, None], dtype),
                     (rows, 0), (slice(rows.start, rows.start + 1), n), adapter)
 
 
@@ -330,7 +132,7 @@ def _prefill_rows(forward, suffixes, rows: tuple[int, int], shared: int, width: 
     allowed = (slots[None] <= query_slots[:, None])[None] & key_valid[a:b, None, :end]
     allowed |= (slots[None] == query_slots[:, None])[None]
     positions = shared + (mask.cumsum(1) - 1).clamp(min=0)
-    return forward.prefill(cache, group_ids, positions, _additive(allowed[:, None], dtype),
+    return forward.prefill(cache, group_ids, positions, additive_mask(allowed[:, None], dtype),
                            (slice(a, b), first), (slice(a, b), end), adapter)
 
 
@@ -348,7 +150,7 @@ def _make_step(forward, cache: StaticKV, s: _DecodeState, dtype):
 
     def step() -> None:
         s.key_valid.index_fill_(1, cache.offset.view(1), True)  # the slot this token fills
-        mask = _additive(s.key_valid[:, None, None, :], dtype)
+        mask = additive_mask(s.key_valid[:, None, None, :], dtype)
         logits = forward.decode(cache, s.token, s.position, mask)
         token = logits.argmax(-1)
         cache.advance(1)
@@ -360,7 +162,7 @@ def _make_step(forward, cache: StaticKV, s: _DecodeState, dtype):
     return step
 
 
-def _graph_runner(step, device, settings: GenSettings):
+def _graph_runner(step, device, settings: GenSettings, stats: GenStats):
     """`step` itself on CPU; on CUDA two eager warm-up steps, then a captured graph's replay."""
     import torch
 
@@ -386,12 +188,13 @@ def _graph_runner(step, device, settings: GenSettings):
                 with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                     step()
             except Exception as exc:  # an op that cannot be captured: stay eager, say so once
-                LAST_RUN["graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
+                stats.graph_error = f"{type(exc).__name__}: {exc}"[:300]
                 warnings.warn(f"CUDA graph capture failed, decoding eagerly: {exc}", stacklevel=2)
                 calls["n"] = -(10**9)
                 return
             calls["graph"] = graph
-            LAST_RUN.update(cuda_graph=True, capture_seconds=round(time.perf_counter() - started, 4))
+            stats.cuda_graph = True
+            stats.capture_seconds = round(time.perf_counter() - started, 4)
 
     return run
 
@@ -400,3 +203,35 @@ def _all_stopped(out, stop) -> bool:
     import torch
 
     return bool(torch.isin(out, stop).any(dim=1).all())
+
+
+def hf_generate(
+    model: Any, ids: list[list[int]], settings: GenSettings, stop_ids: list[int], pad_id: int,
+    streamer: Any = None,
+) -> list[list[int]]:
+    """New token ids per prompt through `model.generate` (explicit settings: no model defaults
+    such as Qwen's repetition_penalty or sampling leak into a greedy evaluation). `streamer`:
+    transformers' streamer for one prompt (chat); it keeps the default dynamic cache, whose
+    first token comes sooner than a static cache's."""
+    import torch
+
+    device = next(model.parameters()).device
+    input_ids, mask = left_pad(ids, pad_id, device)
+    kwargs: dict[str, Any] = dict(
+        max_new_tokens=settings.max_new_tokens, min_new_tokens=settings.min_new_tokens,
+        do_sample=settings.do_sample, eos_token_id=stop_ids, pad_token_id=pad_id,
+        repetition_penalty=1.0, use_cache=True,
+    )
+    if settings.do_sample:
+        torch.manual_seed(settings.seed)
+        kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    if streamer is not None:
+        kwargs["streamer"] = streamer
+    elif device.type == "cuda":
+        kwargs["cache_implementation"] = "static"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+    return [row.tolist() for row in out[:, input_ids.shape[1] :]]

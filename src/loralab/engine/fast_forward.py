@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from loralab.engine.lora_batch import lora_delta, one_adapter, stack_adapters
+from loralab.engine.lora_weights import LoraWeights
 
 SUPPORTED_TYPES = ("qwen2", "llama", "mistral")
 # The projection groups of a layer: (group, owning module, linears that read the same input and
@@ -139,7 +140,7 @@ def unavailable(lm: Any) -> str | None:
     return None
 
 
-def _stack(owner: Any, prefix: str, names: tuple[str, ...], lora: dict[str, Any] | None):
+def _stack(owner: Any, prefix: str, names: tuple[str, ...], lora: LoraWeights | None):
     """(weight, bias or None) of linears that read the same input, stacked along the output
     dimension. Each part is written once, straight into its rows of the stacked tensor (a copy,
     or with the adapter's scale·B·A added by one addmm); a lone linear without an adapter is
@@ -167,9 +168,8 @@ def _stack(owner: Any, prefix: str, names: tuple[str, ...], lora: dict[str, Any]
     return stacked, torch.cat(biases)
 
 
-def build_layers(lm: Any, lora: dict[str, Any] | None = None) -> list[Layer]:
-    """Every layer's stacked (and, with `lora`, merged) weights. `lora` maps module names
-    (`model.layers.0.self_attn.q_proj`) to (A [r, in], B [out, r], scale)."""
+def build_layers(lm: Any, lora: LoraWeights | None = None) -> list[Layer]:
+    """Every layer's stacked (and, with `lora`, merged) weights."""
     layers = []
     for i, layer in enumerate(lm.model.layers):
         stacked = {}
@@ -290,7 +290,7 @@ class FastForward:
     shapes, weights are arguments; prefill pieces are compiled for dynamic token counts).
     """
 
-    def __init__(self, lm: Any, lora: dict[str, Any] | list[dict[str, Any]] | None = None,
+    def __init__(self, lm: Any, lora: LoraWeights | list[LoraWeights] | None = None,
                  compile_: bool = False) -> None:
         """`lora`: one adapter, folded into the copy; or a list of K adapters whose rows share
         every batch (K equal adapter-major blocks), applied unmerged (lora_batch)."""

@@ -14,18 +14,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from loralab.engine.lora_weights import LoraWeights
 
-def stack_adapters(lm: Any, loras: list[dict[str, Any]], groups: tuple, plain_linear: Any
+
+def stack_adapters(lm: Any, loras: list[LoraWeights], groups: tuple, plain_linear: Any
                    ) -> list[dict[str, Any]]:
     """Per layer {group: (A [K, m·r, in], B [K, out, m·r]) or None when no adapter has it}.
     `groups` and `plain_linear` are the forward's (fast_forward.GROUPS, .plain_linear): passed
     in, since the forward imports this module."""
-    rank = max((a.shape[0] for lora in loras for a, _, _ in lora.values()), default=1)
+    rank = max((lora.max_rank for lora in loras), default=1)
     return [{group: _group(lm, loras, i, owner, names, rank, plain_linear)
              for group, owner, names in groups} for i in range(len(lm.model.layers))]
 
 
-def _group(lm: Any, loras: list[dict[str, Any]], index: int, owner: str,
+def _group(lm: Any, loras: list[LoraWeights], index: int, owner: str,
            names: tuple[str, ...], rank: int, plain_linear: Any) -> tuple[Any, Any] | None:
 
     parent = getattr(lm.model.layers[index], owner)

@@ -1,9 +1,9 @@
-"""Read a PEFT LoRA adapter folder as plain tensors, for loralab's own forward.
+"""One adapter's LoRA weights as plain tensors (`LoraWeights`), read from a PEFT adapter folder.
 
 Evaluating an adapter through PEFT means building ~200 LoRA modules around the base, merging
 them in and out again; `read_lora` instead loads A and B straight from `adapter_model.safetensors`
-and the scale from `adapter_config.json`, and `fast_forward` adds scale·B·A while it copies the
-weights anyway. Only plain LoRA on decoder-layer linears is read; anything PEFT does beyond that
+and the scale from `adapter_config.json` (`lora_scale`: PEFT's rule, tested against PEFT's own
+layers), and `fast_forward` adds scale·B·A while it copies the weights anyway. Only plain LoRA on decoder-layer linears is read; anything PEFT does beyond that
 (DoRA, rank/alpha patterns, modules_to_save, biases) returns a reason, and the caller attaches
 the adapter with PEFT instead.
 """
@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,34 @@ INERT = {"task_type", "base_model_name_or_path", "revision", "inference_mode", "
          "layers_to_transform", "layers_pattern", "auto_mapping", "peft_version",
          "megatron_config", "megatron_core", "eva_config", "corda_config", "runtime_config",
          "qalora_group_size", "ensure_weight_tying"}
+
+
+@dataclass(eq=False)
+class LoraWeights(Mapping):
+    """One adapter on a model's linears, read as a mapping {module name
+    (`model.layers.0.self_attn.q_proj`): (A [r, in], B [out, r], scale)} on the model's device.
+    `source`: the folder it was read from."""
+
+    factors: dict[str, tuple[Any, Any, float]]
+    source: Path | None = None
+
+    def __getitem__(self, module: str) -> tuple[Any, Any, float]:
+        return self.factors[module]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.factors)
+
+    def __len__(self) -> int:
+        return len(self.factors)
+
+    @property
+    def max_rank(self) -> int:
+        return max((a.shape[0] for a, _, _ in self.factors.values()), default=1)
+
+
+def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
+    """PEFT's LoRA scaling: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
 def check_adapter_file(folder: Path) -> Path:
@@ -98,8 +128,10 @@ def load_lora_file(path: Path, dtype: Any = None,
     return {"config": cfg, "pairs": pairs}, None
 
 
-def lora_for_model(loaded: dict[str, Any], lm: Any) -> tuple[dict[str, Any] | None, str | None]:
-    """({module name: (A [r, in], B [out, r], scale)} on lm's device, None) or (None, why)."""
+def lora_for_model(loaded: dict[str, Any], lm: Any,
+                   source: Path | None = None) -> tuple[LoraWeights | None, str | None]:
+    """(LoraWeights on lm's device, None) or (None, why): load_lora_file's tensors checked
+    against the model's linears."""
     cfg, device = loaded["config"], lm.lm_head.weight.device
     modules = dict(lm.named_modules())
     lora = {}
@@ -112,10 +144,9 @@ def lora_for_model(loaded: dict[str, Any], lm: Any) -> tuple[dict[str, Any] | No
         if tuple(a.shape) != (rank, module.in_features) or tuple(b.shape) != (
                 module.out_features, rank):
             return None, f"{name}: adapter shapes {tuple(a.shape)}/{tuple(b.shape)} do not fit"
-        alpha = cfg.get("lora_alpha", 8)
-        scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+        scale = lora_scale(cfg.get("lora_alpha", 8), rank, bool(cfg.get("use_rslora")))
         lora[name] = (a.to(device, non_blocking=True), b.to(device, non_blocking=True), scale)
-    return lora, None
+    return LoraWeights(lora, source), None
 
 
 def _load_or_reason(path: Path, dtype: Any, pin: bool) -> tuple[dict[str, Any] | None, str | None]:
@@ -126,10 +157,10 @@ def _load_or_reason(path: Path, dtype: Any, pin: bool) -> tuple[dict[str, Any] |
         return None, f"reading it as tensors failed: {type(exc).__name__}: {exc}"[:300]
 
 
-def read_lora(path: Path, lm: Any) -> tuple[dict[str, Any] | None, str | None]:
+def read_lora(path: Path, lm: Any) -> tuple[LoraWeights | None, str | None]:
     """load_lora_file + lora_for_model."""
     loaded, reason = load_lora_file(path)
-    return lora_for_model(loaded, lm) if loaded is not None else (None, reason)
+    return lora_for_model(loaded, lm, Path(path)) if loaded is not None else (None, reason)
 
 
 class LoraPrefetch:

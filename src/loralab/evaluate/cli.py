@@ -114,7 +114,7 @@ def read_inputs(path: Path) -> list[dict[str, Any]]:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from loralab.data.render import render_prompt
-    from loralab.engine.api import GenSettings, generate_texts
+    from loralab.engine import GenSettings, generate
     from loralab.io import atomic_write_text
     from loralab.scoring.tasks import get_task
 
@@ -124,7 +124,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     prompts = [render_prompt(tokenizer, system or x["system"], x["messages"]) for x in inputs]
     settings = GenSettings(max_new_tokens=args.max_new_tokens or cfg.eval.max_new_tokens or 512,
                            batch_size=cfg.eval.batch_size, engine=args.engine)
-    generations, stats = generate_texts(model, tokenizer, prompts, settings)
+    generations, stats = generate(model, tokenizer, prompts, settings)
     task = get_task(cfg.eval)
     lines = []
     for x, g in zip(inputs, generations, strict=True):
@@ -144,7 +144,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def load_adapter_model(adapter: Path, device: str | None, merge: bool = True):
     """(model with the adapter, tokenizer, the run's Config) for predict and chat."""
-    from loralab.engine.adapters import attached_adapter
+    from loralab.engine import attached_adapter
     from loralab.evaluate.runner import single_run
     from loralab.model.load import load_base_model
 
@@ -158,17 +158,13 @@ def load_adapter_model(adapter: Path, device: str | None, merge: bool = True):
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    import threading
-
-    from transformers import TextIteratorStreamer
-
     from loralab.data.render import render_prompt
-    from loralab.engine.api import stop_token_ids
+    from loralab.engine import GenSettings, generate
 
     model, tokenizer, cfg = load_adapter_model(args.adapter, args.device)
     system = args.system if args.system is not None else cfg.data.system_prompt
+    settings = GenSettings(max_new_tokens=args.max_new_tokens, engine="hf")
     history: list[dict[str, str]] = []
-    device = next(model.parameters()).device
     interactive = sys.stdin.isatty()
     print("loralab chat: type a message; 'exit' or Ctrl-D ends.", file=sys.stderr)
     while True:
@@ -181,22 +177,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         history.append({"role": "user", "content": line.rstrip("\n")})
         prompt = render_prompt(tokenizer, system, history)
-        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(device)
-        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs = dict(**ids, max_new_tokens=args.max_new_tokens, do_sample=False,
-                      eos_token_id=stop_token_ids(tokenizer, model), streamer=streamer,
-                      pad_token_id=tokenizer.pad_token_id, repetition_penalty=1.0,
-                      temperature=None, top_p=None, top_k=None)
-        worker = threading.Thread(target=model.generate, kwargs=kwargs, daemon=True)
-        worker.start()
-        parts = []
         print("assistant> ", end="", flush=True)
-        for piece in streamer:
-            parts.append(piece)
-            print(piece, end="", flush=True)
-        worker.join()
+        answer, _ = generate(model, tokenizer, [prompt], settings, stream=_show)
         print(flush=True)
-        history.append({"role": "assistant", "content": "".join(parts)})
+        history.append({"role": "assistant", "content": answer[0].text})
+
+
+def _show(piece: str) -> None:
+    print(piece, end="", flush=True)
 
 
 # ---------------------------------------------------------------- merge
@@ -211,8 +199,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def _merge(args: argparse.Namespace) -> int:
     from loralab.data.render import render_prompt
-    from loralab.engine.adapters import attached_adapter
-    from loralab.engine.lora_weights import check_adapter_file
+    from loralab.engine import attached_adapter, check_adapter_file
     from loralab.evaluate.runner import single_run
     from loralab.model.load import load_base_model
     from loralab.model.merge import CHECK_PROMPTS, check_out_dir, merge_to_folder

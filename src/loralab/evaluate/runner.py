@@ -9,10 +9,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loralab.config import Config, get_dotted, load_config, read_yaml_mapping
-from loralab.engine.adapters import AdapterSource
 from loralab.errors import UserError
 from loralab.evaluate import run_dirs
 from loralab.layout import (
@@ -24,6 +23,9 @@ from loralab.layout import (
     RunDir,
     SweepDir,
 )
+
+if TYPE_CHECKING:
+    from loralab.engine import AdapterSource, LoraWeights
 
 
 @dataclass
@@ -182,7 +184,7 @@ def want_compile(mode: str | bool, on_cuda: bool, planned_new_tokens: int) -> bo
 
 def gen_settings(cfg: Config, max_new_tokens: int, engine: str = "auto",
                  compile_decode: bool = False):
-    from loralab.engine.api import GenSettings
+    from loralab.engine import GenSettings
 
     e = cfg.eval
     return GenSettings(max_new_tokens=max_new_tokens, batch_size=e.batch_size,
@@ -210,7 +212,6 @@ def evaluate_group(ctx: EvalContext, runs: list[AdapterRun], indices: range,
     their prompts generate in one batch (eval.adapter_batch); the rest one at a time."""
     import torch
 
-    from loralab.engine.api import generate_texts_for_adapters
     from loralab.scoring.tasks import hyperparams_from_run
 
     group = [i for i in indices if i < len(runs)]
@@ -222,8 +223,8 @@ def evaluate_group(ctx: EvalContext, runs: list[AdapterRun], indices: range,
     shared = {}
     if len(together) > 1:
         try:
-            outs = generate_texts_for_adapters(ctx.model, ctx.tokenizer, prompts[together[0]],
-                                               ctx.settings, [fetched[i][0] for i in together])
+            outs = _generate_together(ctx, prompts[together[0]],
+                                      [fetched[i][0] for i in together])
             shared = dict(zip(together, outs, strict=True))
         except torch.cuda.OutOfMemoryError:  # K x the rows did not fit: one at a time instead
             torch.cuda.empty_cache()
@@ -246,18 +247,30 @@ def evaluate_group(ctx: EvalContext, runs: list[AdapterRun], indices: range,
                                        RunDir(run.path).eval, lora=lora)
 
 
+def _generate_together(ctx: EvalContext, prompts: list[str], loras: list) -> list[tuple]:
+    """(generations, stats) per adapter, their rows sharing every batch; each adapter's seconds
+    are the call's seconds / K."""
+    from dataclasses import replace
+
+    from loralab.engine import generate
+
+    per_adapter, stats = generate(ctx.model, ctx.tokenizer, prompts, ctx.settings, loras)
+    share = stats.seconds / len(loras)
+    return [(gens, replace(stats, seconds=share, new_tokens=sum(g.new_tokens for g in gens)))
+            for gens in per_adapter]
+
+
 def evaluate_target(ctx: EvalContext, model: Any, prompts: list[str], meta: dict[str, Any],
-                    folder: Path, lora: dict[str, Any] | None = None,
+                    folder: Path, lora: LoraWeights | None = None,
                     generated: tuple | None = None) -> dict:
     """Generate, score and write one target's predictions.jsonl and metrics.json. `lora`: an
     adapter read as tensors (adapters.AdapterSource), folded into the engine's own forward;
     `generated`: (generations, stats) already made with other adapters in one batch."""
-    from loralab.engine.api import generate_texts
+    from loralab.engine import generate
     from loralab.scoring.tasks import score_predictions, write_target_results
 
     records, task, settings = ctx.records, ctx.task, ctx.settings
-    generations, stats = generated or generate_texts(model, ctx.tokenizer, prompts, settings,
-                                                     lora)
+    generations, stats = generated or generate(model, ctx.tokenizer, prompts, settings, lora)
     rows = [
         {"input": last_user_text(r), "reference": r.answer, "generation": g.text,
          "finished": g.finished, "new_tokens": g.new_tokens}
@@ -266,9 +279,7 @@ def evaluate_target(ctx: EvalContext, model: Any, prompts: list[str], meta: dict
     scored, metrics = score_predictions(task, rows, bootstrap=ctx.bootstrap)
     gen = {**stats.as_dict(), "max_new_tokens": settings.max_new_tokens,
            "batch_size": settings.batch_size, "do_sample": settings.do_sample,
-           "cuda_graph": stats.engine == "static" and bool(stats.engine_run.get("cuda_graph")),
-           "fast_forward": stats.engine_run.get("fast_forward") if stats.engine == "static"
-           else None}
+           "cuda_graph": stats.cuda_graph, "fast_forward": stats.fast_forward}
     metrics = {**meta, **metrics, "gen": gen}
     write_target_results(folder, scored, metrics)
     return metrics
@@ -318,6 +329,7 @@ def run_eval(data: Path | None, adapter_args: list[Path], base: bool, limit: int
     """The whole `loralab eval`; returns {"comparison_dir", "targets"}. curve_of: a run whose
     checkpoints and final adapter are evaluated, each target labelled with its step."""
     from loralab.data.records import mix_paths, read_records
+    from loralab.engine import AdapterSource
     from loralab.model.load import load_tokenizer_for, resolve_tokenizer_path
     from loralab.scoring.references import score_references
     from loralab.scoring.tasks import get_task
@@ -372,7 +384,7 @@ def run_eval(data: Path | None, adapter_args: list[Path], base: bool, limit: int
 
 
 def _default_max_new(tokenizer: Any, records: list) -> int:
-    from loralab.engine.api import default_max_new_tokens
+    from loralab.engine import default_max_new_tokens
 
     return default_max_new_tokens(tokenizer, [r.answer for r in records])
 

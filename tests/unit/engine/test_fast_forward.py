@@ -7,13 +7,12 @@ import random
 import pytest
 import torch
 
+from loralab.engine import GenSettings, LoraWeights, generate, read_lora
 from loralab.engine import fast_forward as ff
-from loralab.engine.api import LAST_RUN, GenSettings, generate_ids
-from loralab.engine.decode import StaticKV, _additive
-from loralab.engine.lora_weights import read_lora
+from loralab.engine.kv_cache import StaticKV, additive_mask
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-STOP, PAD = [151645], 151643
+STOP, PAD = (151645,), 151643
 
 
 @pytest.fixture(scope="module")
@@ -24,11 +23,19 @@ def prompt_ids():
     return [head + [rng.randint(0, 150000) for _ in range(rng.randint(3, 30))] for _ in range(7)]
 
 
+def _ids(model, ids, settings, adapters=None):
+    """New token ids per prompt (per adapter for a list), and the call's stats."""
+    outs, stats = generate(model, None, ids, settings, adapters)
+    if isinstance(adapters, list):
+        return [[g.ids for g in per_adapter] for per_adapter in outs], stats
+    return [g.ids for g in outs], stats
+
+
 def _generate(model, ids, fast: bool, lora=None, **kw):
     settings = GenSettings(max_new_tokens=12, min_new_tokens=12, batch_size=8, fast_forward=fast,
-                           **kw)
-    out = generate_ids(model, ids, settings, STOP, PAD, lora=lora)
-    return out, LAST_RUN["fast_forward"]
+                           stop_ids=STOP, pad_id=PAD, **kw)
+    out, stats = _ids(model, ids, settings, lora)
+    return out, stats.fast_forward
 
 
 @pytest.mark.parametrize("shared,chunks", [(True, 3), (False, 1)])
@@ -49,7 +56,7 @@ def test_prefill_logits_match_transformers(lively_model, prompt_ids):
     cache = StaticKV(lively_model.config, len(ids), n, torch.float32, torch.device("cpu"))
     with torch.inference_mode():
         ours = ff.FastForward(lively_model).prefill(
-            cache, ids, torch.arange(n)[None].expand(len(ids), n), _additive(causal, torch.float32),
+            cache, ids, torch.arange(n)[None].expand(len(ids), n), additive_mask(causal, torch.float32),
             (slice(None), 0), (slice(None), n))
         theirs = lively_model(input_ids=ids).logits[:, -1]
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
@@ -93,8 +100,8 @@ def test_copy_writes_each_part_once_and_shares_what_no_adapter_changes(lively_mo
                                                                         saved_adapter):
     lora, _ = read_lora(saved_adapter, lively_model)
     prefix = "model.layers.0."
-    some = {k: v for k, v in lora.items() if k in (prefix + "self_attn.q_proj",
-                                                   prefix + "self_attn.o_proj")}
+    some = LoraWeights({k: v for k, v in lora.items() if k in (prefix + "self_attn.q_proj",
+                                                               prefix + "self_attn.o_proj")})
     with torch.inference_mode():
         plain, folded = ff.build_layers(lively_model)[0], ff.build_layers(lively_model, some)[0]
     attn, mlp = lively_model.model.layers[0].self_attn, lively_model.model.layers[0].mlp
@@ -150,19 +157,18 @@ def test_adapters_sharing_a_batch_equal_each_folded_alone(lively_model, prompt_i
                                                          save_adapter):
     """Three adapters of different ranks and targets in one batch (unmerged, adapter-major
     rows) give each one's own tokens; batch_size 4 makes two batches of prompts."""
-    from loralab.engine.api import generate_ids_for_adapters
-
     loras = []
     for i, (rank, targets) in enumerate([(4, ["q_proj", "v_proj"]), (8, TARGETS),
                                          (2, ["up_proj", "down_proj"])]):
         folder = save_adapter(lively_model, tmp_path / str(i), 10 + i, r=rank, lora_alpha=16,
                               target_modules=targets)
         loras.append(read_lora(folder, lively_model)[0])
-    settings = GenSettings(max_new_tokens=12, min_new_tokens=12, batch_size=4)
-    alone = [generate_ids(lively_model, prompt_ids, settings, STOP, PAD, lora=lora)
-             for lora in loras]
-    together = generate_ids_for_adapters(lively_model, prompt_ids, settings, STOP, PAD, loras)
+    settings = GenSettings(max_new_tokens=12, min_new_tokens=12, batch_size=4, stop_ids=STOP,
+                           pad_id=PAD)
+    alone = [_ids(lively_model, prompt_ids, settings, lora)[0] for lora in loras]
+    together, stats = _ids(lively_model, prompt_ids, settings, loras)
     assert together == alone
+    assert stats.engine == "static" and stats.new_tokens == 3 * 12 * len(prompt_ids)
     assert alone[0] != alone[1] != alone[2]
 
 
@@ -183,11 +189,11 @@ def test_llama_and_mistral_match_transformers_generate(kind):
     rng = random.Random(1)
     head = [rng.randint(3, 999) for _ in range(6)]
     ids = [head + [rng.randint(3, 999) for _ in range(rng.randint(3, 20))] for _ in range(5)]
-    settings = dict(max_new_tokens=10, min_new_tokens=10, batch_size=8)
-    reference = generate_ids(model, ids, GenSettings(**settings, engine="hf"), [2], 0, "hf")
+    settings = dict(max_new_tokens=10, min_new_tokens=10, batch_size=8, stop_ids=(2,), pad_id=0)
+    reference, _ = _ids(model, ids, GenSettings(**settings, engine="hf"))
     for fast in (True, False):
-        out = generate_ids(model, ids, GenSettings(**settings, fast_forward=fast), [2], 0)
-        used = LAST_RUN["fast_forward"]
+        out, stats = _ids(model, ids, GenSettings(**settings, fast_forward=fast))
+        used = stats.fast_forward
         assert out == reference
         assert (used is True) == (fast and kind == "llama"), used
 
@@ -238,7 +244,7 @@ def test_bf16_prefill_and_decode_round_like_transformers(prompt_ids):
         cache = StaticKV(cfg, rows, n + 1, torch.bfloat16, torch.device("cpu"))
         forward = ff.FastForward(model)
         ours = forward.prefill(cache, ids, torch.arange(n)[None].expand(rows, n),
-                               _additive(causal, torch.bfloat16), (slice(None), 0),
+                               additive_mask(causal, torch.bfloat16), (slice(None), 0),
                                (slice(None), n)).float()
         cache.advance(n)
         step = forward.decode(cache, ids[:, -1:], torch.full((rows, 1), n),

@@ -6,16 +6,10 @@ import pytest
 import torch
 
 from loralab.data.render import render_prompt
-from loralab.engine import api as gen
-from loralab.engine.api import (
-    GenSettings,
-    cut_at_stop,
-    default_max_new_tokens,
-    generate_texts,
-    grouped_decode_attention,
-    length_batches,
-    stop_token_ids,
-)
+from loralab.engine import GenSettings, default_max_new_tokens, generate, stop_token_ids
+from loralab.engine.api import cut_at_stop, length_batches
+from loralab.engine.decode import CHECK_EVERY
+from loralab.engine.forward import grouped_decode_attention, pick_engine
 
 IM_END = 151645
 
@@ -42,6 +36,11 @@ def test_cut_at_stop():
     assert cut_at_stop([5, 6, 7, 8], [IM_END], 3) == ([5, 6, 7], False)
     assert cut_at_stop([IM_END], [IM_END], 1) == ([IM_END], True)
     assert cut_at_stop([5, 6, 7, IM_END], [IM_END], 3) == ([5, 6, 7], False)
+    # stop tokens before min_new_tokens do not end a generation (forced lengths)
+    assert cut_at_stop([IM_END, 6, IM_END, 7], [IM_END], 4, min_tokens=1) == (
+        [IM_END, 6, IM_END], True)
+    assert cut_at_stop([IM_END, 6, IM_END], [IM_END], 3, min_tokens=3) == (
+        [IM_END, 6, IM_END], False)
 
 
 def test_stop_ids_and_default_max_new_tokens(qwen_tokenizer):
@@ -67,9 +66,9 @@ def test_grouped_decode_attention_matches_repeated_heads():
 @pytest.mark.parametrize("batch_size", [2, 5])
 def test_static_engine_equals_hf_generate_greedy(lively_model, qwen_tokenizer, prompts, batch_size):
     settings = dict(max_new_tokens=10, batch_size=batch_size)
-    hf, hf_stats = generate_texts(lively_model, qwen_tokenizer, prompts,
+    hf, hf_stats = generate(lively_model, qwen_tokenizer, prompts,
                                   GenSettings(**settings, engine="hf"))
-    static, stats = generate_texts(lively_model, qwen_tokenizer, prompts,
+    static, stats = generate(lively_model, qwen_tokenizer, prompts,
                                    GenSettings(**settings, engine="static"))
     assert [g.text for g in static] == [g.text for g in hf]
     assert len({g.text for g in static}) == len(prompts)  # outputs depend on the prompt
@@ -79,9 +78,9 @@ def test_static_engine_equals_hf_generate_greedy(lively_model, qwen_tokenizer, p
 
 
 def test_static_engine_batching_does_not_change_outputs(lively_model, qwen_tokenizer, prompts):
-    one = [g.text for g in generate_texts(lively_model, qwen_tokenizer, prompts,
+    one = [g.text for g in generate(lively_model, qwen_tokenizer, prompts,
                                           GenSettings(max_new_tokens=6, batch_size=1))[0]]
-    all_ = [g.text for g in generate_texts(lively_model, qwen_tokenizer, prompts,
+    all_ = [g.text for g in generate(lively_model, qwen_tokenizer, prompts,
                                            GenSettings(max_new_tokens=6, batch_size=8))[0]]
     assert one == all_
 
@@ -103,17 +102,46 @@ def test_generation_that_stops_is_finished_and_exits_early(lively_model, qwen_to
     monkeypatch.setattr(FastForward, "_logits", lambda self, x: force_stop(fast_logits(self, x)))
     handle = lively_model.lm_head.register_forward_hook(lambda m, i, out: force_stop(out))
     try:
-        outs, _ = generate_texts(lively_model, qwen_tokenizer, prompts, GenSettings(
+        outs, _ = generate(lively_model, qwen_tokenizer, prompts, GenSettings(
             max_new_tokens=40, batch_size=8, engine=engine, fast_forward=fast))
     finally:
         handle.remove()
     assert all(g.finished and g.new_tokens == 1 and g.text == "" for g in outs)
     # prefill (a shared prefix + up to 3 row groups) + decode: did not run to 40 tokens
-    assert 1 <= calls["n"] <= gen.CHECK_EVERY + 1 + 4
+    assert 1 <= calls["n"] <= CHECK_EVERY + 1 + 4
 
 
 def test_sampling_needs_the_hf_engine(lively_model):
     with pytest.raises(Exception, match="greedy only"):
-        gen.pick_engine(lively_model, GenSettings(max_new_tokens=4, do_sample=True, engine="static"))
-    assert gen.pick_engine(lively_model, GenSettings(max_new_tokens=4, do_sample=True)) == "hf"
-    assert gen.pick_engine(lively_model, GenSettings(max_new_tokens=4)) == "static"
+        pick_engine(lively_model, GenSettings(max_new_tokens=4, do_sample=True, engine="static"))
+    assert pick_engine(lively_model, GenSettings(max_new_tokens=4, do_sample=True)) == "hf"
+    assert pick_engine(lively_model, GenSettings(max_new_tokens=4)) == "static"
+
+
+def test_token_id_prompts_without_a_tokenizer_equal_text_prompts(lively_model, qwen_tokenizer,
+                                                                  prompts):
+    """Token ids in, token ids out (benchmarks, serve): the same tokens as rendered text."""
+    settings = GenSettings(max_new_tokens=6, batch_size=3)
+    texts, _ = generate(lively_model, qwen_tokenizer, prompts, settings)
+    ids = [qwen_tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    stops = tuple(stop_token_ids(qwen_tokenizer, lively_model))
+    by_ids, stats = generate(lively_model, None, ids, GenSettings(
+        max_new_tokens=6, batch_size=3, stop_ids=stops, pad_id=qwen_tokenizer.pad_token_id))
+    assert [g.ids for g in by_ids] == [g.ids for g in texts]
+    assert [qwen_tokenizer.decode(g.ids, skip_special_tokens=True) for g in by_ids] == [
+        g.text for g in texts]
+    assert all(g.text == "" for g in by_ids) and stats.new_tokens == sum(
+        g.new_tokens for g in texts)
+    with pytest.raises(ValueError, match="stop_ids"):
+        generate(lively_model, None, ids, GenSettings(max_new_tokens=2))
+
+
+def test_stream_hands_out_the_text_it_returns(lively_model, qwen_tokenizer, prompts):
+    pieces: list[str] = []
+    outs, stats = generate(lively_model, qwen_tokenizer, prompts[1:2],
+                           GenSettings(max_new_tokens=8), stream=pieces.append)
+    assert stats.engine == "hf" and len(pieces) >= 1
+    assert "".join(pieces) == outs[0].text
+    plain, _ = generate(lively_model, qwen_tokenizer, prompts[1:2],
+                        GenSettings(max_new_tokens=8, engine="hf"))
+    assert plain[0].text == outs[0].text

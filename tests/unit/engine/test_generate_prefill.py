@@ -6,13 +6,9 @@ import pytest
 import torch
 
 from loralab.data.render import render_prompt
-from loralab.engine import api as gen
-from loralab.engine.api import (
-    GenSettings,
-    common_prefix_length,
-    generate_texts,
-    row_groups,
-)
+from loralab.engine import GenSettings, GenStats, generate
+from loralab.engine.decode import common_prefix_length, row_groups, static_generate
+from loralab.engine.forward import make_forward
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +20,8 @@ def prompts(qwen_tokenizer):
 
 
 def _texts(model, tokenizer, prompts, **kw):
-    outs, _ = generate_texts(model, tokenizer, prompts, GenSettings(max_new_tokens=8, **kw))
-    return [g.text for g in outs]
+    outs, stats = generate(model, tokenizer, prompts, GenSettings(max_new_tokens=8, **kw))
+    return [g.text for g in outs], stats
 
 
 def test_common_prefix_length_leaves_every_sequence_a_token():
@@ -42,17 +38,17 @@ def test_row_groups_cover_rows_in_order():
 
 
 def test_shared_prefix_and_row_groups_match_hf_generate(lively_model, qwen_tokenizer, prompts):
-    hf = _texts(lively_model, qwen_tokenizer, prompts, engine="hf", batch_size=8)
-    plain = _texts(lively_model, qwen_tokenizer, prompts, engine="static", batch_size=8,
-                   shared_prefix=False, prefill_chunks=1)
-    assert gen.LAST_RUN["shared_prefix"] == 0
-    shared = _texts(lively_model, qwen_tokenizer, prompts, engine="static", batch_size=8,
-                    shared_prefix=True, prefill_chunks=1)
-    assert gen.LAST_RUN["shared_prefix"] >= 10  # the system turn was prefilled once
-    grouped = _texts(lively_model, qwen_tokenizer, prompts, engine="static", batch_size=8,
-                     shared_prefix=False, prefill_chunks=3)
-    both = _texts(lively_model, qwen_tokenizer, prompts, engine="static", batch_size=8,
-                  shared_prefix=True, prefill_chunks=4)
+    hf, _ = _texts(lively_model, qwen_tokenizer, prompts, engine="hf", batch_size=8)
+    plain, stats = _texts(lively_model, qwen_tokenizer, prompts, engine="static", batch_size=8,
+                          shared_prefix=False, prefill_chunks=1)
+    assert stats.shared_prefix == 0
+    shared, stats = _texts(lively_model, qwen_tokenizer, prompts, engine="static", batch_size=8,
+                           shared_prefix=True, prefill_chunks=1)
+    assert stats.shared_prefix >= 10  # the system turn was prefilled once
+    grouped, _ = _texts(lively_model, qwen_tokenizer, prompts, engine="static", batch_size=8,
+                        shared_prefix=False, prefill_chunks=3)
+    both, _ = _texts(lively_model, qwen_tokenizer, prompts, engine="static", batch_size=8,
+                     shared_prefix=True, prefill_chunks=4)
     assert len(set(hf)) == len(prompts)  # outputs depend on the prompt
     assert plain == hf and shared == hf and grouped == hf and both == hf
 
@@ -83,9 +79,11 @@ def test_prefill_groups_give_the_same_first_logits(lively_model, qwen_tokenizer,
             captured.clear()
             settings = GenSettings(max_new_tokens=1, shared_prefix=shared, prefill_chunks=chunks,
                                    fast_forward=fast)
+            stats = GenStats("static")
             with torch.inference_mode():
-                gen.static_generate(lively_model, ids, settings, [151645], 151643)
-            assert (gen.LAST_RUN["fast_forward"] is True) == fast
+                forward = make_forward(lively_model, settings, None, stats)
+                static_generate(lively_model, ids, settings, [151645], 151643, forward, stats)
+            assert (stats.fast_forward is True) == fast
             runs.append(torch.cat(captured[-chunks:]))
     finally:
         hook.remove()
@@ -95,17 +93,18 @@ def test_prefill_groups_give_the_same_first_logits(lively_model, qwen_tokenizer,
 
 def test_prompts_without_a_common_prefix(lively_model, qwen_tokenizer):
     raw = ["alpha beta", "gamma " * 6, "delta"]
-    hf = _texts(lively_model, qwen_tokenizer, raw, engine="hf", batch_size=4)
-    static = _texts(lively_model, qwen_tokenizer, raw, engine="static", batch_size=4)
-    assert gen.LAST_RUN["shared_prefix"] == 0
+    hf, _ = _texts(lively_model, qwen_tokenizer, raw, engine="hf", batch_size=4)
+    static, stats = _texts(lively_model, qwen_tokenizer, raw, engine="static", batch_size=4)
+    assert stats.shared_prefix == 0
     assert static == hf
 
 
 def test_each_call_returns_what_its_engine_did(lively_model, qwen_tokenizer, prompts):
     # eval's metrics.json reads the stats of its own call, not a global a later call overwrote
     settings = GenSettings(max_new_tokens=4, engine="static", batch_size=8)
-    _, stats = generate_texts(lively_model, qwen_tokenizer, prompts, settings)
+    _, stats = generate(lively_model, qwen_tokenizer, prompts, settings)
     settings.shared_prefix = False
-    _, later = generate_texts(lively_model, qwen_tokenizer, prompts, settings)
-    assert stats.engine_run["shared_prefix"] >= 10 and later.engine_run["shared_prefix"] == 0
-    assert stats.engine_run["fast_forward"] is True and stats.engine_run["cuda_graph"] is False
+    _, later = generate(lively_model, qwen_tokenizer, prompts, settings)
+    assert stats.shared_prefix >= 10 and later.shared_prefix == 0
+    assert stats.fast_forward is True and stats.cuda_graph is False
+    assert stats.graph_error is None and stats.seconds > 0

@@ -9,9 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from loralab.engine.adapters import AdapterSource
-from loralab.engine.api import GenSettings
-from loralab.engine.lora_weights import LoraPrefetch, load_lora_file, read_lora
+from loralab.engine import AdapterSource, GenSettings, LoraWeights, lora_scale, read_lora
+from loralab.engine.lora_weights import LoraPrefetch, load_lora_file
 
 Q = "model.layers.0.self_attn.q_proj"
 
@@ -33,9 +32,23 @@ def write_adapter(folder, lm, config=None, tensors=None, rank=4):
 def test_scale_and_shapes(lively_model, tmp_path, rslora, scale):
     lora, why = read_lora(write_adapter(tmp_path, lively_model, {"use_rslora": rslora}),
                           lively_model)
-    assert why is None and set(lora) == {Q}
+    assert why is None and set(lora) == {Q} and isinstance(lora, LoraWeights)
     a, b, got = lora[Q]
     assert got == pytest.approx(scale) and a.shape[0] == b.shape[1] == 4
+    assert lora.max_rank == 4 and lora.source == tmp_path
+
+
+@pytest.mark.parametrize("rank,alpha,rslora", [(4, 16, False), (8, 8, True), (3, 7, False)])
+def test_scaling_rule_is_peft_own(rank, alpha, rslora):
+    """Generation's scale (lora_scale) is the one PEFT gives the layers training uses."""
+    from peft import LoraConfig, get_peft_model
+
+    model = torch.nn.Sequential()
+    model.add_module("proj", torch.nn.Linear(8, 8))
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, use_rslora=rslora,
+                                                  target_modules=["proj"]))
+    layer = peft_model.base_model.model.proj
+    assert lora_scale(alpha, rank, rslora) == pytest.approx(layer.scaling["default"])
 
 
 @pytest.mark.parametrize("config,expected", [
