@@ -254,3 +254,13 @@ def test_bf16_prefill_and_decode_round_like_transformers(prompt_ids):
     ours_err = (ours - want).norm() / want.norm()
     theirs_err = (theirs - want).norm() / want.norm()
     assert ours_err < 1.1 * theirs_err + 1e-4, (ours_err, theirs_err)
+
+
+def test_adapters_read_as_tensors_need_the_static_engine(lively_model, saved_adapter,
+                                                          prompt_ids):
+    lora, _ = read_lora(saved_adapter, lively_model)
+    settings = GenSettings(max_new_tokens=2, engine="hf", stop_ids=STOP, pad_id=PAD)
+    with pytest.raises(ValueError, match="static engine"):
+        generate(lively_model, None, prompt_ids, settings, lora)
+    outs, stats = generate(lively_model, None, prompt_ids, settings, [])
+    assert outs == [] and stats.new_tokens == 0
