@@ -200,13 +200,18 @@ def _submit(state: ServerState, model: str, prompt_ids: list[int], body: Any) ->
 
 async def _pump(state: ServerState, job: Job, sink: TextSink, request: Request | None):
     """(new text, finish reason or None) as the scheduler's events come in."""
+    check_at = time.monotonic() + DISCONNECT_POLL_S
     while True:
         try:
             event = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
         except asyncio.TimeoutError:
-            if request is not None and await request.is_disconnected():
+            event = None
+        if request is not None and time.monotonic() >= check_at:
+            check_at = time.monotonic() + DISCONNECT_POLL_S
+            if await request.is_disconnected():
                 state.scheduler.cancel(job)
                 return
+        if event is None:
             continue
         if event[0] == "tokens":
             delta = sink.feed(event[1])
