@@ -1,0 +1,310 @@
+"""`loralab serve` under load: continuous batching vs a naive server, one adapter vs four mixed.
+
+On CUDA: Qwen2.5-7B shapes with random bf16 weights (no download), 4 random r=8 adapters on the
+7 projections saved as PEFT folders, prompts of the eval set's length (250-330 tokens inside
+the chat frame), 60 new tokens per request. A client process (its own GIL) runs 16 and then 64
+concurrent streaming clients for --seconds each against the server in this process; tokens/s
+is the server's own count (/metrics) over the window, time to first token and per-token
+latency are measured by the clients. Then the same model behind `--engine naive` (HF generate
+per request, one at a time) with 16 clients. Prints config, hardware, commit, date; writes JSON.
+
+    PYTHONPATH=src python bench/serve_load.py --out bench/results/serve_load/h200.json   # ~5 min
+    PYTHONPATH=src python bench/serve_load.py --smoke --out /tmp/serve_smoke.json       # CPU, <1 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+GOALS = {"one_adapter_64_clients_tokens_per_s": 4000, "four_over_one_64_clients": 0.9,
+         "over_naive": 10}
+
+
+# ---------------------------------------------------------------- the client process
+
+
+def client_main(args: argparse.Namespace) -> None:
+    """Run `clients` streaming clients for `seconds`; print one JSON line of results."""
+    prompts = json.loads(Path(args.prompts).read_text())
+    print(json.dumps(asyncio.run(_clients(args.url, args.models.split(","), prompts,
+                                          args.clients, args.seconds, args.new))))
+
+
+async def _scrape(http, url: str) -> float:
+    text = (await http.get(url + "/metrics")).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("loralab_generation_tokens_total{"))
+
+
+async def _clients(url: str, models: list[str], prompts: list, clients: int, seconds: float,
+                   new: int) -> dict:
+    import httpx
+
+    rng = random.Random(0)
+    records, errors = [], {}
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
+        before, started = await _scrape(http, url), time.perf_counter()
+        deadline = started + seconds
+
+        async def one(i: int) -> None:
+            body = {"model": models[i % len(models)], "prompt": rng.choice(prompts),
+                    "max_tokens": new, "temperature": 0, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            sent, first, tokens = time.perf_counter(), None, 0
+            async with http.stream("POST", "/v1/completions", json=body) as response:
+                if response.status_code != 200:
+                    errors[response.status_code] = errors.get(response.status_code, 0) + 1
+                    await response.aread()
+                    return
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("choices") and first is None:
+                        first = time.perf_counter()
+                    tokens = chunk.get("usage", {}).get("completion_tokens", tokens)
+            done = time.perf_counter()
+            records.append({"ttft": (first or done) - sent, "seconds": done - sent,
+                            "tokens": tokens,
+                            "per_token": (done - first) / (tokens - 1) if first and tokens > 1
+                            else None})
+
+        async def worker(w: int) -> None:
+            i = w
+            while time.perf_counter() < deadline:
+                await one(i)
+                i += clients
+
+        tasks = [asyncio.create_task(worker(w)) for w in range(clients)]
+        await asyncio.sleep(max(0.0, deadline - time.perf_counter()))
+        after, window = await _scrape(http, url), time.perf_counter() - started
+        _, pending = await asyncio.wait(tasks, timeout=5)  # late requests may finish...
+        for task in pending:  # ...or are dropped (the naive server's queue)
+            task.cancel()
+    return {"clients": clients, "models": models, "window_s": round(window, 2),
+            "tokens_in_window": after - before, "tokens_per_s": (after - before) / window,
+            "requests": len(records), "errors": errors, **_latency(records)}
+
+
+def _latency(records: list[dict]) -> dict:
+    def pct(values, q):
+        values = sorted(v for v in values if v is not None)
+        return round(values[min(len(values) - 1, int(q * len(values)))], 4) if values else None
+
+    ttft = [r["ttft"] for r in records]
+    per_token = [r["per_token"] for r in records]
+    return {"ttft_p50_s": pct(ttft, 0.5), "ttft_p99_s": pct(ttft, 0.99),
+            "per_token_p50_s": pct(per_token, 0.5), "per_token_p99_s": pct(per_token, 0.99),
+            "mean_new_tokens": round(statistics.mean(r["tokens"] for r in records), 1)
+            if records else None}
+
+
+# ---------------------------------------------------------------- model, adapters, prompts
+
+
+def build(smoke: bool):
+    """(model, device): 7B shapes on CUDA, a tiny Qwen2 for --smoke (CPU)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    if not smoke:
+        from common import SEVEN_B, build_model
+
+        return build_model(SEVEN_B), torch.device("cuda")
+    torch.manual_seed(0)
+    cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=151936,
+                      tie_word_embeddings=True)
+    cfg._attn_implementation = "sdpa"
+    return Qwen2ForCausalLM(cfg).eval().requires_grad_(False), torch.device("cpu")
+
+
+def make_adapters(model, count: int, folder: Path) -> list[Path]:
+    """`count` random r=8 LoRAs on the 7 projections (non-zero B), saved as PEFT folders."""
+    import torch
+    from common import TARGETS
+    from peft import LoraConfig, get_peft_model
+
+    paths = []
+    for k in range(count):
+        peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
+        gen = torch.Generator().manual_seed(k)
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.data.copy_(torch.randn(param.shape, generator=gen).to(param) * 0.01)
+        paths.append(folder / f"adapter{k}")
+        peft_model.save_pretrained(paths[-1])
+        peft_model.unload()
+    return paths
+
+
+def make_prompts(count: int, low: int, high: int) -> list[list[int]]:
+    """Token ids, `low`-`high` long, inside the Qwen2.5 chat frame of the eval set's prompts."""
+    head = [151644, 8948, 198] + [random.Random(1).randint(0, 151000) for _ in range(36)] + [
+        151645, 198, 151644, 872, 198]  # system turn of the eval set's length, then user
+    tail = [151645, 198, 151644, 77091, 198]
+    rng = random.Random(0)
+    return [head + [rng.randint(0, 151000) for _ in range(rng.randint(low, high) - 49)] + tail
+            for _ in range(count)]
+
+
+def tokenizer_for_bench():
+    """The builtin Qwen2.5 tokenizer where it can be built, else token ids as text."""
+    try:
+        from loralab.model.tokenizer import builtin_tokenizer_dir, load_tokenizer
+
+        return load_tokenizer(builtin_tokenizer_dir(Path(tempfile.mkdtemp()) / "qwen")), "qwen2.5"
+    except Exception:
+        return IdsTokenizer(), "ids-as-text"
+
+
+class IdsTokenizer:
+    """Decodes ids as ' <id>': what the server needs when no tokenizer files are around."""
+
+    pad_token_id, eos_token_id, unk_token_id = 151643, 151643, None
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return 151645 if token == "<|im_end|>" else 0
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(f" {i}" for i in ids)
+
+    def __len__(self) -> int:
+        return 152064
+
+
+# ---------------------------------------------------------------- scenarios
+
+
+def run_clients(url: str, models: list[str], prompts_file: Path, clients: int, seconds: float,
+                new: int) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--client", "--url", url,
+           "--models", ",".join(models), "--prompts", str(prompts_file), "--clients",
+           str(clients), "--seconds", str(seconds), "--new", str(new)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 300)
+    if out.returncode != 0:
+        raise RuntimeError(f"client process failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def serve_scenarios(model, tokenizer, engine: str, adapters: list[Path], prompts_file: Path,
+                    plan: list[tuple[str, int, float]], args) -> list[dict]:
+    """Start a server with `adapters`, run each (mix, clients, seconds) of `plan`."""
+    from loralab.serve.server import RunningServer, ServeOptions, build_state
+
+    opts = ServeOptions(engine=engine, max_rows=args.max_rows, max_len=args.max_len,
+                        max_queue=4096, timeout_s=3600, default_max_tokens=args.new)
+    specs = [(f"a{k}", path) for k, path in enumerate(adapters)]
+    state = build_state(model, tokenizer, "base", "", specs, opts)
+    state.stop_ids, state.scheduler.stop_ids = [], set()  # random weights: always `new` tokens
+    rows = []
+    with RunningServer(state) as server:
+        for mix, clients, seconds in plan:
+            models = ["a0"] if mix == "one" else [name for name, _ in specs]
+            started = time.perf_counter()
+            row = run_clients(server.url, models, prompts_file, clients, seconds, args.new)
+            row.update(engine=engine, mix=mix, wall_s=round(time.perf_counter() - started, 1))
+            if mix != "warmup":
+                rows.append(row)
+                print(f"{engine:10s} {mix:5s} {clients:3d} clients: "
+                      f"{row['tokens_per_s']:8,.0f} new tokens/s, ttft p50 "
+                      f"{row['ttft_p50_s']} s p99 {row['ttft_p99_s']} s, per token p50 "
+                      f"{row['per_token_p50_s']} s, {row['requests']} requests, "
+                      f"errors {row['errors']}", flush=True)
+        if engine == "continuous":
+            rows.append({"engine_stats": dict(state.scheduler.batch.stats)})
+    return rows
+
+
+def summary(rows: list[dict], small: int, big: int) -> dict:
+    """The goals' ratios: `big` clients on one adapter, four mixed / one, vs naive."""
+    def rate(engine, mix, clients):
+        return next((r["tokens_per_s"] for r in rows if r.get("engine") == engine
+                     and r.get("mix") == mix and r.get("clients") == clients), None)
+
+    one_big, four_big = rate("continuous", "one", big), rate("continuous", "four", big)
+    one_small, naive = rate("continuous", "one", small), rate("naive", "one", small)
+    return {f"one_adapter_{big}_clients_tokens_per_s": one_big,
+            f"four_over_one_{big}_clients": four_big / one_big if one_big and four_big else None,
+            f"over_naive_{small}_clients": one_small / naive if one_small and naive else None,
+            f"over_naive_{big}_vs_{small}_clients": one_big / naive if one_big and naive
+            else None,
+            "goals": GOALS}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, seconds")
+    parser.add_argument("--out", type=Path, help="JSON results file")
+    parser.add_argument("--seconds", type=float, help="window per scenario (default 25; smoke 2)")
+    parser.add_argument("--naive-seconds", type=float, help="the naive window (default 30)")
+    parser.add_argument("--new", type=int, default=60, help="new tokens per request")
+    parser.add_argument("--max-rows", type=int, default=64)
+    parser.add_argument("--max-len", type=int, default=512)
+    parser.add_argument("--no-naive", action="store_true")
+    parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--models", help=argparse.SUPPRESS)
+    parser.add_argument("--prompts", help=argparse.SUPPRESS)
+    parser.add_argument("--clients", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.client:
+        client_main(args)
+        return
+    sys.path.insert(0, str(HERE))
+    seconds = args.seconds or (1.5 if args.smoke else 25.0)
+    naive_seconds = args.naive_seconds or (1.5 if args.smoke else 30.0)
+    if args.smoke:
+        args.new, args.max_len, args.max_rows = min(args.new, 8), 128, 16
+    model, device = build(args.smoke)
+    tokenizer, tokenizer_kind = tokenizer_for_bench()
+    work = Path(tempfile.mkdtemp(prefix="serve_load."))
+    adapters = make_adapters(model, 4, work)
+    low, high = (20, 60) if args.smoke else (250, 330)
+    prompts_file = work / "prompts.json"
+    prompts_file.write_text(json.dumps(make_prompts(256, low, high)))
+    small, big = (4, 16) if args.smoke else (16, 64)
+    plan = [("warmup", big, min(seconds, 5.0)), ("one", small, seconds), ("one", big, seconds),
+            ("four", small, seconds), ("four", big, seconds)]
+    rows = serve_scenarios(model, tokenizer, "continuous", adapters, prompts_file, plan, args)
+    if not args.no_naive:
+        rows += serve_scenarios(model, tokenizer, "naive", adapters, prompts_file,
+                                [("warmup", 1, 1.0), ("one", small, naive_seconds)], args)
+    result = {"config": {"model": "tiny" if args.smoke else "qwen2.5-7b-shapes random bf16",
+                         "device": str(device), "adapters": "4 × r=8, 7 projections",
+                         "prompt_tokens": [low, high], "new_tokens": args.new,
+                         "max_rows": args.max_rows, "max_len": args.max_len,
+                         "seconds": seconds, "naive_seconds": naive_seconds,
+                         "tokenizer": tokenizer_kind},
+              "environment": _environment(), "runs": rows, "summary": summary(rows, small, big)}
+    print(json.dumps(result["summary"], indent=1))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1, default=str))
+        print(f"→ {args.out}")
+
+
+def _environment() -> dict:
+    try:
+        from common import environment
+
+        return environment(None)
+    except Exception as exc:  # no git or nvidia-smi here: say so, keep the numbers
+        import torch
+
+        return {"error": f"{type(exc).__name__}: {exc}", "torch": torch.__version__}
+
+
+if __name__ == "__main__":
+    main()
