@@ -25,11 +25,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("sweep_file", help="sweep YAML (see configs/sweeps/)")
     p.add_argument(
         "overrides", nargs="*",
-        help="dotted overrides for every trial (e.g. train.max_steps=10); also output_dir=DIR "
-        "and sweep.parallel=N",
+        help="dotted overrides for every trial (e.g. train.max_steps=10); also output_dir=DIR, "
+        "sweep.parallel=N and sweep.mode=packed|sequential|auto",
     )
     p.add_argument("--dry-run", action="store_true",
-                   help="list the trials and the tokens each will train on; load no model")
+                   help="list the trials, the tokens each will train on, the mode (packed: how "
+                   "many together, predicted memory); load no model")
     p.add_argument("--resume", action="store_true", help="skip finished trials, rerun the rest")
     p.add_argument("--overwrite", action="store_true", help="replace the sweep in the output dir")
     p.add_argument("--quiet", action="store_true", help="no per-step progress bar")
@@ -80,7 +81,45 @@ def dry_run(spec: SweepSpec) -> int:
     total = sum(r["tokens"] for r in rows)
     console.print(f"{len(rows)} trials, {sum(r['steps'] for r in rows):,} optimizer steps, "
                   f"~{total:,} tokens in all (records x epochs x mean length); nothing trained")
+    console.print(mode_line(spec), highlight=False)
     return 0
+
+
+def mode_line(spec: SweepSpec, gpu_gib: float | None = None) -> str:
+    """What `loralab sweep` will do: packed or sequential, how many together, predicted peak
+    (on this machine's GPU, or a card of `gpu_gib`; without a GPU, what a GPU would do)."""
+    import torch
+
+    from loralab.sweep.mode import choose, combined_config, unpackable
+
+    cuda = torch.cuda.is_available()
+    planned = None
+    if spec.mode != "sequential" and not unpackable(spec.trials):
+        planned = _plan_packed(combined_config(spec.trials), gpu_gib)
+    choice = choose(spec.mode, spec.trials, cuda or planned is not None, planned)
+    where = "" if cuda else " (no GPU here: what a GPU would do; on the CPU auto is sequential)"
+    if choice.mode == "sequential":
+        return f"mode: sequential, one trial at a time ({choice.reason}){where}"
+    peak = f", predicted peak {choice.predicted_gib:.1f} GiB" if choice.predicted_gib else ""
+    return (f"mode: packed, {choice.together} trials together, {choice.micro_batches} "
+            f"micro-batch(es) per step{peak} ({choice.reason}){where}")
+
+
+def _plan_packed(cfg: Any, gpu_gib: float | None) -> Any:
+    """levers.plan of the combined step on a GPU (the model's config.json only)."""
+    from loralab.train.estimate_cli import data_lengths, gpu_plans, model_shape
+
+    try:
+        shape = model_shape(cfg)
+        lengths, labelled, _ = data_lengths(cfg)
+    except Exception:  # unreadable model or data: the run itself will say so
+        return None
+    import torch
+
+    card = gpu_gib or (torch.cuda.get_device_properties(0).total_memory / 2**30
+                       if torch.cuda.is_available() else 80.0)
+    given, auto, _ = gpu_plans(cfg, shape, lengths, labelled, card)
+    return auto if cfg.train.memory == "auto" else given
 
 
 _TOKENIZERS: dict[str, Any] = {}
