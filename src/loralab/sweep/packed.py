@@ -26,14 +26,16 @@ from loralab.sweep.spec import Trial
 Report = Callable[[str, str, dict[str, Any]], None]  # (trial name, status, fields)
 
 
-def run_packed(trials: list[Trial], base: Any, report: Report, show_progress: bool = True) -> None:
+def run_packed(trials: list[Trial], base: Any, report: Report, show_progress: bool = True,
+               data: dict[str, tuple[list, dict]] | None = None) -> None:
     """Train `trials` together on `base` (loaded for the first; all share it), reporting each
-    trial's status as it changes. The base is left as it was found."""
+    trial's status as it changes. The base is left as it was found. `data`: trial name →
+    (examples, summary) already built (benchmarks), else each trial's data.path is read."""
     ready: list[PackedTrial] = []
     for slot, trial in enumerate(trials):
         report(trial.name, "running", {"worker": None, "packed": len(trials)})
         try:
-            ready.append(packed_trial.prepare(trial, slot, base))
+            ready.append(packed_trial.prepare(trial, slot, base, (data or {}).get(trial.name)))
         except Exception as exc:  # bad data, bad targets...: this trial fails, others go on
             report(trial.name, "failed", {"error": f"{type(exc).__name__}: {exc}"})
     if not ready:

@@ -97,14 +97,14 @@ def _plan(lengths: tuple[int, ...], per_step: int, seed: int, epoch: int, shuffl
     return _PLANS[key]
 
 
-def prepare(trial: Trial, slot: int, base: Any) -> PackedTrial:
+def prepare(trial: Trial, slot: int, base: Any, data: tuple[list, dict] | None = None) -> PackedTrial:
     """Data and the initial adapter weights, exactly as `train_run` would make them: the
     adapter is attached with PEFT (same seed → same init), read, and detached again."""
     from loralab.data.summary import build_dataset
     from loralab.model.lora import attach_lora
 
     cfg = trial.config
-    examples, summary = build_dataset(cfg.data, base.tokenizer, cfg.train.seed)
+    examples, summary = data or build_dataset(cfg.data, base.tokenizer, cfg.train.seed)
     peft_model = attach_lora(base.model, cfg.lora, cfg.train.seed)
     try:
         init = peft_weights(peft_model)
