@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", default=None, help="e.g. 0.5b=40,1.5b=25,7b=10 (steps per trial)")
     p.add_argument("--counts", default="2,4,8,16", help="trial counts for the 0.5B ratio curve")
     p.add_argument("--trials", type=int, default=8, help="trials in the main comparison")
+    p.add_argument("--static-ranks", action="store_true",
+                   help="sequential without compile reuse (dynamo's static parameter shapes)")
     p.add_argument("--commit", default=None, help="loralab's commit (the GPU copy has no .git)")
     return p.parse_args(argv)
 
@@ -80,8 +82,18 @@ def make_trials(root: Path, count: int, steps: int, smoke: bool) -> list:
     return trials
 
 
-def run_sequential(trials: list, base, data) -> list[float]:
-    """Each trial as the sweep's in-process path trains it; wall seconds per trial."""
+def run_sequential(trials: list, base, data, reuse: bool = True) -> list[float]:
+    """Each trial as the sweep's in-process path trains it (compiled code reused across ranks
+    unless `reuse` is False: dynamo's default); wall seconds per trial."""
+    import contextlib
+
+    from loralab.sweep.runner import compiled_code_reused
+
+    with compiled_code_reused() if reuse else contextlib.nullcontext():
+        return _one_by_one(trials, base, data)
+
+
+def _one_by_one(trials: list, base, data) -> list[float]:
     from loralab.train.loop import train_adapter
 
     times = []
@@ -146,7 +158,7 @@ def compare(shape_name: str, args, steps: int, rows: list, root: Path) -> dict:
     data = (examples, {"kept": len(examples)})
     trials = make_trials(root / f"{shape_name}-seq", args.trials, steps, args.smoke)
     say(f"{shape_name}: {args.trials} trials x {steps} steps, effective batch 16 each")
-    seq = run_sequential(trials, base, data)
+    seq = run_sequential(trials, base, data, reuse=not args.static_ranks)
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -197,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     config = {"shapes": {s: SHAPES[s] for s in shapes} if not args.smoke else "tiny",
               "steps_per_trial": {s: steps[s] for s in shapes}, "effective_batch": 16,
-              "ranks": RANKS, "lrs": LRS[:2], "smoke": args.smoke, "data": "seed_like_examples"}
+              "ranks": RANKS, "lrs": LRS[:2], "smoke": args.smoke,
+              "compile_reuse": not args.static_ranks, "data": "seed_like_examples"}
     t0 = time.time()
     for shape in shapes:
         measured = compare(shape, args, steps[shape], rows, root)

@@ -174,9 +174,32 @@ def _announce(manifest: dict[str, Any], trial: Trial) -> None:
 # ---------------------------------------------------------------- in this process
 
 
+@contextlib.contextmanager
+def compiled_code_reused() -> Iterator[None]:
+    """Trials of other ranks reuse the compiled decoder layers: dynamo may treat parameter
+    shapes as dynamic (its default pins them, so each new LoRA rank was a new graph and a
+    recompile per trial). A dimension becomes dynamic once it has changed (dynamo's automatic
+    dynamic shapes): the base's weights never change and stay static; the rank, after the
+    second rank seen, is symbolic, and later trials find a graph that fits."""
+    import torch._dynamo as dynamo
+
+    saved = dynamo.config.force_parameter_static_shapes
+    dynamo.config.force_parameter_static_shapes = False
+    try:
+        yield
+    finally:
+        dynamo.config.force_parameter_static_shapes = saved
+
+
 def _run_in_process(spec: SweepSpec, manifest: dict, todo: list[Trial], show_progress: bool,
                     bases: SharedBase | None = None) -> None:
     bases = bases or SharedBase()
+    with compiled_code_reused():
+        _train_one_by_one(spec, manifest, todo, show_progress, bases)
+
+
+def _train_one_by_one(spec: SweepSpec, manifest: dict, todo: list[Trial], show_progress: bool,
+                      bases: SharedBase) -> None:
     for trial in todo:
         _report(spec, manifest, trial.name, "running", {"worker": None})
         if show_progress:
@@ -323,6 +346,11 @@ def worker_main(index: int, device: str | None, tasks: Any, results: Any, thread
     else:
         torch.set_num_threads(threads)
     bases = SharedBase()
+    with compiled_code_reused():
+        _work(index, device, tasks, results, bases)
+
+
+def _work(index: int, device: str | None, tasks: Any, results: Any, bases: SharedBase) -> None:
     while (trial := tasks.get()) is not None:
         results.put((index, trial.name, "running", {"worker": index, "device": device or "cpu"}))
         try:
