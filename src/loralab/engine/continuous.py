@@ -180,6 +180,9 @@ class ContinuousBatch:
         self.owners: dict[int, Any] = {}
         self.columns: dict[int, dict[int, slice]] = {}
         self.use_graph = cuda_graph and self.device.type == "cuda"
+        if self.device.type == "cuda":
+            self.host_tokens = torch.zeros(max_rows, dtype=torch.long, pin_memory=True)
+            self.ready = torch.cuda.Event()
         self.graphs: dict[int, dict[str, Any]] = {}
         self.stats = {"graph_error": None, "captures": 0, "capture_seconds": 0.0}
 
@@ -327,14 +330,28 @@ class ContinuousBatch:
         if need > self.max_len:
             raise RuntimeError("a row ran past the cache: free it before its room runs out")
         bucket = self._bucket(need)
+        rows = sorted(self.rows)
         with torch.inference_mode():
-            self._run(bucket)
-            rows = sorted(self.rows)
-            tokens = self._choose(self.logits, rows)
-            self.token[torch.tensor(rows, device=self.device)] = tokens
+            self._run(bucket)  # leaves every row's argmax in self.token
+            for row in rows:
+                sampling = self.rows[row].sampling
+                if sampling.temperature > 0:
+                    self.token[row] = sample(self.logits[row], sampling,
+                                             self.rows[row].generator)
+            tokens = self._to_host(self.token)
         for row in rows:
             self.rows[row].next_slot += 1
-        return dict(zip(rows, tokens.tolist(), strict=True))
+        return {row: tokens[row] for row in rows}
+
+    def _to_host(self, tokens: Any) -> list[int]:
+        """tokens.tolist(), on CUDA waiting on an event: that wait lets go of the GIL (a
+        .tolist() waits holding it), so the server's HTTP thread runs while the GPU works."""
+        if self.device.type != "cuda":
+            return tokens.tolist()
+        self.host_tokens.copy_(tokens, non_blocking=True)
+        self.ready.record()
+        self.ready.synchronize()
+        return self.host_tokens.tolist()
 
     def _bucket(self, need: int) -> int:
         """The attention length for this step: on CUDA a power of two (one graph each), on
@@ -372,6 +389,7 @@ class ContinuousBatch:
 
             x = _layer(x, w, s, self.stack[i], masks, attend)
         self.logits.copy_(self._head(x))
+        self.token.copy_(self.logits.argmax(-1))
         self.slot.add_(self.active)
         self.position.add_(self.active)
 
@@ -412,12 +430,8 @@ class ContinuousBatch:
     # ------------------------------------------------------------ sampling
 
     def _choose(self, logits: Any, rows: list[int]) -> Any:
-        """The next token of `rows` (logits [len(rows) or max_rows, vocab]): argmax, or a
-        draw with the row's temperature, top_p and generator."""
-        import torch
-
-        if logits.shape[0] != len(rows):
-            logits = logits[torch.tensor(rows, device=self.device)]
+        """The first token of new `rows` from their prefill logits [len(rows), vocab]:
+        argmax, or a draw with the row's temperature, top_p and generator."""
         tokens = logits.argmax(-1)
         for j, row in enumerate(rows):
             sampling = self.rows[row].sampling

@@ -213,6 +213,14 @@ async def _pump(state: ServerState, job: Job, sink: TextSink, request: Request |
                 return
         if event is None:
             continue
+        while event[0] == "tokens" and not job.events.empty():
+            # behind the scheduler (a busy server): take every token waiting, one decode
+            # and one chunk for all of them
+            following = job.events.get_nowait()
+            if following[0] != "tokens":
+                job.events.put_nowait(following)  # nothing else is queued behind it
+                break
+            event = ("tokens", event[1] + following[1])
         if event[0] == "tokens":
             delta = sink.feed(event[1])
             if sink.stopped:

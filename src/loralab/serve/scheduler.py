@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import sys
 import threading
 import time
 from concurrent.futures import Future
@@ -22,6 +23,7 @@ from typing import Any
 from loralab.engine.continuous import Sampling
 
 PREFILL_TOKENS = 8192  # prompt tokens admitted per step at most: decode keeps its pace
+SWITCH_INTERVAL_S = 0.0005  # the process's GIL switch interval while serving
 GROUP_SPREAD = 1.5  # prompts prefilled together pad to at most this × the shortest
 
 
@@ -65,6 +67,9 @@ class Scheduler:
         self.thread = threading.Thread(target=self._loop, name="loralab-scheduler", daemon=True)
 
     def start(self) -> None:
+        # The HTTP thread and this one share the GIL; with Python's default 5 ms switch
+        # interval a decode step ready to launch could wait that long behind the HTTP work.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.thread.start()
 
     def stop(self) -> None:
@@ -193,11 +198,11 @@ class Scheduler:
                 req.first_token_at = now
                 self.metrics.first_token(req, now - req.arrived)
                 self._token(row, req, first, out)
+            self.metrics.tokens(group[0].model, len(group))
 
     def _token(self, row: int, req: Request, token: int, out: list) -> None:
         """Pass a token on; finish the row on a stop token, max_tokens or a full cache row."""
         req.generated += 1
-        self.metrics.tokens(req.model, 1)
         if token in self.stop_ids:
             out.append((req, ("tokens", [token])))
             self._finish(row, req, out, "stop")
@@ -221,10 +226,14 @@ class Scheduler:
                 self.metrics.finished(req, "error")
             return
         self.metrics.step(len(tokens), time.perf_counter() - started)
+        per_model: collections.Counter[str] = collections.Counter()
         for row, token in tokens.items():
             req = self.running.get(row)
             if req is not None:
+                per_model[req.model] += 1
                 self._token(row, req, token, out)
+        for model, n in per_model.items():
+            self.metrics.tokens(model, n)
 
     def fail_adapter(self, adapter: int, message: str) -> None:
         """Fail the requests of an adapter being unloaded (409); scheduler thread only."""
