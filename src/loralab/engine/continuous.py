@@ -166,10 +166,9 @@ class ContinuousBatch:
         zeros = dict(dtype=self.dtype, device=self.device)
         self.keys = [torch.zeros(kv, **zeros) for _ in self.layers]
         self.values = [torch.zeros(kv, **zeros) for _ in self.layers]
-        long = dict(dtype=torch.long, device=self.device)
-        self.token, self.position = torch.zeros(max_rows, **long), torch.zeros(max_rows, **long)
-        self.slot, self.active = torch.zeros(max_rows, **long), torch.zeros(max_rows, **long)
-        self.row_adapter = torch.zeros(max_rows, **long)
+        # per row: input token, its position id, the cache slot it goes to, busy or not, adapter
+        self.token, self.position, self.slot, self.active, self.row_adapter = (
+            torch.zeros(max_rows, dtype=torch.long, device=self.device) for _ in range(5))
         self.valid = torch.zeros(max_rows, max_len, dtype=torch.bool, device=self.device)
         self.logits = torch.zeros(max_rows, cfg.vocab_size, dtype=torch.float32,
                                   device=self.device)
@@ -223,7 +222,11 @@ class ContinuousBatch:
             raise ValueError(f"a prompt of {width} tokens does not fit {self.max_len} slots")
         rows = [self.free_rows.pop(0) for _ in prompts]
         with torch.inference_mode():
-            logits = self._prefill(prompts, rows, adapter, width)
+            try:
+                logits = self._prefill(prompts, rows, adapter, width)
+            except Exception:  # the rows were never busy: back to the free list
+                self.free_rows[:0] = rows
+                raise
             index = torch.tensor(rows, device=self.device)
             lengths = torch.tensor([len(p) for p in prompts], device=self.device)
             self.position[index] = lengths
