@@ -37,6 +37,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_WEIGHTS_BIN = "adapter_model.bin"  # older PEFT
 CHECKPOINTS = "checkpoints"
+TRAINER_STATE = "trainer_state.pt"  # in checkpoints/step-N/: optimizer, schedule, RNG, progress
 EVAL = "eval"
 # A sweep folder
 SWEEP_MANIFEST = "sweep.json"
@@ -101,6 +102,10 @@ class RunDir(_Folder):
     def checkpoints(self) -> Path:
         return self.path / CHECKPOINTS
 
+    def checkpoint(self, step: int) -> Path:
+        """checkpoints/step-N (zero-padded: names sort as steps do)."""
+        return self.path / CHECKPOINTS / checkpoint_name(step)
+
     @property
     def eval(self) -> Path:
         """The run's evaluated target: predictions.jsonl + metrics.json."""
@@ -123,6 +128,16 @@ class RunDir(_Folder):
         except (OSError, ValueError):
             return {}
         return data if isinstance(data, dict) else {}
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def checkpoint_step(name: str) -> int | None:
+    """N of a `step-N` folder name; None for any other name (a temporary folder, a file)."""
+    prefix, _, number = name.partition("-")
+    return int(number) if prefix == "step" and number.isdigit() else None
 
 
 @dataclass(frozen=True)

@@ -84,3 +84,4 @@ def test_estimate_prints_both_predictions(small_data):
     text = "\n".join(lines)
     assert "seed's formula 2P + 16 P_LoRA" in text and "16 examples" in text
     assert "train.memory=auto on a 24 GiB card" in text and "micro-batch 16" in text
+    assert "training runs with train.memory=auto" in text and "worst case" in text

@@ -119,7 +119,11 @@ def test_two_processes_resume_to_the_same_adapter(runs):
     proc = _run([*common, f"output_dir={straight}"], "--nproc", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     killed = root / "killed"
-    proc = _run([*common, f"output_dir={killed}"], "--nproc", "2", env={"LORALAB_KILL_AT_STEP": "2"})
+    # kill_at_step/sitecustomize.py: both ranks SIGKILL themselves at the end of step 2.
+    killer = {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent / "kill_at_step"),
+                                             os.environ.get("PYTHONPATH")])),
+              "KILL_AT_STEP": "2"}
+    proc = _run([*common, f"output_dir={killed}"], "--nproc", "2", env=killer)
     assert proc.returncode != 0
     assert "of 2 was killed by SIGKILL" in proc.stderr, proc.stderr[-2000:]
     assert not (killed / "adapter_model.safetensors").exists()

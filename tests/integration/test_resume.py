@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,11 @@ from safetensors.torch import load_file
 from loralab.cli import main
 from loralab.errors import UserError
 from loralab.train.cli import demo_config_path
+
+# tests/integration/kill_at_step/sitecustomize.py kills the process at the end of step 3.
+KILL_AT_STEP_3 = {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent / "kill_at_step"),
+                                                 os.environ.get("PYTHONPATH")])),
+                  "KILL_AT_STEP": "3"}
 
 
 def _train_cmd(overrides, *extra):
@@ -25,7 +31,7 @@ def test_killed_run_resumes_to_the_same_adapter(overrides, tmp_path):
     common = [o for o in overrides if not o.startswith(("train.max_steps", "output_dir"))]
     common += ["train.max_steps=5", "train.save_every=2"]
     killed = tmp_path / "killed"
-    env = {**os.environ, "LORALAB_KILL_AT_STEP": "3"}
+    env = {**os.environ, **KILL_AT_STEP_3}
     proc = subprocess.run(_train_cmd([*common, f"output_dir={killed}"]), env=env, capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert json.loads((killed / "result.json").read_text())["status"] == "running"

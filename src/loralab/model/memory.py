@@ -19,6 +19,7 @@ recomputed. Checked against the H200 anchors (../shared/anchors) within a few pe
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -196,7 +197,8 @@ def estimate(
 def worst_micro_batch(
     lengths: list[int], labelled: list[int], micro_batch: int, packed: bool, pad_multiple: int = 1
 ) -> tuple[int, int]:
-    """(tokens, labelled) of the largest micro-batch the data can produce (padding included)."""
+    """(tokens, labelled) of the largest micro-batch the data can produce (padding included):
+    its `micro_batch` longest sequences together, whatever the batch plan puts together."""
     k = min(micro_batch, len(lengths))
     if packed:
         tokens = sum(sorted(lengths, reverse=True)[:k])
@@ -212,28 +214,26 @@ def divisors_desc(n: int) -> list[int]:
 
 def plan_memory(
     s: ModelShape,
-    lengths: list[int],
-    labelled: list[int],
-    effective_batch: int,
+    largest: Callable[[int], tuple[int, int]],
+    micro_batches: Sequence[int],
     budget: int,
     step: StepShape,
-    packed: bool,
     checkpointing: str = "auto",
-    pad_multiple: int = 1,
 ) -> Estimate:
     """The fastest (micro-batch, checkpointing) whose predicted peak fits in `budget` bytes.
 
-    Largest micro-batch first (fewer, bigger GEMMs), without checkpointing first (no
-    recomputation); micro-batches divide the effective batch so the step's sequences are the same.
-    If nothing fits, the smallest plan is returned (the caller reports it).
+    `largest(m)` is (tokens incl. padding, labelled) of the largest micro-batch of m sequences
+    the run will have; `micro_batches` are the sizes allowed (they divide the effective batch,
+    so the step's sequences are the same). Largest micro-batch first (fewer, bigger GEMMs),
+    without checkpointing first (no recomputation). If nothing fits, the smallest plan is
+    returned (the caller reports it).
     """
     options = (True,) if checkpointing == "on" else (False,) if checkpointing == "off" else (
         False, True)
     last = None
     for ckpt in options:
-        for micro in divisors_desc(effective_batch):
-            tokens, lab = worst_micro_batch(lengths, labelled, micro, packed, pad_multiple)
-            last = estimate(s, tokens, lab, micro, ckpt, step)
+        for micro in sorted(micro_batches, reverse=True):
+            last = estimate(s, *largest(micro), micro, ckpt, step)
             if last.total <= budget:
                 return last
     assert last is not None

@@ -25,7 +25,7 @@ from loralab.io import (
 )
 
 CHECKPOINTS = layout.CHECKPOINTS
-STATE_FILE = "trainer_state.pt"
+STATE_FILE = layout.TRAINER_STATE
 KEEP_CHECKPOINTS = 2  # the newest two: one may be mid-write when a run is killed
 MARKER = rundir.MARKER
 DRY_RUN_FILE = layout.DATA_SUMMARY  # all that --dry-run writes
@@ -107,7 +107,7 @@ def save_adapter_files(peft_model: Any, tokenizer: Any, folder: Path) -> None:
             with os_errors(tmp):  # the tokenizers library says "File too large (os error 27)"
                 tokenizer.save_pretrained(tmp)
         names = sorted(p.name for p in tmp.iterdir())
-        names.sort(key=lambda n: n == "adapter_config.json")  # config last
+        names.sort(key=lambda n: n == layout.ADAPTER_CONFIG)  # config last
         for name in names:
             os.replace(tmp / name, folder / name)
     finally:
@@ -118,10 +118,9 @@ def save_checkpoint(run_dir: Path, step: int, peft_model: Any, state: dict[str, 
                     keep: int = KEEP_CHECKPOINTS) -> Path:
     """checkpoints/step-N: adapter + optimizer/scheduler/RNG state, renamed into place whole;
     the newest `keep` checkpoints stay (0: all)."""
-    root = run_dir / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
-    tmp = make_temp_dir(f".step-{step:07d}.", root)
+    final = layout.RunDir(run_dir).checkpoint(step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temp_dir(f".{final.name}.", final.parent)
     try:
         with os_errors(tmp):
             # save_embedding_layers=False: PEFT would ask the hub about the base on every save.
@@ -143,11 +142,13 @@ def save_checkpoint(run_dir: Path, step: int, peft_model: Any, state: dict[str, 
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    root = run_dir / CHECKPOINTS
+    """The complete checkpoints (their state file written last), oldest first."""
+    root = layout.RunDir(run_dir).checkpoints
     if not root.is_dir():
         return []
-    done = [p for p in root.glob("step-*") if (p / STATE_FILE).is_file()]
-    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+    done = [p for p in root.iterdir()
+            if layout.checkpoint_step(p.name) is not None and (p / STATE_FILE).is_file()]
+    return sorted(done, key=lambda p: layout.checkpoint_step(p.name))
 
 
 def load_checkpoint(path: Path, peft_model: Any) -> dict[str, Any]:
@@ -157,7 +158,7 @@ def load_checkpoint(path: Path, peft_model: Any) -> dict[str, Any]:
     lists and dicts only), so a pickle planted in a checkpoint is refused, not run."""
     from peft import set_peft_model_state_dict
 
-    weights = read_safetensors(path / "adapter_model.safetensors")
+    weights = read_safetensors(layout.RunDir(path).adapter_weights)
     device = next(p for p in peft_model.parameters() if p.requires_grad).device
     set_peft_model_state_dict(peft_model, {k: v.to(device) for k, v in weights.items()})
     return read_trainer_state(path / STATE_FILE)
@@ -235,11 +236,12 @@ def check_resume_config(run_dir: Path, new_config: dict[str, Any]) -> None:
     """Resuming with changed hyperparameters would silently mix two runs: refuse."""
     from loralab.config import read_yaml_mapping
 
-    if not (run_dir / layout.CONFIG).is_file():
-        raise UserError(f"cannot resume {run_dir}: its config.yaml is missing")
+    folder = layout.RunDir(run_dir)
+    if not folder.has_config():
+        raise UserError(f"cannot resume {run_dir}: its {layout.CONFIG} is missing")
     from loralab.config import Config
 
-    saved = _flatten(read_yaml_mapping(run_dir / layout.CONFIG))
+    saved = _flatten(read_yaml_mapping(folder.config))
     wanted = _flatten(new_config)
     # A key an older loralab did not write had its default then (it did not exist).
     defaults = _flatten(Config().to_dict())
@@ -264,4 +266,4 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def write_result(run_dir: Path, result: dict[str, Any]) -> None:
-    write_json(run_dir / layout.RESULT, result)
+    write_json(layout.RunDir(run_dir).result, result)

@@ -107,15 +107,15 @@ def dry_run(cfg: Config) -> int:
     tokenizer = load_tokenizer(resolve_tokenizer_path(cfg.model))
     _, summary = build_dataset(cfg.data, tokenizer, cfg.train.seed)
     print_summary(summary)
-    run_dir = Path(cfg.output_dir)
-    if not (is_empty(run_dir) or ckpt.holds_only_a_dry_run(run_dir)):
+    folder = layout.RunDir(cfg.output_dir)
+    if not (is_empty(folder.path) or ckpt.holds_only_a_dry_run(folder.path)):
         # A run, or a user's folder: write nothing into it.
-        console.print(f"{run_dir} is not empty: data_summary.json not written there")
+        console.print(f"{folder.path} is not empty: {layout.DATA_SUMMARY} not written there")
         return 0
-    with folder_lock(run_dir):  # marked as loralab's: the training run may use it next
-        claim(run_dir, "run")
-        write_json(run_dir / ckpt.DRY_RUN_FILE, summary)
-    console.print(f"config and data OK; data summary written to {run_dir / ckpt.DRY_RUN_FILE}")
+    with folder_lock(folder.path):  # marked as loralab's: the training run may use it next
+        claim(folder.path, "run")
+        write_json(folder.data_summary, summary)
+    console.print(f"config and data OK; data summary written to {folder.data_summary}")
     return 0
 
 
@@ -148,14 +148,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _is_demo_run(run_dir: Path) -> bool:
     from loralab.config import get_dotted, read_yaml_mapping
 
-    path = run_dir / layout.CONFIG
-    if not path.is_file():
+    folder = layout.RunDir(run_dir)
+    if not folder.has_config():
         return False
-    return str(get_dotted(read_yaml_mapping(path), "model.path") or "").startswith("builtin:")
+    model_path = get_dotted(read_yaml_mapping(folder.config), "model.path") or ""
+    return str(model_path).startswith("builtin:")
 
 
 def _print_result(result: dict) -> None:
-    run_dir = Path(result["run_dir"])
+    folder = layout.RunDir(result["run_dir"])
+    run_dir = folder.path
     console.print(
         f"\n[green]done[/green]: {result['steps']} steps, loss {result['first_loss']:.4f} → "
         f"{result['final_loss']:.4f}, {result['tokens_per_s']:,.0f} tokens/s, "
@@ -168,7 +170,7 @@ def _print_result(result: dict) -> None:
     if result.get("adapter"):
         console.print(f"the adapter saved is the {result['adapter']}", highlight=False)
     console.print(f"adapter:  {run_dir}  (peft.PeftModel.from_pretrained(base, '{run_dir}'))")
-    console.print(f"metrics:  {run_dir / 'metrics.jsonl'}, {run_dir / 'result.json'}")
+    console.print(f"metrics:  {folder.step_metrics}, {folder.result}")
     tracker = result.get("tracker") or {}
     if tracker.get("backend") == "swanlab" and tracker.get("log_dir"):
         console.print(f"dashboard: swanlab watch {tracker['log_dir']}  (then open http://127.0.0.1:5092)")

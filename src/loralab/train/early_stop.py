@@ -53,6 +53,16 @@ class BestEval:
     def from_state(cls, patience: int, state: dict[str, Any] | None) -> BestEval:
         return cls(patience, **(state or {}))
 
+    def finish(self, peft_model: Any, steps_done: int, total_steps: int) -> dict[str, Any]:
+        """result.json's held-out figures at the end of a run; with early stopping, the best
+        eval's weights are put back into `peft_model` (they become the adapter saved)."""
+        out = self.describe()
+        if self.patience:
+            out["stopped_early"] = steps_done < total_steps
+            if self.restore_best(peft_model):
+                out["adapter"] = f"best held-out loss, step {self.step}"
+        return out
+
     def describe(self) -> dict[str, Any]:
         """What result.json says (nothing when no held-out loss was computed)."""
         if self.last is None:

@@ -1,8 +1,11 @@
 """`loralab estimate CONFIG [k=v ...]`: predicted peak GPU memory of the training step.
 
 Reads only the model's config.json (no weights) and, when the data file exists, its token
-lengths; prints the seed's rule of thumb and loralab's memory model for the micro-batch and
-checkpointing the config gives, and what `train.memory: auto` would choose on a card.
+lengths; prints the seed's rule of thumb and loralab's memory model for the plan training will
+make (the config's train.memory) and for the other setting. The peak is planned for the largest
+micro-batch of the run's own batch plan (the examples each step trains on are fixed by the seed
+before training); the data's worst case (its longest sequences in one micro-batch) is printed
+beside it.
 """
 
 from __future__ import annotations
@@ -34,8 +37,8 @@ def run(args: argparse.Namespace) -> int:
 
 def estimate_lines(cfg: Any, gpu_gib: float | None = None) -> list[str]:
     """The report `loralab estimate` prints, as lines: the plan training makes on a GPU
-    (`levers.plan`, the function the training loop calls) for the config as given and for
-    `train.memory: auto` on a card of `gpu_gib`."""
+    (`levers.plan`, the function the training loop calls) for the config's train.memory and
+    for the other setting, on a card of `gpu_gib`."""
     from loralab.model.memory import GIB
 
     card = gpu_gib if gpu_gib is not None else _this_gpu_gib()
@@ -43,6 +46,12 @@ def estimate_lines(cfg: Any, gpu_gib: float | None = None) -> list[str]:
     lengths, labelled, source = data_lengths(cfg)
     given, auto, budget = gpu_plans(cfg, shape, lengths, labelled, card)
     effective = cfg.train.batch_size * cfg.train.grad_accum
+    titles = {"auto": f"train.memory=auto on a {card:.0f} GiB card (effective batch {effective})",
+              "fixed": f"train.memory=fixed (batch_size {cfg.train.batch_size} x grad_accum "
+                       f"{cfg.train.grad_accum})"}
+    mine = cfg.train.memory if cfg.train.memory in titles else "fixed"
+    other = "fixed" if mine == "auto" else "auto"
+    plans = {"auto": auto, "fixed": given}
     lines = [
         f"model {cfg.model.path}: {shape.params:,} parameters, {shape.layers} layers, "
         f"hidden {shape.hidden}, LoRA r={cfg.lora.r} on {len(cfg.lora.target_modules)} "
@@ -50,19 +59,30 @@ def estimate_lines(cfg: Any, gpu_gib: float | None = None) -> list[str]:
         f"data: {source}; packing {'on' if given.packing else 'off'} (attention "
         f"{given.attention}), compile {'on' if given.compile else 'off'}, dropout {cfg.lora.dropout}",
         f"seed's formula 2P + 16 P_LoRA: {given.predicted.seed_formula / GIB:.2f} GiB (no activations)",
-        _describe("as configured", given.predicted),
-        _describe(f"train.memory=auto on a {card:.0f} GiB card (effective batch {effective})",
-                  auto.predicted),
-        "(each figure is the peak of the plan's largest micro-batch of this data: the worst step)",
+        _describe(f"training runs with {titles[mine]}", plans[mine]),
+        _describe(f"with {titles[other]}", plans[other]),
+        f"(peak: this run's largest micro-batch, from its batch plan over "
+        f"{_total_steps(cfg, len(lengths))} steps; worst case: the data's longest sequences "
+        "in one micro-batch)",
     ]
     if auto.predicted.total > budget:
         lines.append("  does not fit even with micro-batch 1 and checkpointing")
     return lines
 
 
+def training_plan(cfg: Any, shape: Any, lengths: list[int], labelled: list[int],
+                  card_gib: float) -> Any:
+    """The plan training makes for `cfg` on a GPU of `card_gib` (its train.memory setting):
+    what `loralab estimate` prints first. `.predicted_gib['total']` is the peak it predicts,
+    `.worst_case_gib` the data's worst case. bench/train_speed.py records it beside the
+    measured peak."""
+    given, auto, _ = gpu_plans(cfg, shape, lengths, labelled, card_gib)
+    return auto if cfg.train.memory == "auto" else given
+
+
 def gpu_plans(cfg: Any, shape: Any, lengths: list[int], labelled: list[int],
               card_gib: float) -> tuple[Any, Any, int]:
-    """(the plan for the config as given, the plan of train.memory=auto, the byte budget) on a
+    """(the plan with train.memory=fixed, the plan with train.memory=auto, the byte budget) on a
     GPU of `card_gib`: `levers.plan`, which the training loop calls through `levers.resolve`."""
     import dataclasses
 
@@ -80,13 +100,20 @@ def gpu_plans(cfg: Any, shape: Any, lengths: list[int], labelled: list[int],
     return for_memory("fixed"), for_memory("auto"), budget
 
 
-def _describe(title: str, est: Any) -> str:
-    g = est.gib()
+def _total_steps(cfg: Any, examples: int) -> int:
+    from loralab.train.schedule import make_schedule
+
+    return make_schedule(cfg, examples).total_steps
+
+
+def _describe(title: str, fast: Any) -> str:
+    est, g = fast.predicted, fast.predicted.gib()
     return (
-        f"{title}: micro-batch {est.micro_batch} ({est.tokens} tokens), checkpointing "
+        f"{title}: micro-batch {est.micro_batch} (largest {est.tokens} tokens), checkpointing "
         f"{'on' if est.checkpointing else 'off'} -> peak {g['total']:.2f} GiB = weights "
         f"{g['weights']:.2f} + LoRA states {g['lora_states']:.2f} + activations "
-        f"{g['activations']:.2f} + logits {g['logits']:.2f} + workspace {g['workspace']:.2f}"
+        f"{g['activations']:.2f} + logits {g['logits']:.2f} + workspace {g['workspace']:.2f}; "
+        f"worst case {fast.worst_case_gib:.2f} GiB"
     )
 
 

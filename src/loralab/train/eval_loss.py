@@ -7,6 +7,18 @@ from typing import Any
 import torch
 
 
+def held_out_examples(cfg: Any, tokenizer: Any) -> list:
+    """The eval file's examples when train.eval_every asks for a held-out loss, else []."""
+    if not cfg.train.eval_every or not cfg.data.eval_path:
+        return []
+    from loralab.data.summary import build_dataset
+
+    examples, _ = build_dataset(
+        cfg.data, tokenizer, cfg.train.seed, path=cfg.data.eval_path, select=False
+    )
+    return examples
+
+
 @torch.no_grad()
 def held_out_loss(
     loss_module: Any,

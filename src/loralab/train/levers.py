@@ -20,8 +20,11 @@ from loralab.model.memory import (
     ModelShape,
     StepShape,
     card_budget,
+    divisors_desc,
+    estimate,
     plan_memory,
     shape_of,
+    worst_micro_batch,
 )
 
 CUDA_PACK_MULTIPLE = 64  # packed rows are filled to a multiple of this on CUDA (few shapes)
@@ -40,7 +43,8 @@ class FastPath:
     grad_accum: int
     labelled_only: bool
     pad_multiple: int
-    predicted_gib: dict[str, float] | None = None
+    predicted_gib: dict[str, float] | None = None  # the run's largest micro-batch, by part
+    worst_case_gib: float | None = None  # the data's longest sequences in one micro-batch
     predicted: Estimate | None = field(default=None, repr=False, compare=False)
 
     def describe(self) -> dict[str, Any]:
@@ -79,7 +83,9 @@ def plan(
     """The levers for a device kind and the data, and the peak memory they are predicted to
     reach: what training runs with, and what `loralab estimate` prints (one function, so the
     two cannot drift). `backend` is the attention used for packed rows; `shape` None (CPU):
-    no memory planning. The prediction is for the plan's worst micro-batch of this data."""
+    no memory planning. Memory is planned for the largest micro-batch the run's batch plan
+    will give any process (`RunBatches`), not for the data's worst case (its longest
+    sequences together), which is reported beside it."""
     tcfg = cfg.train
     packing = _on(tcfg.packing, cuda)
     attention = backend if packing else "sdpa"
@@ -88,17 +94,19 @@ def plan(
     step = step_shape(cfg, fused, _keeps_kv_heads(attention, packing, cuda), _on(tcfg.compile, cuda))
     micro, accum = tcfg.batch_size, tcfg.grad_accum
     ckpt = tcfg.gradient_checkpointing == "on"
-    predicted = None
+    predicted = worst = None
     if shape is not None:
-        if tcfg.memory == "auto":
-            share = -(-micro * accum // processes)
-            chosen = plan_memory(shape, lengths, labelled, share, budget, step, packing,
-                                 tcfg.gradient_checkpointing, pad_multiple)
-            # A micro-batch must divide the step (it may not when the processes' shares do not).
-            effective = micro * accum
-            micro = max(d for d in range(1, chosen.micro_batch + 1) if effective % d == 0)
-            ckpt, accum = chosen.checkpointing, effective // micro
-        predicted = _predict(shape, lengths, labelled, micro, ckpt, step, packing, pad_multiple)
+        batches = RunBatches(cfg, lengths, labelled, packing, pad_multiple, processes)
+        effective, share = micro * accum, -(-micro * accum // processes)
+        if tcfg.memory == "auto":  # micro-batches divide the step; none is above a share
+            sizes = [d for d in divisors_desc(effective) if d <= share]
+            chosen = plan_memory(shape, batches.largest, sizes, budget, step,
+                                 tcfg.gradient_checkpointing)
+            micro, ckpt = chosen.micro_batch, chosen.checkpointing
+            accum = effective // micro
+        predicted = estimate(shape, *batches.largest(micro), micro, ckpt, step)
+        worst = estimate(shape, *worst_micro_batch(lengths, labelled, min(micro, share), packing,
+                                                   pad_multiple), micro, ckpt, step)
     return FastPath(
         packing=packing,
         attention=attention,
@@ -110,6 +118,7 @@ def plan(
         labelled_only=tcfg.labelled_logits,
         pad_multiple=pad_multiple if packing else 1,
         predicted_gib=predicted.gib() if predicted else None,
+        worst_case_gib=worst.gib()["total"] if worst else None,
         predicted=predicted,
     )
 
@@ -119,6 +128,50 @@ def _held(p: torch.nn.Parameter) -> tuple[int, bool]:
     planned for what one process holds."""
     local = getattr(p, "to_local", None)  # a DTensor: FSDP's shard of the whole
     return (local().numel(), True) if local else (p.numel(), False)
+
+
+class RunBatches:
+    """The micro-batches a run will train on, for any micro-batch size: what memory is planned
+    for. Built from the loop's own pieces (`StepPlan` over the run's steps, `process_shards`
+    for every process), so the plan sees the steps that will run, before any weights load."""
+
+    def __init__(self, cfg: Any, lengths: list[int], labelled: list[int], packed: bool,
+                 pad_multiple: int, processes: int = 1) -> None:
+        from loralab.train.schedule import make_schedule
+
+        self.cfg, self.lengths, self.labelled = cfg, lengths, labelled
+        self.packed, self.pad_multiple, self.processes = packed, pad_multiple, processes
+        self.steps = make_schedule(cfg, len(lengths)).total_steps
+        self._largest: dict[int, tuple[int, int]] = {}
+
+    def largest(self, micro_batch: int) -> tuple[int, int]:
+        """(tokens incl. padding, labelled) of the largest micro-batch any process will run
+        with micro-batches of `micro_batch` sequences (compared as the loop records it)."""
+        if micro_batch not in self._largest:
+            from loralab.train.schedule import StepPlan
+            from loralab.train.step import process_shards
+
+            effective = self.cfg.train.batch_size * self.cfg.train.grad_accum
+            plan = StepPlan.for_run(self.cfg, self.lengths, micro_batch, effective // micro_batch)
+            by_index = dict(enumerate(self.lengths)) if self.processes > 1 else None
+            self._largest[micro_batch] = max(
+                (self._size(mb) for index in range(self.steps)
+                 for shard in process_shards(plan.step(index), self.processes, by_index)
+                 for mb in shard),
+                default=(0, 0),
+            )
+        return self._largest[micro_batch]
+
+    def _size(self, micro_batch: list[int]) -> tuple[int, int]:
+        """As data/batching.py collates it: one packed row filled to pad_multiple, or padded
+        rows as wide as the longest."""
+        lengths = [self.lengths[i] for i in micro_batch]
+        if self.packed:
+            tokens = sum(lengths)
+            tokens += -tokens % max(1, self.pad_multiple)
+        else:
+            tokens = len(lengths) * max(lengths)
+        return tokens, sum(self.labelled[i] for i in micro_batch)
 
 
 def _keeps_kv_heads(attention: str, packing: bool, cuda: bool) -> bool:
@@ -143,7 +196,7 @@ def step_shape(cfg: Any, fused: bool, kv_heads_kept: bool, compiled: bool) -> St
 def predict_peak_gib(cfg: Any, model: torch.nn.Module, fast: FastPath, tokens: int,
                      labelled: int) -> float:
     """loralab's memory model for a micro-batch of this size run with these levers."""
-    from loralab.model.memory import GIB, estimate
+    from loralab.model.memory import GIB
 
     cuda = next(model.parameters()).device.type == "cuda"
     step = step_shape(cfg, fast.fused_lora, _keeps_kv_heads(fast.attention, fast.packing, cuda),
@@ -151,13 +204,6 @@ def predict_peak_gib(cfg: Any, model: torch.nn.Module, fast: FastPath, tokens: i
     shape = shape_of(model.config, sum(p.numel() for p in model.parameters()))
     return round(estimate(shape, tokens, labelled, fast.micro_batch, fast.checkpointing,
                           step).total / GIB, 2)
-
-
-def _predict(shape, lengths, labelled, micro, ckpt, step, packing, pad_multiple) -> Estimate:
-    from loralab.model.memory import estimate, worst_micro_batch
-
-    tokens, lab = worst_micro_batch(lengths, labelled, micro, packing, pad_multiple)
-    return estimate(shape, tokens, lab, micro, ckpt, step)
 
 
 def apply(fast: FastPath, model: torch.nn.Module, peft_model: torch.nn.Module) -> Callable[[], None]:

@@ -31,6 +31,17 @@ def clock(seconds: float | None) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def print_split(per_step: int, micro_batch: int, processes: int) -> None:
+    """One line at the start of a multi-process run: how a step's sequences are shared."""
+    from rich.console import Console
+
+    Console().print(
+        f"{processes} processes: each optimizer step's {per_step} sequences are shared, "
+        f"~{-(-per_step // processes)} per process (micro-batches of up to {micro_batch}); "
+        "gradients summed over processes, so the step equals one process's"
+    )
+
+
 def step_line(step: int, total: int, loss: float, tokens_per_s: float, elapsed: float,
               eta: float | None, eval_loss: float | None = None) -> str:
     """The plain progress line written when the stream is not a terminal."""

@@ -12,6 +12,7 @@ from loralab.train import checkpoint as ckpt
 from loralab.train.dist import Dist, PeerFailed
 from loralab.train.early_stop import BestEval
 from loralab.train.schedule import Optim
+from loralab.train.step import StepStats
 
 
 @dataclass
@@ -24,6 +25,14 @@ class Progress:
     train_seconds: float = 0.0
     largest: tuple[int, int] = (0, 0)  # largest micro-batch: (tokens incl. padding, labelled)
     best: BestEval = field(default_factory=BestEval)  # held-out loss: best so far, early stopping
+
+    def add_step(self, step: int, loss: float, stats: StepStats, seconds: float) -> None:
+        """Optimizer step `step` (1-based) is done: its loss, tokens, time and largest batch."""
+        self.step = step
+        self.losses.append(loss)
+        self.tokens += stats.seen_tokens
+        self.train_seconds += seconds
+        self.largest = max(self.largest, stats.largest_batch)
 
 
 def restore_progress(

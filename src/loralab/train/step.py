@@ -63,7 +63,16 @@ def accumulate_step(
 def process_shard(
     micro_batches: list[list[int]], index: int, processes: int, lengths: Mapping[int, int] | None = None
 ) -> list[list[int]]:
-    """This process's micro-batches of one step.
+    """This process's micro-batches of one step (`process_shards`' share number `index`)."""
+    if processes == 1:
+        return [mb for mb in micro_batches if mb]
+    return process_shards(micro_batches, processes, lengths)[index]
+
+
+def process_shards(
+    micro_batches: list[list[int]], processes: int, lengths: Mapping[int, int] | None = None
+) -> list[list[list[int]]]:
+    """Every process's micro-batches of one step, in rank order.
 
     One process: the plan as it is. Several: the step's sequences are dealt longest first to the
     process with the fewest tokens so far (a step waits for its slowest process, and the plan
@@ -71,7 +80,7 @@ def process_shard(
     then cut into micro-batches no larger than the plan's.
     """
     if processes == 1:
-        return [mb for mb in micro_batches if mb]
+        return [[mb for mb in micro_batches if mb]]
     flat = [i for mb in micro_batches for i in mb]
     size = max(len(mb) for mb in micro_batches)
     cost = (lambda i: lengths[i]) if lengths is not None else (lambda i: 1)
@@ -81,8 +90,7 @@ def process_shard(
         k = min(range(processes), key=lambda k: (load[k], k))
         mine[k].append(i)
         load[k] += cost(i)
-    share = mine[index]
-    return [share[j : j + size] for j in range(0, len(share), size)]
+    return [[share[j : j + size] for j in range(0, len(share), size)] for share in mine]
 
 
 def clip_gradients(params, max_norm: float) -> float:

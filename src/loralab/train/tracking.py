@@ -88,6 +88,14 @@ class TensorBoardTracker(Tracker):
         self.writer.close()
 
 
+def tracker_metrics(row: dict[str, Any]) -> dict[str, float]:
+    """A metrics.jsonl row under the trackers' names: train/<key>, and eval/loss."""
+    out = {f"train/{k}": v for k, v in row.items() if k not in ("step", "eval_loss")}
+    if "eval_loss" in row:
+        out["eval/loss"] = row["eval_loss"]
+    return out
+
+
 def start_tracker(cfg: TrackingConfig, run_dir: Path, config: dict[str, Any]) -> Tracker:
     """The configured tracker, or the no-op one with one line saying why it could not start."""
     if cfg.backend == "none" or cfg.mode == "disabled":

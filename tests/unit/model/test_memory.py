@@ -77,17 +77,30 @@ def test_checkpointed_7b_run_fits_in_24_gib(seven_b):
 
 
 def test_auto_plan_prefers_big_micro_batches_then_checkpointing(seven_b):
-    lengths, labelled = [384] * 16, [96] * 16
+    def largest(micro):  # every micro-batch of the run at the data's longest sequences
+        return micro * 384, micro * 96
+
     step = StepShape(dropout=0.1)
-    big = plan_memory(seven_b, lengths, labelled, 16, int(130 * GIB), step, packed=True)
+    sizes = [16, 8, 4, 2, 1]
+    big = plan_memory(seven_b, largest, sizes, int(130 * GIB), step)
     assert (big.micro_batch, big.checkpointing) == (16, False)
-    small = plan_memory(seven_b, lengths, labelled, 16, int(24 * GIB), step, packed=True)
+    small = plan_memory(seven_b, largest, sizes, int(24 * GIB), step)
     assert small.total <= 24 * GIB and small.micro_batch < 16
-    tight = plan_memory(seven_b, lengths, labelled, 16, int(16.5 * GIB), step, packed=True)
+    tight = plan_memory(seven_b, largest, sizes, int(16.5 * GIB), step)
     assert tight.checkpointing and tight.total <= 16.5 * GIB
-    forced = plan_memory(seven_b, lengths, labelled, 16, int(130 * GIB), step, packed=True,
-                         checkpointing="on")
+    forced = plan_memory(seven_b, largest, sizes, int(130 * GIB), step, checkpointing="on")
     assert forced.checkpointing and forced.micro_batch == 16
+
+
+def test_auto_plan_tries_only_the_sizes_it_is_given(seven_b):
+    asked = []
+
+    def largest(micro):
+        asked.append(micro)
+        return micro * 384, micro * 96
+
+    chosen = plan_memory(seven_b, largest, [1, 4, 2], int(130 * GIB), StepShape())
+    assert chosen.micro_batch == 4 and asked == [4]
 
 
 def test_worst_micro_batch_counts_padding_or_packing():

@@ -67,3 +67,44 @@ def test_on_the_cpu_training_plans_no_memory(tiny_model):
     assert (fast.packing, fast.compile, fast.fused_lora, fast.predicted_gib) == (False, False,
                                                                                   False, None)
     assert (fast.micro_batch, fast.grad_accum) == (16, 1)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+@pytest.mark.parametrize("processes", [1, 2])
+def test_memory_is_planned_for_the_micro_batches_the_loop_collates(packing, processes):
+    """RunBatches' largest micro-batch is the largest tensor the loop's steps put on a card
+    (their plan, each process's share, collated padded or packed): estimate and the plan see
+    the steps that will run, not only the data's worst case."""
+    from loralab.data.batching import collate_for_model
+    from loralab.train.schedule import StepPlan, make_schedule
+    from loralab.train.step import process_shard
+
+    cfg = _config("train.batch_size=4", "train.grad_accum=2", "train.max_steps=5")
+    examples, _ = build_dataset(cfg.data, load_tokenizer(str(builtin_tokenizer_dir())), 0)
+    lengths = [len(e.input_ids) for e in examples]
+    labelled = [sum(1 for x in e.labels[1:] if x != -100) for e in examples]
+    batches = levers.RunBatches(cfg, lengths, labelled, packing, 64, processes)
+    for micro in (8, 4, 2):
+        plan = StepPlan.for_run(cfg, lengths, micro, 8 // micro)
+        seen = (0, 0)
+        for index in range(make_schedule(cfg, len(examples)).total_steps):
+            for rank in range(processes):
+                for mb in process_shard(plan.step(index), rank, processes, dict(enumerate(lengths))):
+                    batch = collate_for_model([examples[i] for i in mb], 0, packing, 64)
+                    seen = max(seen, (batch["input_ids"].numel(),
+                                      int((batch["labels"][:, 1:] != -100).sum())))
+        assert batches.largest(micro) == seen
+
+
+def test_the_run_s_largest_step_is_planned_and_the_worst_case_reported(monkeypatch, tiny_model):
+    """Few steps over varied lengths: the run's largest micro-batch is below the data's worst
+    case (its longest sequences together); the plan's peak is the former, both are reported."""
+    cfg = _config("train.packing=on", "train.memory=fixed", "train.max_steps=2",
+                  "data.limit=null")
+    lengths = [20 + 7 * (i % 40) for i in range(200)]
+    labelled = [n // 4 for n in lengths]
+    shape = model_shape(cfg)
+    fast = levers.plan(cfg, True, "varlen", shape, lengths, labelled, int(80 * GIB))
+    largest = levers.RunBatches(cfg, lengths, labelled, True, fast.pad_multiple).largest(16)
+    assert fast.predicted.tokens == largest[0] < sum(sorted(lengths)[-16:])
+    assert fast.predicted_gib["total"] <= fast.worst_case_gib
