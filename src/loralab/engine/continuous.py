@@ -242,7 +242,8 @@ class ContinuousBatch:
                 self.rows[row] = _Row(adapter, sampling, gen, width)
             tokens = self._choose(logits.float(), rows)
             self.token[index] = tokens
-        return rows, tokens.tolist()
+            firsts = self._to_host(tokens)
+        return rows, firsts
 
     def free(self, row: int) -> None:
         """The row leaves the batch; its slots are reused by the next add."""
@@ -351,10 +352,11 @@ class ContinuousBatch:
         .tolist() waits holding it), so the server's HTTP thread runs while the GPU works."""
         if self.device.type != "cuda":
             return tokens.tolist()
-        self.host_tokens.copy_(tokens, non_blocking=True)
+        host = self.host_tokens[: len(tokens)]
+        host.copy_(tokens, non_blocking=True)
         self.ready.record()
         self.ready.synchronize()
-        return self.host_tokens.tolist()
+        return host.tolist()
 
     def _bucket(self, need: int) -> int:
         """The attention length for this step: on CUDA a power of two (one graph each), on
