@@ -1,9 +1,10 @@
-"""Shared pieces of the GPU benchmarks: 7B-shaped random model, seed-like data, environment."""
+"""Shared pieces of the GPU benchmarks: 7B-shaped random model, seed-like data, environment.
+
+Results are written by bench/record.py (one folder per experiment, one schema)."""
 
 from __future__ import annotations
 
 import datetime
-import json
 import platform
 import random
 import statistics
@@ -123,11 +124,6 @@ def median(values: list[float]) -> float:
 def mfu(tokens_per_s: float, params: int) -> float:
     """4·N FLOPs per token (forward 2N + input gradients 2N) over the measured bf16 rate."""
     return tokens_per_s * 4 * params / BF16_PEAK
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1, default=str))
 
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:

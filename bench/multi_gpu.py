@@ -28,7 +28,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SEVEN_B, TARGETS, build_model, environment, median, seed_like_examples  # noqa: E402
+from common import (  # noqa: E402
+    SEVEN_B,
+    TARGETS,
+    NoTokenizer,
+    build_model,
+    median,
+    seed_like_examples,
+)
+from record import write_run  # noqa: E402
 
 SHAPES = {  # Qwen2.5 configs beyond 7B (random bf16 weights, built on the meta device)
     "32b": dict(SEVEN_B, hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
@@ -61,21 +69,7 @@ def worker(args: argparse.Namespace) -> None:
     if args.memory_cap_gib:
         total = torch.cuda.get_device_properties(dist.device).total_memory
         torch.cuda.set_per_process_memory_fraction(args.memory_cap_gib * 2**30 / total, dist.device)
-    if args.shape:
-        from accelerate import init_empty_weights
-        from transformers import AutoModelForCausalLM, Qwen2Config
-
-        with init_empty_weights():  # each process materialises only its shards (train/fsdp.py)
-            model = AutoModelForCausalLM.from_config(Qwen2Config(**SHAPES[args.shape]),
-                                                     dtype=torch.bfloat16)
-        model.requires_grad_(False)
-        model.config.use_cache = False
-        if dist.world == 1:  # nothing to shard: the whole model on this GPU (or out of memory)
-            from loralab.train.fsdp import move_to
-
-            move_to(model, dist.device)
-    else:
-        model = build_model(SEVEN_B)
+    model = worker_model(args.shape, dist) if args.shape else build_model(SEVEN_B)
     examples = seed_like_examples(4000)
     out = Path(dist.share(tempfile.mkdtemp(prefix="mgpu_")))
     cfg = config_from_dict({
@@ -86,12 +80,6 @@ def worker(args: argparse.Namespace) -> None:
                   "save_every": 0, "strategy": "fsdp" if args.shape else "ddp"},
         "tracking": {"backend": "none"},
     }).validate()
-
-    class NoTokenizer:
-        pad_token_id = 151643
-
-        def save_pretrained(self, folder) -> None:
-            del folder
 
     torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
@@ -112,6 +100,24 @@ def worker(args: argparse.Namespace) -> None:
         }))
     peft_model.unload()
     shutdown()
+
+
+def worker_model(shape: str, dist):
+    """A base of SHAPES[shape] built on the meta device: each process materialises only its
+    shards (train/fsdp.py); one process holds it whole on its GPU (or runs out of memory)."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(Qwen2Config(**SHAPES[shape]), dtype=torch.bfloat16)
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    if dist.world == 1:  # nothing to shard
+        from loralab.train.fsdp import move_to
+
+        move_to(model, dist.device)
+    return model
 
 
 def run_job(name: str, args: argparse.Namespace, out: Path) -> dict:
@@ -168,18 +174,19 @@ def main() -> int:
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    env = environment(args.commit)
-    env["visible_gpus"] = os.environ.get("CUDA_VISIBLE_DEVICES", "all")
-    print("environment", json.dumps(env), flush=True)
-    print(f"config: Qwen2.5-7B shapes, random bf16, r=8 alpha=32 on {TARGETS}, dropout 0, fast "
-          f"path defaults, lengths 150-384 (last 25% labelled), {args.steps} steps, first "
-          f"{args.warm} not timed; jobs {args.jobs}", flush=True)
-    rows = {name: run_job(name, args, out) for name in args.jobs.split(",")}
-    summary = compare(rows)
+    config = {"model": "Qwen2.5-7B shapes, random bf16 weights", "lora_r": 8, "lora_alpha": 32,
+              "targets": TARGETS, "dropout": 0, "levers": "fast path defaults",
+              "lengths": "uniform 150-384, last 25% labelled", "steps": args.steps,
+              "untimed_warmup_steps": args.warm, "jobs": args.jobs.split(","),
+              "visible_gpus": os.environ.get("CUDA_VISIBLE_DEVICES", "all")}
+    print("config", json.dumps(config), flush=True)
+    jobs = {name: run_job(name, args, out) for name in args.jobs.split(",")}
+    summary = compare(jobs)
     print("summary", json.dumps(summary), flush=True)
-    (out / "multi_gpu.json").write_text(json.dumps({"environment": env, "steps": args.steps,
-                                                    "warm": args.warm, "jobs": rows,
-                                                    "summary": summary}, indent=1))
+    rows = [{"job": name, **job} for name, job in jobs.items()]
+    path = write_run(out, "multi_gpu", config=config, rows=rows, summary=summary,
+                     commit=args.commit)
+    print("result", path, flush=True)
     return 0
 
 

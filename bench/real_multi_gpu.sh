@@ -32,9 +32,10 @@ for P in 1 2; do
 done
 timed eval python -m loralab.cli eval --adapters $W/one $W/two $W/acc \
   --data src/loralab/resources/data/tag_scores_eval.json --out $W/comparison
-python - "$W" "$OUTDIR/real_multi_gpu.json" <<'PY'
+python - "$W" "$OUTDIR" "$M" <<'PY'
 import json, sys
 from pathlib import Path
+from record import write_run  # bench/record.py: $OUTDIR/real_multi_gpu/<date>_<commit>_<gpus>.json
 w, out = Path(sys.argv[1]), Path(sys.argv[2])
 summary = {}
 for name in ("one", "two", "acc"):
@@ -58,7 +59,11 @@ for p in ("sweep1", "sweep2"):
                        "final_loss": (t.get("result") or {}).get("final_loss")} for t in trials]
 comp = sorted(w.glob("**/comparison/metrics.json")) + sorted(w.glob("**/comparison/*.json"))
 summary["eval_files"] = [str(c) for c in comp[:10]]
-out.write_text(json.dumps(summary, indent=1))
+config = {"model": sys.argv[3], "records": 320, "steps": 20, "global_batch": 16, "dropout": 0,
+          "sweep": "lora.r 4, 8, 16, 32; 2 epochs; sweep.parallel 1 and 2"}
+rows = [{"run": k, **v} for k, v in summary.items() if isinstance(v, dict)]
+rest = {k: v for k, v in summary.items() if not isinstance(v, dict)}  # sweeps, eval files
+print("result", write_run(out, "real_multi_gpu", config=config, rows=rows, summary=rest))
 print(json.dumps({k: (v if not isinstance(v, dict) else {a: b for a, b in v.items()
                   if a not in ("losses", "step_tokens_per_s")}) for k, v in summary.items()}, indent=1))
 PY

@@ -18,6 +18,22 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 
 
+def process_func(tokenizer, example: dict) -> dict:
+    """The notebook's function, as it is (its tokenizer was a global there)."""
+    max_length = 384
+    instruction = tokenizer(
+        f"<|im_start|>system\n{example['instruction']}<|im_end|>\n<|im_start|>user\n"
+        f"{example['input']}<|im_end|>\n<|im_start|>assistant\n",
+        add_special_tokens=False,
+    )
+    response = tokenizer(f"{example['output']}", add_special_tokens=False)
+    input_ids = instruction["input_ids"] + response["input_ids"] + [tokenizer.pad_token_id]
+    attention_mask = instruction["attention_mask"] + response["attention_mask"] + [1]
+    labels = [-100] * len(instruction["input_ids"]) + response["input_ids"] + [tokenizer.pad_token_id]
+    return {"input_ids": input_ids[:max_length], "attention_mask": attention_mask[:max_length],
+            "labels": labels[:max_length]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
@@ -49,21 +65,7 @@ def main() -> None:
     with open(args.data, encoding="utf-8") as fh:
         records = json.load(fh)[: args.limit]
 
-    def process_func(example: dict) -> dict:  # the notebook's function, as it is
-        max_length = 384
-        instruction = tokenizer(
-            f"<|im_start|>system\n{example['instruction']}<|im_end|>\n<|im_start|>user\n"
-            f"{example['input']}<|im_end|>\n<|im_start|>assistant\n",
-            add_special_tokens=False,
-        )
-        response = tokenizer(f"{example['output']}", add_special_tokens=False)
-        input_ids = instruction["input_ids"] + response["input_ids"] + [tokenizer.pad_token_id]
-        attention_mask = instruction["attention_mask"] + response["attention_mask"] + [1]
-        labels = [-100] * len(instruction["input_ids"]) + response["input_ids"] + [tokenizer.pad_token_id]
-        return {"input_ids": input_ids[:max_length], "attention_mask": attention_mask[:max_length],
-                "labels": labels[:max_length]}
-
-    dataset = [process_func(r) for r in records]
+    dataset = [process_func(tokenizer, r) for r in records]
     tokens = sum(len(d["input_ids"]) for d in dataset) * args.epochs
     config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=8, lora_alpha=32, lora_dropout=0.1,
                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from loralab.evaluate.fast_forward import FastForward
-from loralab.evaluate.static_engine import StaticKV
+from loralab.engine.fast_forward import FastForward
+from loralab.engine.kv_cache import StaticKV
 
 
 def graph_ms(fn, replays: int = 50) -> float:
@@ -117,31 +117,40 @@ def decode_step_breakdown(lm: Any, batch: int, length: int, compile_: bool) -> l
         for m in (64, 80, 96, 128):  # would padding the decode batch help the GEMMs?
             x = torch.randn(m, cfg.hidden_size, dtype=dtype, device=dev)
             row(f"decode_step_gemms_only_rows{m}", graph_ms(gemms), rows=m)
-        x = torch.randn(batch, cfg.hidden_size, dtype=dtype, device=dev)
-        s = fast.shape
-        q = torch.randn(batch, s.kv_heads, s.heads // s.kv_heads, s.head_dim, dtype=dtype,
-                        device=dev)
-        layers = range(len(fast.layers))
-        row("decode_step_attention_only_matmul", graph_ms(lambda: [matmul_attention(
-            q, cache.keys[i], cache.values[i], mask) for i in layers]), **shape)
-        row("decode_step_attention_only_sdpa", graph_ms(lambda: [F.scaled_dot_product_attention(
-            q, cache.keys[i], cache.values[i], attn_mask=mask) for i in layers]), **shape)
-        q_flat = q.reshape(batch, s.heads, 1, s.head_dim)
-        row("decode_step_attention_only_sdpa_gqa", graph_ms(lambda: [
-            F.scaled_dot_product_attention(q_flat, cache.keys[i], cache.values[i],
-                                           attn_mask=mask, enable_gqa=True) for i in layers]),
-            **shape)
-        try:
-            row("decode_step_attention_only_flex", flex_ms(q_flat, cache, mask, layers), **shape)
-        except Exception as exc:  # measuring: a failure is a result
-            rows.append({"name": "decode_step_attention_only_flex",
-                         "error": f"{type(exc).__name__}: {exc}"[:300]})
+        rows += attention_rows(fast, cache, mask, batch, shape)
         big = torch.empty(weight_bytes // 2, dtype=dtype, device=dev)
         copy_ms = graph_ms(lambda: big.mul_(1), replays=10)  # one read + one write of it all
         row("decode_step_weight_read_floor", copy_ms / 2,
             note="half of an in-place pass over as many bytes")
         big = None
         rows += prefill_breakdown(lm, fast, compiled, cache, rows=26, tokens=290)
+    return rows
+
+
+def attention_rows(fast: Any, cache: Any, mask: Any, batch: int, shape: dict) -> list[dict]:
+    """One decode step's attention alone, over every layer's cache: grouped matmuls, SDPA with
+    the query heads as positions, SDPA's GQA path, flex_attention."""
+    s, dtype, dev = fast.shape, mask.dtype, mask.device
+    q = torch.randn(batch, s.kv_heads, s.heads // s.kv_heads, s.head_dim, dtype=dtype, device=dev)
+    q_flat = q.reshape(batch, s.heads, 1, s.head_dim)
+    layers = range(len(fast.layers))
+    timed = {
+        "matmul": lambda: [matmul_attention(q, cache.keys[i], cache.values[i], mask)
+                           for i in layers],
+        "sdpa": lambda: [F.scaled_dot_product_attention(q, cache.keys[i], cache.values[i],
+                                                        attn_mask=mask) for i in layers],
+        "sdpa_gqa": lambda: [F.scaled_dot_product_attention(
+            q_flat, cache.keys[i], cache.values[i], attn_mask=mask, enable_gqa=True)
+            for i in layers],
+    }
+    rows = [{"name": f"decode_step_attention_only_{k}", "ms": round(graph_ms(fn), 3), **shape}
+            for k, fn in timed.items()]
+    try:
+        rows.append({"name": "decode_step_attention_only_flex",
+                     "ms": round(flex_ms(q_flat, cache, mask, layers), 3), **shape})
+    except Exception as exc:  # measuring: a failure is a result
+        rows.append({"name": "decode_step_attention_only_flex",
+                     "error": f"{type(exc).__name__}: {exc}"[:300]})
     return rows
 
 
@@ -190,7 +199,7 @@ def numerics_rows(lm: Any, prompts: list[list[int]], n: int = 8) -> list[dict]:
     and transformers' forward in bf16, each against transformers' forward in float32."""
     import copy
 
-    from loralab.evaluate.static_engine import _additive
+    from loralab.engine.kv_cache import additive_mask as _additive
 
     dev = lm.lm_head.weight.device
     length = min(len(p) for p in prompts[:n])
@@ -233,7 +242,7 @@ def wall_ms(fn, repeats: int = 3) -> float:
 def clone_cat_build(lm: Any, lora: dict) -> list:
     """The stacked copy as commit d45d3e0 built it: every part cloned (or addmm'ed) on its own,
     then concatenated, so q/k/v and gate/up were written twice. Kept to compare with."""
-    from loralab.evaluate.fast_forward import GROUPS, plain_linear
+    from loralab.engine.fast_forward import GROUPS, plain_linear
 
     layers = []
     for i, layer in enumerate(lm.model.layers):
@@ -254,8 +263,8 @@ def adapter_overhead_rows(lm: Any, folder: Any) -> list[dict]:
     vs without it."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from loralab.evaluate.fast_forward import build_layers
-    from loralab.evaluate.lora_file import load_lora_file, lora_for_model
+    from loralab.engine.fast_forward import build_layers
+    from loralab.engine.lora_weights import load_lora_file, lora_for_model
 
     dtype, rows = lm.lm_head.weight.dtype, []
 

@@ -186,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     n_records = args.records or max(x for x in limits if x is not None)
     sys.path.insert(0, str(HERE))
     from make_records import builtin_tokenizer, length_stats, make_records
+    from record import write_run
 
-    from loralab.io import git_commit, versions, write_json
+    from loralab.io import git_commit
 
     records_path = out / f"records_{n_records}.json"
     if not records_path.is_file():
@@ -232,14 +233,11 @@ def main(argv: list[str] | None = None) -> int:
         separate_s = statistics.median(sum(r["separate"].values()) for r in rounds)
         extra = {"rounds": rounds}
     sweep_results = _sweep_results(out / "sweep")
-    report = {
-        "date": date, "git_commit": git_commit(), "versions": versions(),
-        "hardware": hardware(args.device), "config": config,
-        "sweep_makespan_s": round(sweep_s, 2), "separate_makespan_s": round(separate_s, 2),
-        "ratio": round(separate_s / sweep_s, 3), "sweep_trials": sweep_results, **extra,
-    }
-    write_json(out / "makespan.json", report)
-    print(json.dumps(report, indent=2))
+    summary = {"sweep_makespan_s": round(sweep_s, 2), "separate_makespan_s": round(separate_s, 2),
+               "ratio": round(separate_s / sweep_s, 3), "device": hardware(args.device), **extra}
+    rows = [{"trial": name, **(result or {})} for name, result in sweep_results.items()]
+    path = write_run(out, "sweep_makespan", config=config, rows=rows, summary=summary)
+    print(json.dumps(summary, indent=2), "\nresult", path)
     print(f"\none sweep process: {sweep_s:.1f} s; separate processes: {separate_s:.1f} s; "
           f"ratio {separate_s / sweep_s:.2f}x")
     return 0

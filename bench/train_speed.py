@@ -11,6 +11,10 @@ and the trained adapter reloaded in plain PEFT (logits compared in bf16).
 
     python bench/train_speed.py --out $OUT            # full run (< 9 minutes on an H200)
     python bench/train_speed.py --out /tmp/x --quick  # fewer steps: a smoke test
+
+Each loralab row also records what `loralab estimate` predicts for its config on this card
+(`estimate_cli.training_plan`, the function estimate prints; "estimate GiB", "est. error") and
+the data's worst case. The run's file: $OUT/train_speed/<date>_<commit>_<gpu>.json (bench/record.py).
 """
 
 from __future__ import annotations
@@ -29,14 +33,13 @@ from common import (  # noqa: E402
     TARGETS,
     NoTokenizer,
     build_model,
-    environment,
     loralab_cfg,
     markdown_table,
     median,
     mfu,
     seed_like_examples,
-    write_json,
 )
+from record import write_run  # noqa: E402
 
 VARIANTS = [  # (name, overrides): each switches one lever off
     ("loralab, dropout 0", {"lora.dropout": 0.0}),
@@ -60,6 +63,7 @@ def say(*parts) -> None:
 def run_loralab(name, model, examples, steps, warm, overrides, params) -> dict:
     import torch
 
+    from loralab import layout
     from loralab.train.loop import Base, train_adapter
 
     cfg = loralab_cfg(Path(tempfile.mkdtemp(prefix="ll_")), steps, overrides)
@@ -74,7 +78,8 @@ def run_loralab(name, model, examples, steps, warm, overrides, params) -> dict:
         say(f"{name}: FAILED {type(exc).__name__}: {str(exc)[:300]}")
         return {"system": name, "error": repr(exc)[:300]}
     peft_model.unload()
-    rows = [json.loads(x) for x in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    metrics = layout.RunDir(cfg.output_dir).step_metrics
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
     tps = median([r["tokens_per_s"] for r in rows[warm:]])
     fast = result["fast_path"]
     row = {"system": name, "tokens_per_s": tps, "mfu": mfu(tps, params),
@@ -83,9 +88,26 @@ def run_loralab(name, model, examples, steps, warm, overrides, params) -> dict:
            "micro_batch": fast["micro_batch"], "grad_accum": fast["grad_accum"],
            "checkpointing": fast["checkpointing"], "attention": fast["attention"],
            "wall_s": time.time() - t0, "losses": [r["loss"] for r in rows],
-           "step_tokens_per_s": [round(r["tokens_per_s"]) for r in rows], "fast_path": fast}
+           "step_tokens_per_s": [round(r["tokens_per_s"]) for r in rows], "fast_path": fast,
+           **estimate_of(cfg, model, examples)}
     say(json.dumps({k: v for k, v in row.items() if k not in ("losses", "fast_path")}))
     return row
+
+
+def estimate_of(cfg, model, examples) -> dict:
+    """What `loralab estimate` prints for this config on this card (the same function), from
+    config.json's shapes and the data's lengths only: to set beside the measured peak."""
+    import torch
+
+    from loralab.model.memory import shape_of
+    from loralab.train.estimate_cli import training_plan
+
+    lengths = [len(e.input_ids) for e in examples]
+    labelled = [sum(1 for x in e.labels[1:] if x != -100) for e in examples]
+    card_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+    plan = training_plan(cfg, shape_of(model.config), lengths, labelled, card_gib)
+    return {"estimate_gib": plan.predicted_gib["total"], "estimate_worst_gib": plan.worst_case_gib,
+            "estimate_micro_batch": plan.micro_batch, "estimate_checkpointing": plan.checkpointing}
 
 
 def run_trainer(name, model, examples, bs, ga, gc, dropout, steps, warm, params, liger=False):
@@ -170,27 +192,29 @@ def main() -> int:
     import torch
     from equivalence import probe_kernels, same_math  # bench/equivalence.py
 
-    env = environment(args.commit)
-    say("environment", json.dumps(env))
-    say("kernels", json.dumps(probe_kernels()))
+    # --commit: the GPU machine's copy of the tree may have no git history.
+    config = {"commit_given": args.commit, "kernels": probe_kernels()}
+    say("kernels", json.dumps(config["kernels"]))
     model = build_model(SEVEN_B)
     params = sum(p.numel() for p in model.parameters())
     examples = seed_like_examples(2000)
     steps, warm = (7, 3) if args.quick else (12, 4)
-    say(f"config: Qwen2.5-7B shapes ({params:,} params, random bf16), r=8 alpha=32 on {TARGETS},"
-        f" lengths 150-384, last 25% labelled, effective batch 16, {steps} steps, first {warm} "
-        "not timed (warm-up: compile and every new shape)")
+    config.update(model="Qwen2.5-7B shapes, random bf16 weights", params=params, lora_r=8,
+                  lora_alpha=32, targets=TARGETS, examples=len(examples),
+                  lengths="uniform 150-384, last 25% labelled", effective_batch=16, steps=steps,
+                  untimed_warmup_steps=warm)
+    say("config", json.dumps(config))
     rows = []
     if "seed" not in skip:
         rows.append(run_trainer("(a) seed: HF Trainer bs4xGA4, ckpt, dropout 0.1", model, examples,
                                 4, 4, True, 0.1, 6 if args.quick else 8, 2, params))
     rows.append(run_loralab("(c) loralab defaults", model, examples, steps, warm, {}, params))
-    report(out, env, rows, None)
+    report(out, config, rows, None)
     math = None if "equiv" in skip else same_math(model, examples, 8 if args.quick else 30, say)
-    report(out, env, rows, math)
+    report(out, config, rows, math)
     for name, overrides in [] if "variants" in skip else VARIANTS:
         rows.append(run_loralab(name, model, examples, steps, warm, overrides, params))
-        report(out, env, rows, math, quiet=True)
+        report(out, config, rows, math, quiet=True)
     if "liger" not in skip:
         # Trainer never turns checkpointing off again: the anchors' later "no checkpointing"
         # rows ran with it on. run_trainer switches it off after each run.
@@ -202,27 +226,31 @@ def main() -> int:
         if not args.quick:
             rows.append(run_trainer("(b) HF+PEFT+Liger bs32, no ckpt", model, examples, 32, 1,
                                     False, 0.1, 6, 2, params, liger=True))
-    report(out, env, rows, math)
+    report(out, config, rows, math)
     del torch
     return 0
 
 
-def report(out: Path, env: dict, rows: list[dict], math: dict | None, quiet=False) -> None:
-    """Table + JSON + log under `out` (rewritten after every system: a timeout keeps results)."""
+def report(out: Path, config: dict, rows: list[dict], math: dict | None, quiet=False) -> None:
+    """Table, log and the run's result file under `out` (rewritten after every system: a
+    timeout keeps what was measured)."""
     ok = [r for r in rows if "error" not in r]
     ref_a = next((r["tokens_per_s"] for r in ok if r["system"].startswith("(a)")), None)
     ref_b = max((r["tokens_per_s"] for r in ok if r["system"].startswith("(b)")), default=None)
     for r in ok:
         r["vs_a"] = r["tokens_per_s"] / ref_a if ref_a else None
         r["vs_b"] = r["tokens_per_s"] / ref_b if ref_b else None
-        pred = r.get("predicted_gib")
-        r["pred_err"] = f"{100 * (pred - r['peak_gib']) / r['peak_gib']:+.0f}%" if pred else None
+        r["pred_err"] = _error(r.get("predicted_gib"), r["peak_gib"])
+        r["est_err"] = _error(r.get("estimate_gib"), r["peak_gib"])
     cols = [("system", "system"), ("tokens_per_s", "real tokens/s"), ("mfu", "MFU"),
             ("vs_a", "× (a)"), ("vs_b", "× best (b)"), ("peak_gib", "peak GiB"),
             ("predicted_gib", "predicted GiB"), ("pred_err", "pred. error"),
+            ("estimate_gib", "estimate GiB"), ("est_err", "est. error"),
+            ("estimate_worst_gib", "worst case GiB"),
             ("micro_batch", "micro"), ("grad_accum", "GA"), ("checkpointing", "ckpt")]
     table = markdown_table(ok, cols)
-    write_json(out / "train_speed.json", {"environment": env, "rows": rows, "same_math": math})
+    write_run(out, "train_speed", config=config, rows=rows, summary={"same_math": math},
+              commit=config["commit_given"])
     if not quiet:
         say("\n" + table)
     if math and not quiet:
@@ -230,6 +258,10 @@ def report(out: Path, env: dict, rows: list[dict], math: dict | None, quiet=Fals
     (out / "train_speed.log").write_text("\n".join(LOG) + "\n")
     (out / "train_speed.md").write_text(table + "\n")
 
+
+def _error(predicted: float | None, measured: float) -> str | None:
+    """Signed: + when the prediction is above the measured peak."""
+    return f"{100 * (predicted - measured) / measured:+.0f}%" if predicted else None
 
 if __name__ == "__main__":
     sys.exit(main())
