@@ -90,6 +90,9 @@ def run_loralab(name, model, examples, steps, warm, overrides, params) -> dict:
            "wall_s": time.time() - t0, "losses": [r["loss"] for r in rows],
            "step_tokens_per_s": [round(r["tokens_per_s"]) for r in rows], "fast_path": fast,
            **estimate_of(cfg, model, examples)}
+    # The plan estimate printed is the one training made (same micro-batch and checkpointing).
+    row["estimate_plan_agrees"] = (row["estimate_micro_batch"], row["estimate_checkpointing"]) \
+        == (fast["micro_batch"], fast["checkpointing"])
     say(json.dumps({k: v for k, v in row.items() if k not in ("losses", "fast_path")}))
     return row
 
