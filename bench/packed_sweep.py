@@ -7,13 +7,18 @@ lr in {1e-4, 2e-4} (8 trials), every trial `--steps` optimizer steps (max_steps)
               resolves them, compiled layers reused across trials); per-trial wall times, so
               the first trial's start-up (compilation) and the later trials' can be compared
   packed      `sweep.packed.run_packed`: every trial in one forward/backward per step
-Then on 0.5B shapes the packed time for 2, 4, 8 and 16 trials; the sequential time for those
-counts is the measured first trial + (N-1) x the median later trial (said so in the rows).
+The sequential side trains the first 4 (0.5B) or 3 (1.5B, 7B) trials and counts the others at
+the median of its trials from the third on (by then the rank is a dynamic dimension: nothing
+left to compile); `--seq-trials 0.5b=8` trains them all. Then on 0.5B shapes the packed time
+for 2, 4 and 16 trials (8 is the main row); the sequential time for those counts is the first
+two trials as measured + (N-2) x that steady median (rows say "estimated").
 
-    python bench/packed_sweep.py --out $OUT                 # one H200, ~8 minutes
+    python bench/packed_sweep.py --out $OUT                 # one H200, ~8 min: 0.5B and 1.5B
+    python bench/packed_sweep.py --out $OUT --shapes 7b     # one H200, ~5 min: 7B
     python bench/packed_sweep.py --out /tmp/x --smoke       # CPU, tiny model, < 1 minute
 
-Steps (default): 0.5B 40, 1.5B 25, 7B 10 per trial. The run's file:
+Steps (default): 0.5B 20, 1.5B 12, 7B 6 per trial (times include each side's compilation,
+as a sweep's would: that start-up is what packing saves). The run's file:
 $OUT/packed_sweep/<date>_<commit>_<gpu>.json (bench/record.py).
 """
 
@@ -40,7 +45,8 @@ SHAPES = {
                  num_attention_heads=12, num_key_value_heads=2),
     "7b": SEVEN_B,
 }
-STEPS = {"0.5b": 40, "1.5b": 25, "7b": 10}
+STEPS = {"0.5b": 20, "1.5b": 12, "7b": 6}
+SEQ_TRIALS = {"0.5b": 4, "1.5b": 3, "7b": 3}  # sequential trials trained (the rest counted)
 RANKS, LRS = (4, 8, 16, 32), (1e-4, 2e-4, 3e-4, 4e-4)
 LOG: list[str] = []
 
@@ -55,9 +61,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="folder for the result file (and trial runs)")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny model, 2 steps: a test")
-    p.add_argument("--shapes", default="0.5b,1.5b,7b", help="comma list of 0.5b, 1.5b, 7b")
+    p.add_argument("--shapes", default="0.5b,1.5b",
+                   help="comma list of 0.5b, 1.5b, 7b (7b: a second run, ~5 min)")
     p.add_argument("--steps", default=None, help="e.g. 0.5b=40,1.5b=25,7b=10 (steps per trial)")
-    p.add_argument("--counts", default="2,4,8,16", help="trial counts for the 0.5B ratio curve")
+    p.add_argument("--counts", default="2,4,16",
+                   help="more trial counts for the 0.5B ratio curve (--trials is measured anyway)")
+    p.add_argument("--seq-trials", dest="seq_trials_text", default=None,
+                   help="sequential trials trained per shape, e.g. 0.5b=8 (default 0.5b=4,1.5b=3,7b=3)")
     p.add_argument("--trials", type=int, default=8, help="trials in the main comparison")
     p.add_argument("--static-ranks", action="store_true",
                    help="sequential without compile reuse (dynamo's static parameter shapes)")
@@ -145,11 +155,13 @@ def load(shape_name: str, smoke: bool):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(Qwen2Config(**TINY_QWEN2)).requires_grad_(False)
         return Base(model.eval(), NoTokenizer(), torch.device("cpu"))
-    return Base(build_model(SHAPES[shape_name]), NoTokenizer(), torch.device("cuda"))
+    return Base(build_model(SHAPES[shape_name]), NoTokenizer(), torch.device("cuda", 0))
 
 
 def compare(shape_name: str, args, steps: int, rows: list, root: Path) -> dict:
-    """Sequential vs packed for `args.trials` trials on one shape; one row each."""
+    """Sequential vs packed for `args.trials` trials on one shape; one row. The sequential side
+    trains the first `seq_trials` of them; the rest, if any, are counted at the median of the
+    measured trials from the third on (the rank is dynamic by then: no more compilation)."""
     import torch
 
     base = load(shape_name, args.smoke)
@@ -157,32 +169,39 @@ def compare(shape_name: str, args, steps: int, rows: list, root: Path) -> dict:
     examples = seed_like_examples(n, low=40 if args.smoke else 150, high=64 if args.smoke else 384)
     data = (examples, {"kept": len(examples)})
     trials = make_trials(root / f"{shape_name}-seq", args.trials, steps, args.smoke)
-    say(f"{shape_name}: {args.trials} trials x {steps} steps, effective batch 16 each")
-    seq = run_sequential(trials, base, data, reuse=not args.static_ranks)
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    k = min(args.trials, args.seq_trials.get(shape_name, args.trials))
+    say(f"{shape_name}: {args.trials} trials x {steps} steps, effective batch 16 each "
+        f"(sequential: {k} trained, {args.trials - k} counted at the steady trials' median)")
+    seq = run_sequential(trials[:k], base, data, reuse=not args.static_ranks)
+    steady = statistics.median(seq[2:] or seq[-1:])
+    sequential = sum(seq) + (args.trials - k) * steady
     if torch.cuda.is_available():
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     trials = make_trials(root / f"{shape_name}-packed", args.trials, steps, args.smoke)
     packed, statuses = run_packed_once(trials, base, data)
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-    later = statistics.median(seq[1:]) if len(seq) > 1 else seq[0]
     row = {"shape": shape_name, "trials": args.trials, "steps_per_trial": steps,
-           "sequential_s": round(sum(seq), 2), "sequential_per_trial_s": [round(t, 2) for t in seq],
-           "first_trial_s": round(seq[0], 2), "later_trial_median_s": round(later, 2),
-           "packed_s": round(packed, 2), "ratio": round(packed / sum(seq), 3),
+           "sequential_s": round(sequential, 2), "sequential_trained": k,
+           "sequential_per_trial_s": [round(t, 2) for t in seq],
+           "steady_trial_s": round(steady, 2), "packed_s": round(packed, 2),
+           "ratio": round(packed / sequential, 3),
            "packed_peak_gib": round(peak, 2) if peak else None, "packed_statuses": statuses}
-    say(f"{shape_name}: sequential {sum(seq):.1f} s (first {seq[0]:.1f}, later median "
-        f"{later:.1f}), packed {packed:.1f} s -> ratio {row['ratio']}")
+    say(f"{shape_name}: sequential {sequential:.1f} s (per trial {row['sequential_per_trial_s']}), "
+        f"packed {packed:.1f} s -> ratio {row['ratio']}")
     rows.append(row)
-    return {"base": base, "data": data, "first": seq[0], "later": later}
+    return {"base": base, "data": data, "seq": seq, "steady": steady}
 
 
 def ratio_curve(args, steps: int, rows: list, root: Path, measured: dict) -> None:
-    """Packed time for 2..16 trials on 0.5B; the sequential side from the measured trials."""
+    """Packed time for other trial counts on 0.5B; the sequential side from the measured
+    trials (the first two as measured, the others at the steady median)."""
+    first_two = sum(measured["seq"][:2])
     for count in [int(c) for c in args.counts.split(",") if c]:
         trials = make_trials(root / f"count{count}", count, steps, args.smoke)
         packed, statuses = run_packed_once(trials, measured["base"], measured["data"])
-        sequential = measured["first"] + (count - 1) * measured["later"]
+        sequential = (sum(measured["seq"][:count]) if count <= 2
+                      else first_two + (count - 2) * measured["steady"])
         row = {"shape": "0.5b" if not args.smoke else "tiny", "trials": count,
                "steps_per_trial": steps, "packed_s": round(packed, 2),
                "sequential_s_estimated": round(sequential, 2),
@@ -201,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
             key, value = item.split("=")
             steps[key] = int(value)
     shapes = ["0.5b"] if args.smoke else [s for s in args.shapes.split(",") if s]
+    args.seq_trials = dict(SEQ_TRIALS)
+    for item in (args.seq_trials_text or "").split(","):
+        if item:
+            key, value = item.split("=")
+            args.seq_trials[key] = int(value)
     if args.smoke:
         steps = {"0.5b": 2}
         args.counts = "2,3"
@@ -210,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     config = {"shapes": {s: SHAPES[s] for s in shapes} if not args.smoke else "tiny",
               "steps_per_trial": {s: steps[s] for s in shapes}, "effective_batch": 16,
               "ranks": RANKS, "lrs": LRS[:2], "smoke": args.smoke,
-              "compile_reuse": not args.static_ranks, "data": "seed_like_examples"}
+              "compile_reuse": not args.static_ranks, "data": "seed_like_examples",
+              "sequential_trials_trained": {s: args.seq_trials.get(s) for s in shapes}}
     t0 = time.time()
     for shape in shapes:
         measured = compare(shape, args, steps[shape], rows, root)

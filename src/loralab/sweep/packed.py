@@ -40,6 +40,11 @@ def run_packed(trials: list[Trial], base: Any, report: Report, show_progress: bo
             report(trial.name, "failed", {"error": f"{type(exc).__name__}: {exc}"})
     if not ready:
         return
+    if any(pt.cfg.train.save_every for pt in ready):
+        from rich.console import Console
+
+        Console().print("[yellow]packed trials write no checkpoints (train.save_every): "
+                        "--resume retrains an unfinished trial from its start[/yellow]")
     with contextlib.ExitStack() as held:
         for pt in ready:  # one writer per folder, as for a run trained alone
             held.enter_context(rundir.folder_lock(pt.run_dir))
