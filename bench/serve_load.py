@@ -222,8 +222,14 @@ def serve_scenarios(model, tokenizer, engine: str, adapters: list[Path], prompts
                       f"{row['ttft_p50_s']} s p99 {row['ttft_p99_s']} s, per token p50 "
                       f"{row['per_token_p50_s']} s, {row['requests']} requests, "
                       f"errors {row['errors']}", flush=True)
+        m = state.metrics
+        stats = {"engine": engine, "decode_steps": m.steps, "prefills": m.prefills,
+                 "mean_step_ms": 1000 * m.step_seconds / max(m.steps, 1),
+                 "mean_prefill_ms": 1000 * m.prefill_seconds / max(m.prefills, 1)}
         if engine == "continuous":
-            rows.append({"engine_stats": dict(state.scheduler.batch.stats)})
+            stats.update(state.scheduler.batch.stats)
+        print(f"{engine}: {stats}", flush=True)
+        rows.append({"engine_stats": stats})
     return rows
 
 

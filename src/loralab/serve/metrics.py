@@ -22,6 +22,7 @@ class Metrics:
         self.prompt_tokens: collections.Counter[str] = collections.Counter()
         self.steps = 0
         self.step_seconds = 0.0
+        self.prefills, self.prefill_seconds = 0, 0.0
         self.last_batch = 0
         self.ttft_sum, self.ttft_count = 0.0, 0
         self.recent: collections.deque[tuple[float, int]] = collections.deque()
@@ -49,6 +50,11 @@ class Metrics:
         with self.lock:
             self.ttft_sum += seconds
             self.ttft_count += 1
+
+    def prefill(self, seconds: float) -> None:
+        with self.lock:
+            self.prefills += 1
+            self.prefill_seconds += seconds
 
     def step(self, rows: int, seconds: float) -> None:
         with self.lock:
@@ -85,6 +91,10 @@ class Metrics:
             metric("decode_steps_total", "counter", "Decode steps taken.", [("", self.steps)])
             metric("decode_step_seconds_total", "counter", "Time in decode steps.",
                    [("", self.step_seconds)])
+            metric("prefills_total", "counter", "Prefill calls (a group of new rows each).",
+                   [("", self.prefills)])
+            metric("prefill_seconds_total", "counter", "Time in prefills.",
+                   [("", self.prefill_seconds)])
             metric("time_to_first_token_seconds_sum", "counter",
                    "Sum of times from arrival to first token.", [("", self.ttft_sum)])
             metric("time_to_first_token_seconds_count", "counter",

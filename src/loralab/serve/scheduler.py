@@ -183,9 +183,11 @@ class Scheduler:
 
     def _admit(self, out: list) -> None:
         for group in prefill_groups(self._take(), self.batch.max_len):
+            started = time.perf_counter()
             try:
                 rows, firsts = self.batch.add([r.prompt_ids for r in group], group[0].adapter,
                                               [r.sampling for r in group])
+                self.metrics.prefill(time.perf_counter() - started)
             except Exception as exc:  # this group fails with a 500; the others go on
                 for req in group:
                     out.append((req, ("error", 500, f"engine error: {type(exc).__name__}: "
