@@ -43,36 +43,50 @@ class ServerState:
 
 
 class TextSink:
-    """Token ids in, text out: decoded as a whole each time (byte-level BPE only settles at
-    character boundaries), cut at the first `stop` string."""
+    """Token ids in, text out, cut at the first `stop` string. Decodes a short window of ids
+    per token (the ids since the last character boundary, after a few settled ones for
+    context), not every id again: a whole decode per token costs O(n²) on a busy event loop."""
 
     def __init__(self, tokenizer: Any, stops: list[str], stop_ids: list[int]) -> None:
         self.tokenizer, self.stops, self.stop_ids = tokenizer, stops, set(stop_ids)
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.ids: list[int] = []
+        self.prefix = self.read = 0  # ids[prefix:read]: settled context; ids[read:]: new
         self.text, self.sent = "", 0
         self.stopped = False
+
+    def _decode(self, final: bool = False) -> None:
+        """Append what ids[read:] add; wait while they end inside a UTF-8 character."""
+        decode = self.tokenizer.decode
+        window = decode(self.ids[self.prefix :], skip_special_tokens=True)
+        if window.endswith("\ufffd") and not final:
+            return
+        settled = decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        self.text += window[len(settled) :]
+        self.prefix, self.read = self.read, len(self.ids)
 
     def feed(self, tokens: list[int]) -> str:
         """The text that became final with `tokens`."""
         self.ids += [t for t in tokens if t not in self.stop_ids]
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self._decode()
         if self.stops:
             hits = [i for i in (self.text.find(s, max(0, self.sent - self.hold))
                                 for s in self.stops) if i >= 0]
             if hits:
                 self.stopped = True
                 self.text = self.text[: min(hits)]
-                return self.flush()
+                new, self.sent = self.text[self.sent :], len(self.text)
+                return new
         safe = len(self.text) - self.hold
-        if self.text.endswith("\ufffd"):
-            safe = min(safe, len(self.text.rstrip("\ufffd")))
         if safe <= self.sent:
             return ""
         new, self.sent = self.text[self.sent : safe], safe
         return new
 
     def flush(self) -> str:
+        """The rest of the text once generation ended (stop strings were checked by feed)."""
+        if self.read < len(self.ids):
+            self._decode(final=True)
         new, self.sent = self.text[self.sent :], len(self.text)
         return new
 
@@ -202,10 +216,13 @@ async def _pump(state: ServerState, job: Job, sink: TextSink, request: Request |
     """(new text, finish reason or None) as the scheduler's events come in."""
     check_at = time.monotonic() + DISCONNECT_POLL_S
     while True:
-        try:
-            event = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
-        except asyncio.TimeoutError:
-            event = None
+        if request is None:  # streamed: sse-starlette notices a disconnect and cancels us
+            event = await job.events.get()
+        else:
+            try:
+                event = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                event = None
         if request is not None and time.monotonic() >= check_at:
             check_at = time.monotonic() + DISCONNECT_POLL_S
             if await request.is_disconnected():
