@@ -10,6 +10,9 @@ per request, one at a time) with 16 clients. Prints config, hardware, commit, da
 
     PYTHONPATH=src python bench/serve_load.py --out bench/results/serve_load/h200.json   # ~5 min
     PYTHONPATH=src python bench/serve_load.py --smoke --out /tmp/serve_smoke.json       # CPU, <1 min
+
+`--predict-check RUN --input FILE`: a trained run (e.g. the real Qwen2.5 0.5B) served, its
+answers to FILE's first --limit inputs (16 clients at once, greedy) against `loralab predict`.
 """
 
 from __future__ import annotations
@@ -249,6 +252,43 @@ def summary(rows: list[dict], small: int, big: int) -> dict:
             "goals": GOALS}
 
 
+def predict_check(run: Path, inputs: Path, limit: int, new: int) -> dict:
+    """`loralab predict` (the batch engine) vs `loralab serve` (the continuous engine, rows
+    joining each other) on the same inputs, greedy: how many answers are the same text."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from loralab.evaluate.cli import read_inputs
+    from loralab.evaluate.runner import single_run
+    from loralab.model.load import load_base_model
+    from loralab.serve.server import RunningServer, ServeOptions, build_state
+
+    predicted = Path(tempfile.mkdtemp()) / "predict.jsonl"
+    subprocess.run([sys.executable, "-m", "loralab.cli", "predict", "--adapter", str(run),
+                    "--input", str(inputs), "--limit", str(limit), "--max-new-tokens", str(new),
+                    "--out", str(predicted)], check=True)
+    want = [json.loads(line)["generation"] for line in predicted.read_text().splitlines()]
+    _, cfg = single_run(run)
+    model, tokenizer = load_base_model(cfg.model)
+    state = build_state(model, tokenizer, "base", cfg.model.path, [("run", run)],
+                        ServeOptions(max_len=4096, max_rows=64))
+    asks = read_inputs(inputs)[:limit]
+    with RunningServer(state) as server, ThreadPoolExecutor(16) as pool:
+        def ask(x):
+            body = {"model": "run", "messages": x["messages"], "temperature": 0,
+                    "max_tokens": new}
+            reply = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=600)
+            return reply.json()["choices"][0]["message"]["content"]
+
+        got = list(pool.map(ask, asks))
+    same = sum(a == b for a, b in zip(got, want, strict=True))
+    result = {"run": str(run), "inputs": len(want), "same_text": same,
+              "differ": [i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b]}
+    print(f"serve vs predict: {same}/{len(want)} answers the same text", flush=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, seconds")
@@ -259,6 +299,10 @@ def main() -> None:
     parser.add_argument("--max-rows", type=int, default=64)
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--no-naive", action="store_true")
+    parser.add_argument("--predict-check", type=Path, metavar="RUN",
+                        help="compare a trained run's served answers with loralab predict")
+    parser.add_argument("--input", type=Path, help="inputs for --predict-check")
+    parser.add_argument("--limit", type=int, default=32, help="inputs for --predict-check")
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--models", help=argparse.SUPPRESS)
@@ -269,6 +313,13 @@ def main() -> None:
         client_main(args)
         return
     sys.path.insert(0, str(HERE))
+    if args.predict_check:
+        result = {"predict_check": predict_check(args.predict_check, args.input, args.limit,
+                                                 args.new), "environment": _environment()}
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=1, default=str))
+        return
     seconds = args.seconds or (1.5 if args.smoke else 25.0)
     naive_seconds = args.naive_seconds or (1.5 if args.smoke else 30.0)
     if args.smoke:
