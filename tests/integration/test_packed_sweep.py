@@ -127,3 +127,23 @@ def test_resume_reruns_only_unfinished_trials(sweeps, monkeypatch):
     assert [t["status"] for t in manifest["trials"]][-1] == "failed"
     for name, text in done_results.items():
         assert (spec.output_dir / name / "result.json").read_text() == text  # not retrained
+
+
+@pytest.mark.slow
+def test_the_benchmark_smoke_runs_on_cpu(tmp_path):
+    """bench/packed_sweep.py --smoke: the GPU benchmark's whole path, tiny model, CPU."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root / "src"), "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, str(root / "bench" / "packed_sweep.py"), "--smoke",
+                           "--out", str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (result,) = (tmp_path / "packed_sweep").glob("*.json")
+    rows = json.loads(result.read_text())["rows"]
+    assert [r["trials"] for r in rows] == [3, 2, 3]
+    assert all(set(r["packed_statuses"].values()) == {"done"} and r["packed_s"] > 0 for r in rows)
