@@ -103,9 +103,6 @@ class Scheduler:
             self.wake.notify()
         return future
 
-    def rows_of(self, adapter: int) -> int:
-        return sum(r.adapter == adapter for r in list(self.running.values()))
-
     def queue_length(self) -> int:
         return len(self.waiting)
 
@@ -126,9 +123,14 @@ class Scheduler:
                 except Exception as exc:  # the caller reports it; the server goes on
                     future.set_exception(exc)
             out: list[tuple[Request, tuple]] = []
-            self._drop_finished(out)
-            self._admit(out)
-            self._step(out)
+            try:
+                self._drop_finished(out)
+                self._admit(out)
+                self._step(out)
+            except Exception as exc:  # a bug of ours: fail what is in flight, keep serving
+                self._send(out)
+                self._fail_all(f"internal error: {type(exc).__name__}: {exc}"[:300], 500)
+                continue
             if out:
                 self._send(out)
         self._fail_all("the server is shutting down", 503)
@@ -259,9 +261,9 @@ class Scheduler:
             self.batch.free(row)
             out.append((req, ("error", status, message)))
         self.running.clear()
-        for req in self.waiting:
-            out.append((req, ("error", status, message)))
-        self.waiting.clear()
+        with self.wake:
+            out += [(req, ("error", status, message)) for req in self.waiting]
+            self.waiting.clear()
         self._send(out)
 
 

@@ -154,3 +154,33 @@ def test_timeout_is_a_504(make_server, client_for):
     with pytest.raises(openai.APIStatusError) as exc:
         client.completions.create(model="base", prompt="hi", max_tokens=200)
     assert exc.value.status_code == 504
+
+
+def test_a_failing_prefill_or_scheduler_bug_is_a_500_and_serving_goes_on(make_server,
+                                                                          client_for):
+    server = make_server()
+    scheduler, client = server.state.scheduler, client_for(server)
+    real_add, real_drop = scheduler.batch.add, scheduler._drop_finished
+    broken = {"add": 1, "drop": 0}
+
+    def add(*args, **kwargs):
+        if broken["add"]:
+            broken["add"] -= 1
+            raise RuntimeError("prefill broke")
+        return real_add(*args, **kwargs)
+
+    def drop(out):
+        if broken["drop"]:
+            broken["drop"] -= 1
+            raise KeyError("bug")
+        real_drop(out)
+
+    scheduler.batch.add, scheduler._drop_finished = add, drop
+    with pytest.raises(openai.InternalServerError) as exc:
+        client.completions.create(model="base", prompt="hi", max_tokens=4)
+    assert "prefill broke" in exc.value.body["message"]
+    assert len(scheduler.batch.free_rows) == scheduler.batch.max_rows
+    broken["drop"] = 1
+    with pytest.raises(openai.InternalServerError):
+        client.completions.create(model="base", prompt="hi", max_tokens=4)
+    assert client.completions.create(model="base", prompt="hi", max_tokens=4).usage
