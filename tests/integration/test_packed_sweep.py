@@ -147,3 +147,34 @@ def test_the_benchmark_smoke_runs_on_cpu(tmp_path):
     rows = json.loads(result.read_text())["rows"]
     assert [r["trials"] for r in rows] == [3, 2, 3]
     assert all(set(r["packed_statuses"].values()) == {"done"} and r["packed_s"] > 0 for r in rows)
+
+
+def test_ctrl_c_marks_the_packed_trials_interrupted_and_resume_finishes(
+        tmp_path, small_data, tiny_base, monkeypatch):
+    import loralab.train.packed_step as packed_step
+
+    body = {"name": "c", "base": str(demo_config_path()), "output_dir": str(tmp_path / "c"),
+            "overrides": {**OVERRIDES, "data.path": str(small_data), "data.limit": 8},
+            "grid": {"lora.r": [2, 4]}, "sweep": {"mode": "packed"}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(body))
+    spec = load_sweep(path)
+    real, calls = packed_step.accumulate_packed_step, []
+
+    def interrupted_at_step_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "load_base", lambda trial: tiny_base)
+    monkeypatch.setattr(packed_step, "accumulate_packed_step", interrupted_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_sweep(spec, show_progress=False)
+    saved = SweepDir(spec.output_dir).read_manifest()
+    assert [t["status"] for t in saved["trials"]] == ["interrupted", "interrupted"]
+    result = json.loads((spec.output_dir / "r2" / "result.json").read_text())
+    assert result["status"] == "interrupted" and result["steps"] == 1
+    manifest = runner.run_sweep(spec, resume=True, show_progress=False)
+    assert [t["status"] for t in manifest["trials"]] == ["done", "done"]
+    assert len(_losses(spec.output_dir / "r2")) == 2  # retrained from step 0, metrics not doubled

@@ -135,7 +135,7 @@ def _loop(active: list[PackedTrial], adapters: Any, base: Any, fast: Any, parts:
     except BaseException as exc:
         for pt in active:  # interrupted or crashed: what is running stops with it
             status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-            packed_trial.fail(pt, f"{type(exc).__name__}: {exc}")
+            packed_trial.fail(pt, f"{type(exc).__name__}: {exc}", status)
             if status == "failed":
                 report(pt.trial.name, "failed", {"error": f"{type(exc).__name__}: {exc}"})
         raise

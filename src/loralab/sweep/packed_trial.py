@@ -185,10 +185,10 @@ def finish(pt: PackedTrial, weights: dict[str, tuple[torch.Tensor, torch.Tensor]
     return {**result, "status": "done"}
 
 
-def fail(pt: PackedTrial, error: str) -> None:
-    """result.json 'failed' with what the alone run would have said."""
+def fail(pt: PackedTrial, error: str, status: str = "failed") -> None:
+    """result.json 'failed' (or 'interrupted') with what the alone run would have said."""
     with contextlib.suppress(OSError):  # a full disk must not hide the real error
-        ckpt.write_result(pt.run_dir, {**pt.result, "status": "failed", "error": error,
+        ckpt.write_result(pt.run_dir, {**pt.result, "status": status, "error": error,
                                        "steps": pt.done.step})
     _send_to_tracker(pt)
 
