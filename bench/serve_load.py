@@ -8,8 +8,8 @@ is the server's own count (/metrics) over the window, time to first token and pe
 latency are measured by the clients. Then the same model behind `--engine naive` (HF generate
 per request, one at a time) with 16 clients. Prints config, hardware, commit, date; writes JSON.
 
-    PYTHONPATH=src python bench/serve_load.py --out bench/results/serve_load/h200.json   # ~5 min
-    PYTHONPATH=src python bench/serve_load.py --smoke --out /tmp/serve_smoke.json       # CPU, <1 min
+    PYTHONPATH=src python bench/serve_load.py --out $OUT          # ~5 min on one H200
+    PYTHONPATH=src python bench/serve_load.py --smoke --out /tmp   # CPU, < 1 min
 
 `--predict-check RUN --input FILE`: a trained run (e.g. the real Qwen2.5 0.5B) served, its
 answers to FILE's first --limit inputs (16 clients at once, greedy) against `loralab predict`.
@@ -292,7 +292,9 @@ def predict_check(run: Path, inputs: Path, limit: int, new: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, seconds")
-    parser.add_argument("--out", type=Path, help="JSON results file")
+    parser.add_argument("--out", type=Path,
+                        help="results folder: OUT/serve_load/<date>_<commit>_<hardware>.json")
+    parser.add_argument("--commit", help="loralab's commit, where the tree has no git history")
     parser.add_argument("--seconds", type=float, help="window per scenario (default 25; smoke 2)")
     parser.add_argument("--naive-seconds", type=float, help="the naive window (default 30)")
     parser.add_argument("--new", type=int, default=60, help="new tokens per request")
@@ -313,13 +315,26 @@ def main() -> None:
         client_main(args)
         return
     sys.path.insert(0, str(HERE))
+    from record import write_run
+
     if args.predict_check:
-        result = {"predict_check": predict_check(args.predict_check, args.input, args.limit,
-                                                 args.new), "environment": _environment()}
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(result, indent=1, default=str))
-        return
+        check = predict_check(args.predict_check, args.input, args.limit, args.new)
+        config = {"run": str(args.predict_check), "input": str(args.input),
+                  "limit": args.limit, "new_tokens": args.new}
+        rows, summary_ = [check], {"same_text": check["same_text"], "inputs": check["inputs"]}
+        experiment = "serve_predict_check"
+    else:
+        config, rows, summary_ = load_runs(args)
+        experiment = "serve_load"
+    print(json.dumps(summary_, indent=1))
+    if args.out:
+        path = write_run(args.out, experiment, config=config, rows=rows, summary=summary_,
+                         commit=args.commit)
+        print(f"→ {path}")
+
+
+def load_runs(args: argparse.Namespace) -> tuple[dict, list[dict], dict]:
+    """The load scenarios: (config, rows, summary) for record.write_run."""
     seconds = args.seconds or (1.5 if args.smoke else 25.0)
     naive_seconds = args.naive_seconds or (1.5 if args.smoke else 30.0)
     if args.smoke:
@@ -338,29 +353,14 @@ def main() -> None:
     if not args.no_naive:
         rows += serve_scenarios(model, tokenizer, "naive", adapters, prompts_file,
                                 [("warmup", 1, 1.0), ("one", small, naive_seconds)], args)
-    result = {"config": {"model": "tiny" if args.smoke else "qwen2.5-7b-shapes random bf16",
-                         "device": str(device), "adapters": "4 × r=8, 7 projections",
-                         "prompt_tokens": [low, high], "new_tokens": args.new,
-                         "max_rows": args.max_rows, "max_len": args.max_len,
-                         "seconds": seconds, "naive_seconds": naive_seconds,
-                         "tokenizer": tokenizer_kind},
-              "environment": _environment(), "runs": rows, "summary": summary(rows, small, big)}
-    print(json.dumps(result["summary"], indent=1))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1, default=str))
-        print(f"→ {args.out}")
-
-
-def _environment() -> dict:
-    try:
-        from common import environment
-
-        return environment(None)
-    except Exception as exc:  # no git or nvidia-smi here: say so, keep the numbers
-        import torch
-
-        return {"error": f"{type(exc).__name__}: {exc}", "torch": torch.__version__}
+    config = {"model": "tiny" if args.smoke else "qwen2.5-7b-shapes random bf16",
+              "device": str(device), "adapters": "4 × r=8, 7 projections",
+              "prompt_tokens": [low, high], "new_tokens": args.new, "max_rows": args.max_rows,
+              "max_len": args.max_len, "seconds": seconds, "naive_seconds": naive_seconds,
+              "tokenizer": tokenizer_kind}
+    stats = [r["engine_stats"] for r in rows if "engine_stats" in r]
+    rows = [r for r in rows if "engine_stats" not in r]
+    return config, rows, {**summary(rows, small, big), "engine_stats": stats}
 
 
 if __name__ == "__main__":
