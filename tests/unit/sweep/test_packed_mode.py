@@ -68,13 +68,3 @@ def test_dry_run_says_the_mode(write_sweep, capsys):
     assert main(["sweep", str(path), "sweep.mode=sequential", "--dry-run"]) == 0
     assert "mode: sequential" in capsys.readouterr().out
 
-
-def test_sequential_sweeps_let_parameter_shapes_be_dynamic_and_put_it_back():
-    import torch._dynamo as dynamo
-
-    from loralab.sweep.runner import compiled_code_reused
-
-    before = dynamo.config.force_parameter_static_shapes
-    with compiled_code_reused():
-        assert dynamo.config.force_parameter_static_shapes is False
-    assert dynamo.config.force_parameter_static_shapes == before
