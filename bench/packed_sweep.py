@@ -128,9 +128,12 @@ def run_packed_once(trials: list, base, data) -> tuple[float, dict]:
     def report(name: str, status: str, fields: dict) -> None:
         statuses[name] = status if status != "failed" else f"failed: {fields.get('error')}"
 
+    from loralab.sweep.runner import compiled_code_reused
+
     _sync()
     t0 = time.perf_counter()
-    run_packed(trials, base, report, show_progress=False, data={t.name: data for t in trials})
+    with compiled_code_reused():  # as the sweep runs it
+        run_packed(trials, base, report, show_progress=False, data={t.name: data for t in trials})
     _sync()
     return time.perf_counter() - t0, statuses
 

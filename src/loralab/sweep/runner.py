@@ -260,7 +260,8 @@ def _run_maybe_packed(spec: SweepSpec, manifest: dict, todo: list[Trial], show_p
         _report(spec, manifest, name, status, fields)
 
     try:
-        run_packed(todo, base, report, show_progress)
+        with compiled_code_reused():  # trials leaving change Σr: one graph, made dynamic
+            run_packed(todo, base, report, show_progress)
     except KeyboardInterrupt:
         for entry in manifest["trials"]:
             if entry["status"] == "running":
