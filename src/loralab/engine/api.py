@@ -186,12 +186,3 @@ def _sync(device: Any) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
-
-def generate_ids(model: Any, prompt_ids: list[list[int]], settings: GenSettings,
-                 stop_ids: list[int], pad_id: int, engine: str = "static",
-                 lora: LoraWeights | None = None) -> list[list[int]]:
-    """Uncut new token ids per prompt. Only for tests/unit/engine/test_continuous.py and
-    tests/unit/serve/test_api.py, written against the move commit: remove once they call
-    `generate` (settings.stop_ids and pad_id; Generation.ids)."""
-    return _generate_ids(model, prompt_ids, settings, stop_ids, pad_id, engine, lora,
-                         GenStats(engine))[0]

@@ -9,11 +9,9 @@ next slot, position id and which slots it may attend (`valid`), all device tenso
 decode step is the same code whichever rows are busy (on CUDA it is replayed as a CUDA graph
 per attention-length bucket; idle rows compute garbage nobody reads).
 
-Several adapters share each step (S-LoRA / Punica style, without their kernels): the loaded
-adapters' factors are concatenated along the rank per projection group, A [C, in] and B [out, C]
-(scale folded into B), and a per-row column mask keeps each row's own adapter's columns:
-y = x·Wᵀ + ((x·Aᵀ) ⊙ mask_row)·Bᵀ. The extra work grows with the total rank of the loaded
-adapters, not with their number of rows; a row of the base model has an all-zero mask.
+Several adapters share each step (S-LoRA / Punica style, without their kernels): their
+factors are stacked along the rank (continuous_lora.py) and each row keeps its own adapter's
+columns with a mask; a row of the base model has an all-zero mask.
 
 Sampling (greedy, or temperature / top_p with a per-request seed) runs on the logits after the
 step, outside the graph.
@@ -25,7 +23,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from loralab.engine.fast_forward import GROUPS, Layer, Shape, build_layers, rms, rotate, why_not
+from loralab.engine.continuous_lora import masked_linear, one_adapter, stack_loras
+from loralab.engine.fast_forward import Layer, Shape, build_layers, rms, rotate, why_not
 from loralab.errors import UserError
 
 MIN_BUCKET = 128  # the shortest attention length a decode graph is captured for
@@ -48,79 +47,14 @@ class _Row:
     next_slot: int  # host copy of the row's next cache slot (picks the attention bucket)
 
 
-def stack_loras(lm: Any, loras: dict[int, dict[str, Any]], dtype: Any, device: Any
-                ) -> tuple[list[dict[str, Any]], dict[int, Any], dict[int, dict[int, slice]]]:
-    """The loaded adapters' factors concatenated along the rank, per layer and GROUPS group.
-
-    `loras`: adapter id (≥1) -> {module name: (A [r, in], B [out, r], scale)}. Returns
-    (per layer {group: (A [C, in], B [out, C]) or None}, {members: owner id per column [C]},
-    {id: {members: the adapter's column slice}}). Columns are laid out per adapter (by id),
-    then per member linear, the adapter's rank each; a member an adapter does not train is
-    zero, which adds exact zeros."""
-    import torch
-
-    ids = sorted(loras)
-    ranks = {k: max((a.shape[0] for a, _, _ in loras[k].values()), default=1) for k in ids}
-    owners, columns = {}, {k: {} for k in ids}
-    for members in {len(names) for _, _, names in GROUPS}:
-        owner, start = [], 0
-        for k in ids:
-            width = members * ranks[k]
-            owner += [k] * width
-            columns[k][members] = slice(start, start + width)
-            start += width
-        owners[members] = torch.tensor(owner, dtype=torch.long, device=device)
-    layers = []
-    for i, layer in enumerate(lm.model.layers):
-        entry = {}
-        for group, owner_name, names in GROUPS:
-            parent = getattr(layer, owner_name)
-            keys = [f"model.layers.{i}.{owner_name}.{n}" for n in names]
-            if not any(key in loras[k] for k in ids for key in keys):
-                entry[group] = None
-                continue
-            linears = [getattr(parent, n) for n in names]
-            linears = [getattr(m, "base_layer", m) for m in linears]
-            outs = [m.out_features for m in linears]
-            width = len(owners[len(names)])
-            a_all = torch.zeros(width, linears[0].in_features, dtype=dtype, device=device)
-            b_all = torch.zeros(sum(outs), width, dtype=dtype, device=device)
-            for k in ids:
-                first = columns[k][len(names)].start
-                row = 0
-                for j, (key, out) in enumerate(zip(keys, outs, strict=True)):
-                    if key in loras[k]:
-                        a, b, scale = loras[k][key]
-                        c0 = first + j * ranks[k]
-                        a_all[c0 : c0 + a.shape[0]] = a.to(device, dtype)
-                        b_all[row : row + out, c0 : c0 + a.shape[0]] = (
-                            b.to(device).float() * scale).to(dtype)
-                    row += out
-            entry[group] = (a_all, b_all)
-        layers.append(entry)
-    return layers, owners, columns
-
-
-def _linear(x: Any, weight: Any, bias: Any, lora: Any, mask: Any) -> Any:
-    """x·Wᵀ + b plus the rows' own adapters: lora (A [C, in], B [out, C]); mask [.., C]."""
-    import torch.nn.functional as F  # noqa: N812
-
-    y = F.linear(x, weight, bias)
-    if lora is None:
-        return y
-    a, b = lora
-    h = x @ a.T
-    return y + (h if mask is None else h * mask) @ b.T
-
-
 def _layer(x: Any, w: Layer, s: Shape, lora: dict, masks: dict, attend: Any) -> Any:
     """One decoder layer over x [..., hidden]; `attend(q, k, v)` does the attention part
     (q/k/v shaped [..., heads·dim]) and returns [..., heads·dim]."""
     import torch.nn.functional as F  # noqa: N812
 
     def lin(h, group, members):
-        return _linear(h, getattr(w, group), getattr(w, f"{group}_bias"),
-                       lora.get(group), masks.get(members))
+        return masked_linear(h, getattr(w, group), getattr(w, f"{group}_bias"),
+                             lora.get(group), masks.get(members))
 
     q_size, kv_size = s.heads * s.head_dim, s.kv_heads * s.head_dim
     q, k, v = lin(rms(x, w.input_norm, s.eps), "qkv", 3).split((q_size, kv_size, kv_size), -1)
@@ -135,6 +69,16 @@ def _additive(valid: Any, dtype: Any) -> Any:
 
     zero = torch.zeros((), dtype=dtype, device=valid.device)
     return torch.where(valid, zero, torch.finfo(dtype).min)
+
+
+def cache_bytes(lm: Any, max_rows: int, max_len: int) -> int:
+    """Bytes of the KV cache ContinuousBatch(lm, max_rows, max_len) allocates (keys and values
+    of every layer), plus its float32 logits: known before allocating any of it."""
+    cfg, attn = lm.config, lm.model.layers[0].self_attn
+    head_dim = getattr(attn, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    itemsize = lm.lm_head.weight.element_size()
+    kv = 2 * len(lm.model.layers) * max_rows * cfg.num_key_value_heads * max_len * head_dim
+    return kv * itemsize + max_rows * cfg.vocab_size * 4
 
 
 class ContinuousBatch:
@@ -287,7 +231,7 @@ class ContinuousBatch:
         x = model.embed_tokens(ids)
         cos, sin = model.rotary_emb(x, positions)
         cos, sin = cos[:, None], sin[:, None]
-        lora = self._one_adapter(adapter)
+        lora = one_adapter(self.stack, self.columns, adapter)
         for i, w in enumerate(self.layers):
             def attend(q, k, v, i=i):
                 q = rotate(q.view(n, width, s.heads, s.head_dim).transpose(1, 2), cos, sin)
@@ -301,19 +245,6 @@ class ContinuousBatch:
 
             x = _layer(x, w, s, lora[i], {}, attend)
         return self._head(x[:, -1])
-
-    def _one_adapter(self, adapter: int) -> list[dict[str, Any]]:
-        """Per layer {group: (A, B)} of one adapter's columns (views); {} for the base."""
-        out: list[dict[str, Any]] = [{} for _ in self.layers]
-        if not adapter:
-            return out
-        cols = self.columns[adapter]
-        for mine, layer in zip(out, self.stack, strict=True):
-            for group, _, names in GROUPS:
-                ab = layer.get(group)
-                if ab is not None:
-                    mine[group] = (ab[0][cols[len(names)]], ab[1][:, cols[len(names)]])
-        return out
 
     def _head(self, x: Any) -> Any:
         import torch.nn.functional as F  # noqa: N812

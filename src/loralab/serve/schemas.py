@@ -1,7 +1,8 @@
 """OpenAI request bodies (what the server accepts) and the shapes of its answers and errors.
 
 Unknown fields are accepted and ignored, as OpenAI's own clients send some (`user`, `n=1`);
-values the engine cannot honour (n > 1, logprobs, echo) are a 400, never silently dropped.
+values the engine cannot honour (n > 1, logprobs, echo, tools and functions, a response_format
+other than text) are a 400, never silently dropped.
 """
 
 from __future__ import annotations
@@ -51,6 +52,35 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     n: int = Field(1, ge=1, le=1)  # one choice per request
+    # declared so that they are refused rather than ignored (extra="allow" would drop them
+    # silently and answer as if a tool or a JSON schema had been honoured)
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    tool_choice: Any = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, value: list[Any] | None) -> list[Any] | None:
+        if value:
+            raise ValueError("tool and function calling are not supported")
+        return value
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_tool_choice(cls, value: Any) -> Any:
+        if value not in (None, "none"):
+            raise ValueError("tool and function calling are not supported")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and value.get("type", "text") != "text":
+            raise ValueError(f"response_format {value.get('type')!r} is not supported "
+                             "(text only: no JSON mode or schema)")
+        return value
 
     @field_validator("stop")
     @classmethod

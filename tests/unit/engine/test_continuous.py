@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from loralab.engine.api import GenSettings, generate_ids
+from loralab.engine import GenSettings, generate
 from loralab.engine.continuous import ContinuousBatch, Sampling, sample
 from loralab.engine.lora_weights import read_lora
 
@@ -47,8 +47,9 @@ def adapters(lively_model, tmp_path_factory):
 
 def alone(model, prompt, lora=None, new=NEW):
     """The engine's greedy tokens for one prompt on its own."""
-    settings = GenSettings(max_new_tokens=new, min_new_tokens=new)
-    return generate_ids(model, [prompt], settings, [-1], 0, "static", lora)[0]
+    settings = GenSettings(max_new_tokens=new, min_new_tokens=new, engine="static",
+                           stop_ids=(-1,), pad_id=0)  # -1: no stop token, `new` tokens each
+    return generate(model, None, [prompt], settings, lora)[0][0].ids
 
 
 def drive(batch, plan, new=NEW):
@@ -122,3 +123,24 @@ def test_a_prompt_longer_than_the_cache_is_refused(lively_model):
     with pytest.raises(ValueError):
         batch.add([list(range(100, 110))])
     assert batch.free_rows == [0]
+
+
+def test_stacked_bytes_counts_what_the_stack_allocates(lively_model, adapters):
+    """Adapters on different projections: each pads every member of a group it trains to its
+    rank, and holds zero columns in the groups only the other trains."""
+    from loralab.engine.continuous_lora import stacked_bytes
+
+    batch = ContinuousBatch(lively_model, max_rows=1, max_len=16)
+    batch.set_adapters({1: adapters[0], 2: adapters[1]})
+    itemsize = batch.dtype.itemsize
+    assert stacked_bytes(lively_model, adapters, itemsize) == batch.adapter_bytes()
+    own = sum(a.nbytes + b.nbytes for a, b, _ in adapters[0].values())
+    assert stacked_bytes(lively_model, adapters, itemsize) > 2 * own  # more than the files
+
+
+def test_cache_bytes_is_what_the_batch_allocates(lively_model):
+    from loralab.engine.continuous import cache_bytes
+
+    batch = ContinuousBatch(lively_model, max_rows=3, max_len=24)
+    held = sum(t.nbytes for t in [*batch.keys, *batch.values, batch.logits])
+    assert cache_bytes(lively_model, 3, 24) == held

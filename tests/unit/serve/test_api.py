@@ -7,7 +7,7 @@ import openai
 import pytest
 
 from loralab.data.render import render_prompt
-from loralab.engine.api import GenSettings, generate_ids, stop_token_ids
+from loralab.engine import GenSettings, generate, stop_token_ids
 from loralab.engine.lora_weights import read_lora
 
 from .conftest import SYSTEM
@@ -19,8 +19,9 @@ def expected_text(model, tokenizer, prompt_ids, folder=None, new=16):
     """The engine's greedy text for one prompt on its own (cut at a stop token)."""
     lora = read_lora(folder, model)[0] if folder else None
     stops = stop_token_ids(tokenizer, model)
-    out = generate_ids(model, [prompt_ids], GenSettings(max_new_tokens=new), stops,
-                       tokenizer.pad_token_id, "static", lora)[0][:new]
+    settings = GenSettings(max_new_tokens=new, engine="static", stop_ids=tuple(stops),
+                           pad_id=tokenizer.pad_token_id)
+    out = generate(model, None, [prompt_ids], settings, lora)[0][0].ids
     cut = next((i for i, t in enumerate(out) if t in stops), len(out))
     return tokenizer.decode(out[:cut], skip_special_tokens=True), cut < len(out)
 
@@ -119,6 +120,25 @@ def test_request_errors_have_the_openai_shape(make_server, client_for):
     assert raw.status_code == 400 and raw.json()["error"]["type"] == "invalid_request_error"
     missing = httpx.post(server.url + "/v1/chat/completions", json={"model": "base"})
     assert missing.status_code == 400 and "messages" in missing.json()["error"]["message"]
+
+
+def test_tools_functions_and_json_mode_are_refused_not_ignored(make_server, client_for):
+    client = client_for(make_server())
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    for bad in (dict(tools=[tool]), dict(tool_choice="required"),
+                dict(functions=[tool["function"]]), dict(function_call="auto"),
+                dict(response_format={"type": "json_object"})):
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.chat.completions.create(model="base", messages=USER, max_tokens=2, **bad)
+        assert exc.value.status_code == 400
+        assert "not supported" in exc.value.body["message"], bad
+        assert exc.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="base", prompt="hi", max_tokens=2,
+                                  extra_body={"tools": [tool]})
+    fine = client.chat.completions.create(model="base", messages=USER, max_tokens=2,
+                                          tool_choice="none", response_format={"type": "text"})
+    assert fine.choices[0].finish_reason in ("stop", "length")
 
 
 def test_api_key(make_server, client_for):

@@ -1,0 +1,118 @@
+"""The loaded adapters' LoRA factors stacked along the rank, for rows of different adapters in
+one decode step (S-LoRA / Punica style, without their kernels).
+
+Per layer and projection group (fast_forward.GROUPS: qkv, o, gate_up, down) the adapters'
+factors are concatenated, A [C, in] and B [out, C] with the scale folded into B, and a per-row
+column mask keeps each row's own adapter's columns: y = x·Wᵀ + ((x·Aᵀ) ⊙ mask_row)·Bᵀ. The
+extra work grows with the total rank of the loaded adapters, not with their number of rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from loralab.engine.fast_forward import GROUPS
+
+
+def _ranks(loras: dict[int, dict[str, Any]]) -> dict[int, int]:
+    """Each adapter's column width per group member: its largest rank (members pad to it)."""
+    return {k: max((a.shape[0] for a, _, _ in lora.values()), default=1)
+            for k, lora in loras.items()}
+
+
+def stack_loras(lm: Any, loras: dict[int, dict[str, Any]], dtype: Any, device: Any
+                ) -> tuple[list[dict[str, Any]], dict[int, Any], dict[int, dict[int, slice]]]:
+    """The loaded adapters' factors concatenated along the rank, per layer and GROUPS group.
+
+    `loras`: adapter id (≥1) -> {module name: (A [r, in], B [out, r], scale)}. Returns
+    (per layer {group: (A [C, in], B [out, C]) or None}, {members: owner id per column [C]},
+    {id: {members: the adapter's column slice}}). Columns are laid out per adapter (by id),
+    then per member linear, the adapter's rank each; a member an adapter does not train is
+    zero, which adds exact zeros."""
+    import torch
+
+    ids = sorted(loras)
+    ranks = _ranks(loras)
+    owners, columns = {}, {k: {} for k in ids}
+    for members in {len(names) for _, _, names in GROUPS}:
+        owner, start = [], 0
+        for k in ids:
+            width = members * ranks[k]
+            owner += [k] * width
+            columns[k][members] = slice(start, start + width)
+            start += width
+        owners[members] = torch.tensor(owner, dtype=torch.long, device=device)
+    layers = []
+    for i, layer in enumerate(lm.model.layers):
+        entry = {}
+        for group, owner_name, names in GROUPS:
+            parent = getattr(layer, owner_name)
+            keys = [f"model.layers.{i}.{owner_name}.{n}" for n in names]
+            if not any(key in loras[k] for k in ids for key in keys):
+                entry[group] = None
+                continue
+            linears = [getattr(parent, n) for n in names]
+            linears = [getattr(m, "base_layer", m) for m in linears]
+            outs = [m.out_features for m in linears]
+            width = len(owners[len(names)])
+            a_all = torch.zeros(width, linears[0].in_features, dtype=dtype, device=device)
+            b_all = torch.zeros(sum(outs), width, dtype=dtype, device=device)
+            for k in ids:
+                first = columns[k][len(names)].start
+                row = 0
+                for j, (key, out) in enumerate(zip(keys, outs, strict=True)):
+                    if key in loras[k]:
+                        a, b, scale = loras[k][key]
+                        c0 = first + j * ranks[k]
+                        a_all[c0 : c0 + a.shape[0]] = a.to(device, dtype)
+                        b_all[row : row + out, c0 : c0 + a.shape[0]] = (
+                            b.to(device).float() * scale).to(dtype)
+                    row += out
+            entry[group] = (a_all, b_all)
+        layers.append(entry)
+    return layers, owners, columns
+
+
+def stacked_bytes(lm: Any, loras: list[dict[str, Any]], itemsize: int) -> int:
+    """Bytes stack_loras allocates for `loras` (same layout, nothing allocated): a group of a
+    layer that any adapter trains holds every adapter's columns, members × its rank each,
+    zero or not."""
+    ranks = _ranks(dict(enumerate(loras)))
+    total = 0
+    for i, layer in enumerate(lm.model.layers):
+        for _, owner_name, names in GROUPS:
+            keys = [f"model.layers.{i}.{owner_name}.{n}" for n in names]
+            if not any(key in lora for lora in loras for key in keys):
+                continue
+            linears = [getattr(getattr(layer, owner_name), n) for n in names]
+            linears = [getattr(m, "base_layer", m) for m in linears]
+            width = sum(len(names) * r for r in ranks.values())
+            total += width * (linears[0].in_features + sum(m.out_features for m in linears))
+    return total * itemsize
+
+
+def one_adapter(stack: list[dict[str, Any]], columns: dict[int, dict[int, slice]],
+                adapter: int) -> list[dict[str, Any]]:
+    """Per layer {group: (A, B)} of one adapter's columns (views); {} per layer for the base."""
+    out: list[dict[str, Any]] = [{} for _ in stack]
+    if not adapter:
+        return out
+    cols = columns[adapter]
+    for mine, layer in zip(out, stack, strict=True):
+        for group, _, names in GROUPS:
+            ab = layer.get(group)
+            if ab is not None:
+                mine[group] = (ab[0][cols[len(names)]], ab[1][:, cols[len(names)]])
+    return out
+
+
+def masked_linear(x: Any, weight: Any, bias: Any, lora: Any, mask: Any) -> Any:
+    """x·Wᵀ + b plus the rows' own adapters: lora (A [C, in], B [out, C]); mask [.., C]."""
+    import torch.nn.functional as F  # noqa: N812
+
+    y = F.linear(x, weight, bias)
+    if lora is None:
+        return y
+    a, b = lora
+    h = x @ a.T
+    return y + (h if mask is None else h * mask) @ b.T
