@@ -68,6 +68,56 @@ def test_user_errors_are_one_line(runs, tmp_path, capsys, monkeypatch):
     assert len(err.splitlines()) == 1 and "pip install 'loralab[serve]'" in err
 
 
+def one_line(capsys, *words: str) -> None:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word in err, err
+
+
+def test_bad_host_port_and_device_are_one_line_before_the_model_loads(capsys, monkeypatch):
+    monkeypatch.delenv("LORALAB_API_KEY", raising=False)
+    base = ["serve", "--base", "builtin:tiny-qwen2"]
+    assert main([*base, "--port", "70000"]) == 2
+    one_line(capsys, "--port 70000")
+    assert main([*base, "--host", "0.0.0.0", "--port", "0"]) == 2
+    one_line(capsys, "--api-key", "--insecure-no-api-key")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert main([*base, "--port", port]) == 2
+        one_line(capsys, f"127.0.0.1:{port}", "--port")
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:1"):
+        assert main([*base, "--port", "0", "--device", device]) == 2
+        one_line(capsys, f"--device {device}", "no CUDA device")
+    assert main([*base, "--port", "0", "--device", "gpu"]) == 2
+    one_line(capsys, "--device gpu")
+
+
+def test_a_kv_cache_too_large_is_one_line_naming_the_flags(capsys, monkeypatch):
+    assert main(["serve", "--base", "builtin:tiny-qwen2", "--port", "0", "--device", "cpu",
+                 "--max-len", str(10**9)]) == 2
+    one_line(capsys, "--max-rows 64", "--max-len 1000000000", "GiB")
+    # memory the check did not see (another process took it): the allocation's own error
+    import torch
+
+    from loralab.serve import server
+
+    monkeypatch.setattr(server, "free_memory", lambda device: None)
+
+    def fail(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    monkeypatch.setattr("loralab.engine.continuous.ContinuousBatch", fail)
+    assert main(["serve", "--base", "builtin:tiny-qwen2", "--port", "0", "--device", "cpu",
+                 "--max-rows", "8"]) == 2
+    one_line(capsys, "--max-rows 8", "lower --max-rows or --max-len")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -42,10 +42,9 @@ def build_state(model: Any, tokenizer: Any, base_name: str, base_path: str,
         backend = NaiveAdapters(model)
         scheduler = NaiveScheduler(backend, pad_id, stop_ids, opts.max_queue, metrics)
     else:
-        from loralab.engine.continuous import ContinuousBatch
         from loralab.serve.scheduler import Scheduler
 
-        batch = ContinuousBatch(model, opts.max_rows, opts.max_len, opts.cuda_graph)
+        batch = make_batch(model, opts)
         backend = BatchAdapters(batch)
         scheduler = Scheduler(batch, stop_ids, opts.max_queue, metrics)
     registry = Registry(base_name, base_path, backend, scheduler, opts.max_adapters,
@@ -54,6 +53,55 @@ def build_state(model: Any, tokenizer: Any, base_name: str, base_path: str,
         registry.add_now(registry.prepare(name, folder))
     return ServerState(tokenizer, scheduler, registry, metrics, stop_ids, opts.max_len,
                        opts.default_max_tokens, opts.timeout_s, opts.api_key, opts.engine)
+
+
+def make_batch(model: Any, opts: ServeOptions) -> Any:
+    """The ContinuousBatch, or a UserError naming --max-rows/--max-len when its KV cache does
+    not fit: checked against the free memory first (on the CPU an allocation too large is not
+    an error but the kernel's OOM killer, later), the allocation's own error caught too."""
+    import torch
+
+    from loralab.engine.continuous import ContinuousBatch, cache_bytes
+    from loralab.errors import UserError
+
+    need = cache_bytes(model, opts.max_rows, opts.max_len)
+    device = next(model.parameters()).device
+    free = free_memory(device)
+
+    def too_big(have: str) -> UserError:
+        return UserError(f"the KV cache of --max-rows {opts.max_rows} x --max-len "
+                         f"{opts.max_len} needs {need / 2**30:,.1f} GiB, {have} on {device}: "
+                         "lower --max-rows or --max-len")
+
+    if free is not None and need > free:
+        raise too_big(f"more than the {free / 2**30:,.1f} GiB free")
+    try:
+        return ContinuousBatch(model, opts.max_rows, opts.max_len, opts.cuda_graph)
+    except torch.OutOfMemoryError:
+        raise too_big("more than could be allocated") from None
+    except RuntimeError as exc:  # the CPU allocator's failure is a plain RuntimeError
+        if "allocate" not in str(exc):
+            raise
+        raise too_big("more than could be allocated") from None
+
+
+def free_memory(device: Any) -> int | None:
+    """Bytes free on `device` now (None: unknown): CUDA's own count, on the CPU the kernel's
+    MemAvailable."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 class RunningServer:
