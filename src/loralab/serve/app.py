@@ -115,7 +115,7 @@ def build_app(state: ServerState) -> FastAPI:
                  "root": reg.base_path, "parent": None}]
         data += [{"id": a.name, "object": "model", "created": now, "owned_by": "loralab",
                   "root": str(a.path), "parent": reg.base_name}
-                 for a in reg.adapters.values()]
+                 for a in reg.listed()]
         return {"object": "list", "data": data}
 
     @app.get("/v1/adapters", dependencies=auth)
@@ -123,7 +123,7 @@ def build_app(state: ServerState) -> FastAPI:
         reg = state.registry
         return {"adapters": [{"name": a.name, "path": str(a.path), "bytes": a.nbytes,
                               "system_prompt": a.system_prompt}
-                             for a in reg.adapters.values()],
+                             for a in reg.listed()],
                 "max_adapters": reg.max_adapters, "max_bytes": reg.max_bytes}
 
     @app.post("/v1/adapters", dependencies=auth, status_code=201)

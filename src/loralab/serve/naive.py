@@ -13,7 +13,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from loralab.serve.scheduler import Request, Scheduler
+from loralab.serve.scheduler import Request, Scheduler, unloaded_message
 
 
 class _NoBatch:
@@ -31,6 +31,8 @@ class NaiveAdapters:
 
     def __init__(self, model: Any) -> None:
         self.base, self.peft = model, None
+        self.ids: set[int] = set()  # engine ids of the attached adapters
+        self.sizes: dict[int, int] = {}  # their file sizes
 
     def read(self, path: Path) -> tuple[Any, int]:
         from loralab.engine.lora_weights import check_adapter_file
@@ -50,10 +52,21 @@ class NaiveAdapters:
                 self.peft.eval()
             else:
                 self.peft.load_adapter(str(payload), adapter_name=f"a{adapter.id}")
+        self.ids.add(adapter.id)
+        self.sizes[adapter.id] = adapter.nbytes
 
     def remove(self, adapter: Any) -> None:
+        self.ids.discard(adapter.id)
+        self.sizes.pop(adapter.id, None)
         if self.peft is not None:
             self.peft.delete_adapter(f"a{adapter.id}")
+
+    def total_bytes(self, extra: list[Any]) -> int:
+        """The attached adapters' file sizes plus those of `extra` (read payloads: folders)."""
+        from loralab.engine.lora_weights import check_adapter_file
+
+        return sum(self.sizes.values()) + sum(check_adapter_file(p).stat().st_size
+                                              for p in extra)
 
     def model_for(self, adapter: int) -> Any:
         """(model, context) generating with adapter id `adapter` (0: the base)."""
@@ -125,6 +138,9 @@ class NaiveScheduler(Scheduler):
                 return torch.full((input_ids.shape[0],), halt, dtype=torch.bool,
                                   device=input_ids.device)
 
+        if job.adapter and job.adapter not in self.adapters.ids:  # unloaded since it resolved
+            self.metrics.finished(job, "unloaded")
+            return [(job, ("error", 409, unloaded_message(job.model)))]
         model, context = self.adapters.model_for(job.adapter)
         device = next(model.parameters()).device
         ids = torch.tensor([job.prompt_ids], device=device)

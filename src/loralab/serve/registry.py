@@ -9,6 +9,7 @@ steps; the count and the bytes they take are bounded (--max-adapters, --adapter-
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,9 +63,12 @@ class Registry:
         self.base_name, self.base_path = base_name, base_path
         self.backend, self.scheduler = backend, scheduler
         self.max_adapters, self.max_bytes = max_adapters, max_bytes
+        # written by the scheduler thread (add_now, unload's drop), read by the event loop:
+        # `guard` makes each write and each listing whole
         self.adapters: dict[str, Adapter] = {}
+        self.guard = threading.Lock()
         self.next_id = 1
-        self.lock = asyncio.Lock()
+        self.lock = asyncio.Lock()  # one load or unload at a time
 
     def resolve(self, model: str) -> Adapter | None:
         """The adapter a request's `model` names (None: the base). 404 when unknown."""
@@ -76,11 +80,13 @@ class Registry:
                              "the base and the adapters", "model_not_found", "model")
         return adapter
 
-    def names(self) -> list[str]:
-        return [self.base_name, *self.adapters]
+    def listed(self) -> list[Adapter]:
+        """The adapters now (a copy: safe to iterate while the scheduler changes them)."""
+        with self.guard:
+            return list(self.adapters.values())
 
-    def used_bytes(self) -> int:
-        return sum(a.nbytes for a in self.adapters.values())
+    def names(self) -> list[str]:
+        return [self.base_name, *(a.name for a in self.listed())]
 
     def prepare(self, name: str, folder: Path) -> list[tuple[Adapter, Any]]:
         """Check and read the adapters of `folder` (no engine change yet): UserError."""
@@ -88,18 +94,20 @@ class Registry:
         if len(self.adapters) + len(found) > self.max_adapters:
             raise UserError(f"at most {self.max_adapters} adapters are served at once "
                             f"(--max-adapters); {len(self.adapters)} are loaded")
-        out, total = [], self.used_bytes()
+        out: list[tuple[Adapter, Any]] = []
+        total = self.backend.total_bytes([])
         for adapter_name, path, system, base in found:
             if adapter_name in self.adapters or adapter_name == self.base_name:
                 raise UserError(f"the name {adapter_name!r} is taken")
             self._check_base(path, base)
-            payload, nbytes = self.backend.read(path)
-            total += nbytes
+            payload, _ = self.backend.read(path)
+            before, total = total, self.backend.total_bytes([*(p for _, p in out), payload])
             if total > self.max_bytes:
                 raise UserError(f"adapter {adapter_name} would bring the adapters to "
                                 f"{total / 2**20:,.0f} MiB, over the "
                                 f"{self.max_bytes / 2**20:,.0f} MiB bound (--adapter-memory-gb)")
-            out.append((Adapter(adapter_name, path, self.next_id, system, nbytes), payload))
+            out.append((Adapter(adapter_name, path, self.next_id, system, total - before),
+                        payload))
             self.next_id += 1
         return out
 
@@ -114,7 +122,8 @@ class Registry:
         """Attach prepared adapters; call from the scheduler thread (or before it starts)."""
         for adapter, payload in prepared:
             self.backend.add(adapter, payload)
-            self.adapters[adapter.name] = adapter
+            with self.guard:
+                self.adapters[adapter.name] = adapter
 
     async def load(self, name: str, folder: Path) -> list[Adapter]:
         """POST /v1/adapters: read off the event loop, swap in between two steps."""
@@ -137,7 +146,8 @@ class Registry:
             def drop() -> None:
                 self.scheduler.fail_adapter(adapter.id, f"the adapter {name!r} was unloaded")
                 self.backend.remove(adapter)
-                del self.adapters[name]
+                with self.guard:
+                    del self.adapters[name]
 
             await asyncio.wrap_future(self.scheduler.call(drop))
             return adapter
@@ -151,8 +161,8 @@ class BatchAdapters:
         self.loras: dict[int, dict[str, Any]] = {}
 
     def read(self, path: Path) -> tuple[Any, int]:
-        """The adapter's {module: (A, B, scale)} on the model's device, and its bytes (the
-        read copy plus its columns in the stacked factors)."""
+        """The adapter's {module: (A, B, scale)} on the model's device, and the bytes of
+        that copy."""
         from loralab.engine.lora_weights import check_adapter_file, load_lora_file, lora_for_model
 
         check_adapter_file(path)
@@ -163,8 +173,18 @@ class BatchAdapters:
         if lora is None:
             raise UserError(f"adapter {path} cannot be served by the continuous engine "
                             f"({reason}); --engine naive attaches it with PEFT")
-        nbytes = sum(a.nbytes + b.nbytes for a, b, _ in lora.values())
-        return lora, 2 * nbytes
+        return lora, _copy_bytes(lora)
+
+    def total_bytes(self, extra: list[Any]) -> int:
+        """What the loaded adapters plus `extra` take: the copies stacked from, and the
+        stacked factors as they are allocated (each member of a group an adapter trains
+        padded to its rank, and zero columns for every other adapter in that group)."""
+        from loralab.engine.continuous_lora import stacked_bytes
+
+        loras = [*self.loras.values(), *extra]
+        itemsize = self.batch.lm.lm_head.weight.element_size()
+        return (sum(_copy_bytes(lora) for lora in loras)
+                + stacked_bytes(self.batch.lm, loras, itemsize))
 
     def add(self, adapter: Adapter, payload: Any) -> None:
         self.loras[adapter.id] = payload
@@ -173,3 +193,7 @@ class BatchAdapters:
     def remove(self, adapter: Adapter) -> None:
         self.loras.pop(adapter.id, None)
         self.batch.set_adapters(self.loras)
+
+
+def _copy_bytes(lora: dict[str, Any]) -> int:
+    return sum(a.nbytes + b.nbytes for a, b, _ in lora.values())

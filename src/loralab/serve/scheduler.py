@@ -185,6 +185,14 @@ class Scheduler:
 
     def _admit(self, out: list) -> None:
         for group in prefill_groups(self._take(), self.batch.max_len):
+            adapter = group[0].adapter
+            if adapter and adapter not in self.batch.loras:
+                # unloaded between the request naming it and its submission (the unload ran
+                # on this thread then, and its queue sweep missed it): 409, as for the others
+                for req in group:
+                    out.append((req, ("error", 409, unloaded_message(req.model))))
+                    self.metrics.finished(req, "unloaded")
+                continue
             started = time.perf_counter()
             try:
                 rows, firsts = self.batch.add([r.prompt_ids for r in group], group[0].adapter,
@@ -265,6 +273,10 @@ class Scheduler:
             out += [(req, ("error", status, message)) for req in self.waiting]
             self.waiting.clear()
         self._send(out)
+
+
+def unloaded_message(model: str) -> str:
+    return f"the adapter {model!r} was unloaded"
 
 
 def prefill_groups(requests: list[Request], max_len: int) -> list[list[Request]]:

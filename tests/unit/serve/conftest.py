@@ -63,6 +63,9 @@ def make_server(serve_model, qwen_tokenizer, adapter_dirs):
     yield make
     for server in started:
         server.__exit__(None, None, None)
+        peft = getattr(server.state.registry.backend, "peft", None)
+        if peft is not None:  # the naive engine wrapped the shared model's layers in place
+            peft.unload()
 
 
 @pytest.fixture()

@@ -169,3 +169,39 @@ def test_the_naive_engine_serves_the_same_greedy_text(make_server, client_for):
         got = naive.chat.completions.create(model=model, messages=USER, temperature=0,
                                             max_tokens=8).choices[0].message.content
         assert got == want, model
+
+
+def test_a_request_of_an_adapter_unloaded_before_admission_gets_409(serve_model):
+    """The race: a request resolved its adapter, then the unload ran on the scheduler thread
+    before the request reached the queue; admission must answer 409, not fail with a 500."""
+    from loralab.engine.continuous import ContinuousBatch, Sampling
+    from loralab.serve.metrics import Metrics
+    from loralab.serve.scheduler import Request, Scheduler
+
+    batch = ContinuousBatch(serve_model, max_rows=2, max_len=32)
+    scheduler = Scheduler(batch, [0], 4, Metrics())
+    loop = asyncio.new_event_loop()
+    try:
+        gone = Request([5, 6, 7], "gone", 1, 4, Sampling(), time.monotonic() + 60, loop)
+        base = Request([5, 6], "base", 0, 4, Sampling(), time.monotonic() + 60, loop)
+        scheduler.waiting.extend([gone, base])
+        out: list = []
+        scheduler._admit(out)
+    finally:
+        loop.close()
+    assert (gone, ("error", 409, "the adapter 'gone' was unloaded")) in out
+    assert [req for req, event in out if event[0] == "error"] == [gone]
+    assert list(scheduler.running.values()) == [base]  # the base request went on
+
+
+def test_adapter_bytes_count_the_stacked_factors_as_allocated(make_server):
+    """The two adapters train different projections: the stack pads and zero-fills, and the
+    bound counts that, not the files' tensors."""
+    server = make_server()
+    registry, batch = server.state.registry, server.state.scheduler.batch
+    copies = sum(a.nbytes + b.nbytes for lora in registry.backend.loras.values()
+                 for a, b, _ in lora.values())
+    listed = registry.listed()
+    assert sum(a.nbytes for a in listed) == batch.adapter_bytes() + copies
+    assert registry.backend.total_bytes([]) == batch.adapter_bytes() + copies
+    assert batch.adapter_bytes() > copies  # the padding the old count missed
