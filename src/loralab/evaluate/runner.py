@@ -329,8 +329,8 @@ def run_eval(data: Path | None, adapter_args: list[Path], base: bool, limit: int
     """The whole `loralab eval`; returns {"comparison_dir", "targets"}. curve_of: a run whose
     checkpoints and final adapter are evaluated, each target labelled with its step."""
     from loralab.data.records import mix_paths, read_records
-    from loralab.engine import AdapterSource
-    from loralab.model.load import load_tokenizer_for, resolve_tokenizer_path
+    from loralab.engine import AdapterSource, default_max_new_tokens
+    from loralab.model.load import load_base_model, load_tokenizer_for, resolve_tokenizer_path
     from loralab.scoring.references import score_references
     from loralab.scoring.tasks import get_task
 
@@ -351,8 +351,9 @@ def run_eval(data: Path | None, adapter_args: list[Path], base: bool, limit: int
     check_references(task, records)
     train_answers = [r.answer for path in mix_paths(cfg.data.path) for r in read_records(path)]
     tokenizer = load_tokenizer_for(resolve_tokenizer_path(cfg.model))
-    max_new = cfg.eval.max_new_tokens or _default_max_new(tokenizer, records)
-    model, tokenizer = _load_base(cfg, device)
+    max_new = cfg.eval.max_new_tokens or default_max_new_tokens(
+        tokenizer, [r.answer for r in records])
+    model, tokenizer = load_base_model(cfg.model, device)
     planned = (len(runs) + bool(base)) * len(records) * max_new
     on_cuda = next(model.parameters()).device.type == "cuda"
     settings = gen_settings(cfg, max_new, engine, want_compile(compile_decode, on_cuda, planned))
@@ -383,12 +384,6 @@ def run_eval(data: Path | None, adapter_args: list[Path], base: bool, limit: int
     return {"comparison_dir": comp, "targets": targets}
 
 
-def _default_max_new(tokenizer: Any, records: list) -> int:
-    from loralab.engine import default_max_new_tokens
-
-    return default_max_new_tokens(tokenizer, [r.answer for r in records])
-
-
 def _announce(name: str, metrics: dict[str, Any], task: Any) -> None:
     gen = metrics.get("gen", {})
     shown = ", ".join(f"{m} {metrics[m]:.3f}" for m in task.headline if m in metrics)
@@ -396,8 +391,3 @@ def _announce(name: str, metrics: dict[str, Any], task: Any) -> None:
     print(f"{name}: {shown} ({gen.get('new_tokens')} new tokens, {rate:,.0f} tokens/s)",
           flush=True)
 
-
-def _load_base(cfg: Config, device: str | None):
-    from loralab.model.load import load_base_model
-
-    return load_base_model(cfg.model, device)
