@@ -247,5 +247,8 @@ def card_budget(device: Any) -> int:
     total = torch.cuda.get_device_properties(device).total_memory
     # A per-process cap (torch.cuda.set_per_process_memory_fraction) is the card this process has.
     read_cap = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # torch >= 2.8
-    fraction = read_cap(device) if read_cap else 1.0
+    dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    # It takes an index only: a bare "cuda" (what loralab passes by default) is the current one.
+    index = torch.cuda.current_device() if dev.index is None else dev.index
+    fraction = read_cap(index) if read_cap else 1.0
     return int(total * min(fraction, 1.0) * CARD_SHARE)

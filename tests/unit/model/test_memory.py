@@ -107,3 +107,31 @@ def test_worst_micro_batch_counts_padding_or_packing():
     assert worst_micro_batch([10, 30, 20], [1, 5, 2], 2, packed=False) == (60, 7)
     assert worst_micro_batch([10, 30, 20], [1, 5, 2], 2, packed=True) == (50, 7)
     assert worst_micro_batch([10, 30, 20], [1, 5, 2], 2, packed=True, pad_multiple=64) == (64, 7)
+
+
+def test_card_budget_reads_the_per_process_cap_of_a_bare_cuda_device(monkeypatch):
+    """torch.cuda.get_per_process_memory_fraction takes an index only; loralab's default device
+    is a bare torch.device("cuda"), which torch's own check refuses (seen on the H200)."""
+    import torch
+
+    from loralab.model import memory
+
+    asked: list = []
+
+    def fraction(index):
+        if not isinstance(index, int):
+            raise ValueError("Expected a torch.device with a specified index or an integer")
+        asked.append(index)
+        return 0.5
+
+    class Props:
+        total_memory = 100 * memory.GIB
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", fraction)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    expected = int(100 * memory.GIB * 0.5 * memory.CARD_SHARE)
+    assert memory.card_budget(torch.device("cuda")) == expected
+    assert memory.card_budget("cuda:1") == expected
+    assert memory.card_budget(2) == expected
+    assert asked == [3, 1, 2]
