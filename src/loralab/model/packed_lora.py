@@ -4,15 +4,21 @@ Each target nn.Linear of the base is wrapped by a `PackedLoraLinear` that holds 
 own A_t [r_t, in] and B_t [out, r_t] (separate fp32 parameters: each trial has its own
 optimizer). The rows (tokens) of one forward belong to different trials; the layer computes
 
-    low = (x A_cat^T) ⊙ M          A_cat = cat_t(A_t) [Σr, in]; M [tokens, Σr]
-    out = x W^T + low B_cat^T       B_cat = cat_t(B_t) [out, Σr]
+    low = where(K, (x A_cat^T) · s, 0)    A_cat = cat_t(A_t) [Σr, in]; K [tokens, Σr] bool
+    out = x W^T + low B_cat^T              B_cat = cat_t(B_t) [out, Σr]
 
-where M keeps, for each token, only its own trial's columns, scaled by that trial's alpha/r.
-Two GEMMs whatever the number of trials or their ranks, and exact: another trial's slice adds
-0 to a token's output and receives 0 gradient from it. The mask is built once per micro-batch
-(`PackedContext.set_owners`) and shared by every layer (all trials target the same modules).
+where K keeps, for each token, only its own trial's columns and s [Σr] is each column's trial's
+alpha/r. Two GEMMs whatever the number of trials or their ranks, and exact: another trial's
+slice adds 0 to a token's output and receives 0 gradient from it. The selection is a
+`torch.where`, not a product with a 0/1 mask: a trial whose x A_t overflows to inf would
+otherwise give every token 0·inf = NaN. (Non-finite *weights* B_t still reach every token
+through the second GEMM: the packed loop computes such a trial alone, `sweep/packed.py`.)
+K and s are built once per micro-batch (`PackedContext.set_owners`) and shared by every layer
+(all trials target the same modules).
 
-Compute is in the base's dtype with the fp32 masters cast on the fly, as in `fast_lora`.
+Compute is in the base's dtype with the fp32 masters cast on the fly, as in `fast_lora`; the
+scale multiplies in fp32 and is rounded once, as `fast_lora`'s `low * scaling` does (a bf16
+mask would carry alpha/r rounded: 32/12 is 0.2% off in bf16).
 """
 
 from __future__ import annotations
@@ -40,12 +46,13 @@ class PackedContext:
 
     trials: dict[int, TrialSpec] = field(default_factory=dict)  # slot → spec, every trial
     active: list[int] = field(default_factory=list)  # slots in this forward, in column order
-    mask: torch.Tensor | None = None  # [tokens, Σr]: owner's columns = its scale, else 0
+    keep: torch.Tensor | None = None  # [tokens, Σr] bool: the token's owner's columns
+    scale: torch.Tensor | None = None  # [Σr] fp32: each column's trial's alpha/r
     drop_p: torch.Tensor | None = None  # [tokens, 1] dropout probability (None: no dropout)
 
-    def set_owners(self, owners: torch.Tensor, dtype: torch.dtype) -> None:
+    def set_owners(self, owners: torch.Tensor) -> None:
         """owners [tokens]: the slot each token belongs to (-1: nobody, e.g. a pad fill)."""
-        cols, scales, probs = [], [], []
+        cols, scales = [], []
         for slot in self.active:
             spec = self.trials[slot]
             cols += [slot] * spec.r
@@ -53,8 +60,8 @@ class PackedContext:
         device = owners.device
         col_owner = torch.tensor(cols, device=device)
         col_scale = torch.tensor(scales, device=device, dtype=torch.float32)
-        hit = owners.reshape(-1, 1) == col_owner.reshape(1, -1)
-        self.mask = (hit * col_scale).to(dtype)
+        self.keep = owners.reshape(-1, 1) == col_owner.reshape(1, -1)
+        self.scale = col_scale
         probs = {s: self.trials[s].dropout for s in self.active}
         if any(probs.values()):
             table = torch.zeros(max(self.trials) + 2, device=device)
@@ -65,7 +72,7 @@ class PackedContext:
             self.drop_p = None
 
     def clear(self) -> None:
-        self.mask = self.drop_p = None
+        self.keep = self.scale = self.drop_p = None
 
 
 class PackedLoraLinear(nn.Module):
@@ -87,7 +94,7 @@ class PackedLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         ctx = self.ctx
-        if ctx.mask is None or not ctx.active:
+        if ctx.keep is None or not ctx.active:
             return out
         compute = out.dtype
         a = torch.cat([self.lora_A[str(s)] for s in ctx.active]).to(compute)
@@ -97,7 +104,10 @@ class PackedLoraLinear(nn.Module):
             # Per-token dropout probability: each token's trial's own p (inverted dropout).
             keep = torch.rand_like(flat_x, dtype=torch.float32) >= ctx.drop_p
             flat_x = flat_x * (keep / (1.0 - ctx.drop_p)).to(flat_x.dtype)
-        low = F.linear(flat_x.to(compute), a) * ctx.mask
+        low = F.linear(flat_x.to(compute), a)
+        # Scaled in fp32 (the exact alpha/r, one rounding: fast_lora's `low * scaling`), then
+        # selected: where() passes 0, not 0·x, for another trial's columns (x may be inf).
+        low = torch.where(ctx.keep, low * ctx.scale, 0.0).to(compute)
         flat = torch.addmm(out.reshape(-1, out.shape[-1]), low, b.t())
         return flat.view(out.shape)
 

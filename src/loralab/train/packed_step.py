@@ -102,14 +102,13 @@ def accumulate_packed_step(
         weights[slot] = 1.0 / max(1, labelled_in(examples))
     slices = {slot: split_step(list(ex), parts) for slot, ex in steps.items()}
     stats = PackedStats({s: 0.0 for s in steps}, {s: 0 for s in steps}, {s: 0 for s in steps})
-    compute = next(p for p in lm.parameters() if not p.requires_grad).dtype
     for k in range(parts):
         pieces = [(slot, parts_[k]) for slot, parts_ in slices.items() if parts_[k]]
         if not pieces:
             continue
         batch, owners = collate_with_owners(pieces, pad_id, packed, pad_multiple)
         batch, owners = to_device(batch, device), owners.to(device)
-        ctx.set_owners(owners, compute)
+        ctx.set_owners(owners)
         try:
             losses, counts = per_trial_loss(lm, batch, owners, n_slots, chunk)
             (losses * weights).sum().backward()

@@ -53,7 +53,7 @@ def test_each_token_gets_its_trials_adapter_and_gradient():
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(2, 7, 12, generator=gen)
     owners = torch.tensor([[0, 0, 1, 1, 1, 0, -1], [1, 0, 0, 1, 1, 1, 1]])  # trial 2: no tokens
-    adapters.ctx.set_owners(owners, torch.float32)
+    adapters.ctx.set_owners(owners)
     out = model(x)
     weight = torch.randn(out.shape, generator=gen)
     (out * weight).sum().backward()
@@ -75,7 +75,7 @@ def test_dropout_is_per_trial_and_uninstall_restores_the_base():
     model.train()
     x = torch.randn(1, 6, 12)
     owners = torch.tensor([[0, 0, 0, 1, 1, 1]])
-    adapters.ctx.set_owners(owners, torch.float32)
+    adapters.ctx.set_owners(owners)
     out = model(x)
     expected, _, _ = _alone(model, 0, x)
     assert torch.allclose(out[0, :3], expected[0, :3], rtol=1e-5, atol=1e-5)  # p=0: untouched
@@ -92,9 +92,41 @@ def test_a_trial_that_leaves_is_no_longer_computed():
     adapters.drop_trial(1)
     assert adapters.ctx.active == [0, 2]
     x = torch.randn(1, 4, 12)
-    adapters.ctx.set_owners(torch.tensor([[2, 2, 0, 0]]), torch.float32)
+    adapters.ctx.set_owners(torch.tensor([[2, 2, 0, 0]]))
     out = model(x)
     for slot, rows in ((2, slice(0, 2)), (0, slice(2, 4))):
         expected, _, _ = _alone(model, slot, x)
         assert torch.allclose(out[0, rows], expected[0, rows], rtol=1e-5, atol=1e-5)
     assert len(list(adapters.parameters())) == 4  # trials 0 and 2: A and B each
+
+
+def test_bf16_scale_is_the_exact_alpha_over_r_of_the_fused_single_trial_forward():
+    """At 32/12 (2.6667, 2.671875 in bf16) the packed layer must give what loralab's fused
+    forward gives a trial alone (model/fast_lora.py: bf16 GEMMs, `low * scaling`)."""
+    torch.manual_seed(0)
+    model = Block().to(torch.bfloat16).requires_grad_(False)
+    adapters = PackedAdapters(model, ["q_proj"])
+    a, b = torch.randn(12, 12), torch.randn(10, 12)
+    adapters.add_trial(0, TrialSpec(12, 32 / 12), {"q_proj": (a, b)})
+    adapters.ctx.active = [0]
+    x = torch.randn(1, 64, 12).to(torch.bfloat16)
+    adapters.ctx.set_owners(torch.zeros(1, 64, dtype=torch.long))
+    out = model.q_proj(x)
+    base = model.q_proj.base_layer(x)
+    low = torch.nn.functional.linear(x, a.to(torch.bfloat16)) * (32 / 12)
+    alone = torch.addmm(base.reshape(-1, 10), low.reshape(-1, 12), b.to(torch.bfloat16).t())
+    assert torch.equal(out.reshape(-1, 10), alone)
+
+
+def test_another_trials_overflowing_product_does_not_reach_a_token():
+    """Trial 1's A at 1e38: x A_1 is inf on every token; trial 0's tokens must not see it."""
+    model, adapters, params, _ = _packed()
+    with torch.no_grad():
+        params[1][0].fill_(1e38)
+    x = torch.randn(1, 6, 12)
+    owners = torch.tensor([[0, 0, 0, 1, 1, 1]])
+    adapters.ctx.set_owners(owners)
+    out = model(x)
+    expected, _, _ = _alone(model, 0, x)
+    assert torch.isfinite(out[0, :3]).all()
+    assert torch.allclose(out[0, :3], expected[0, :3], rtol=1e-5, atol=1e-5)
