@@ -54,6 +54,7 @@ def run_packed(trials: list[Trial], base: Any, report: Report, show_progress: bo
 def plan_levers(ready: list[PackedTrial], base: Any) -> tuple[Any, int]:
     """The fast-path levers of the combined step and its number of micro-batches."""
     from loralab.train import levers
+    from loralab.train.packed_step import planned_rows
 
     trials = [pt.trial for pt in ready]
     examples = [e for pt in ready for e in pt.examples]
@@ -61,7 +62,7 @@ def plan_levers(ready: list[PackedTrial], base: Any) -> tuple[Any, int]:
     parts = micro_batches(trials, fast if base.device.type == "cuda" else None)
     rows = sum(pt.cfg.train.batch_size * pt.cfg.train.grad_accum for pt in ready)
     # The packed layer is loralab's own fused LoRA forward: PEFT's layers are not in the model.
-    fast = dataclasses.replace(fast, fused_lora=False, micro_batch=math.ceil(rows / parts),
+    fast = dataclasses.replace(fast, fused_lora=False, micro_batch=planned_rows(rows, parts),
                                grad_accum=parts)
     return fast, parts
 

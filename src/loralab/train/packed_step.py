@@ -1,7 +1,8 @@
 """One optimizer step of several trials at once over one frozen base (the packed sweep).
 
-Each trial contributes its own step's sequences (its own data plan); the combined step is cut
-into micro-batches that each hold a slice of every active trial's sequences. Every token knows
+Each trial contributes its own step's sequences (its own data plan); the combined step (every
+trial's sequences one after another) is cut into micro-batches of ceil(Σ rows / parts) rows,
+the size the memory plan was made for (`planned_rows`). Every token knows
 its trial (`owners`), so the packed LoRA layers apply only that trial's adapter, and the loss is
 summed per trial. Trial t's backward weight is 1 / (t's labelled tokens in its whole step):
 its gradient is exactly the one it would get trained alone (token-normalised accumulation,
@@ -30,10 +31,28 @@ class PackedStats:
     largest_batch: tuple[int, int] = (0, 0)  # (tokens incl. padding, labelled) of a micro-batch
 
 
-def split_step(indices: list[int], parts: int) -> list[list[int]]:
-    """A trial's step cut into `parts` consecutive slices (some may be empty)."""
-    size = -(-len(indices) // parts)
-    return [indices[i * size : (i + 1) * size] for i in range(parts)]
+def planned_rows(rows: int, parts: int) -> int:
+    """Rows of one combined micro-batch: what the memory plan sizes (`sweep/packed.py`)."""
+    return -(-rows // parts)
+
+
+def split_combined(steps: dict[int, list[Any]], parts: int) -> list[list[tuple[int, list[Any]]]]:
+    """The combined step cut into `parts` micro-batches of (slot, examples) pieces.
+
+    The trials' sequences are cut as one list: slicing each trial separately would round each
+    trial up (12 and 16 rows in 7 parts: 2 + 3 = 5 rows, not the planned 4)."""
+    flat = [(slot, example) for slot, examples in steps.items() for example in examples]
+    size = planned_rows(len(flat), parts)
+    cut: list[list[tuple[int, list[Any]]]] = []
+    for start in range(0, len(flat), max(1, size)):
+        pieces: list[tuple[int, list[Any]]] = []
+        for slot, example in flat[start : start + size]:
+            if pieces and pieces[-1][0] == slot:
+                pieces[-1][1].append(example)
+            else:
+                pieces.append((slot, [example]))
+        cut.append(pieces)
+    return cut
 
 
 def collate_with_owners(
@@ -94,18 +113,14 @@ def accumulate_packed_step(
     device: torch.device, *, packed: bool = False, pad_multiple: int = 1, chunk: int = 2048,
 ) -> PackedStats:
     """Forward/backward one combined step: `steps` maps each active slot to its step's
-    examples (in its plan's order); they are cut into `parts` micro-batches."""
+    examples (in its plan's order); they are cut into `parts` micro-batches at most."""
     ctx = adapters.ctx
     n_slots = max(steps) + 1
     weights = torch.zeros(n_slots, dtype=torch.float32, device=device)
     for slot, examples in steps.items():
         weights[slot] = 1.0 / max(1, labelled_in(examples))
-    slices = {slot: split_step(list(ex), parts) for slot, ex in steps.items()}
     stats = PackedStats({s: 0.0 for s in steps}, {s: 0 for s in steps}, {s: 0 for s in steps})
-    for k in range(parts):
-        pieces = [(slot, parts_[k]) for slot, parts_ in slices.items() if parts_[k]]
-        if not pieces:
-            continue
+    for pieces in split_combined(steps, parts):
         batch, owners = collate_with_owners(pieces, pad_id, packed, pad_multiple)
         batch, owners = to_device(batch, device), owners.to(device)
         ctx.set_owners(owners)
