@@ -178,3 +178,28 @@ def test_ctrl_c_marks_the_packed_trials_interrupted_and_resume_finishes(
     manifest = runner.run_sweep(spec, resume=True, show_progress=False)
     assert [t["status"] for t in manifest["trials"]] == ["done", "done"]
     assert len(_losses(spec.output_dir / "r2")) == 2  # retrained from step 0, metrics not doubled
+
+
+def test_the_base_stays_in_training_mode_after_a_trial_leaves(tmp_path, small_data, tiny_base,
+                                                               monkeypatch):
+    """Saving a finished trial puts the shared base in eval mode for the save; the trials
+    still training must get it back in training mode (gradient checkpointing, dropout)."""
+    import loralab.train.packed_step as packed_step
+
+    body = {"name": "m", "base": str(demo_config_path()), "output_dir": str(tmp_path / "m"),
+            "overrides": {**OVERRIDES, "data.path": str(small_data)},
+            "trials": [{"data.limit": 4}, {"data.limit": 12}], "sweep": {"mode": "packed"}}
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(body))
+    real, modes = packed_step.accumulate_packed_step, []
+
+    def recording(adapters, lm, *args, **kwargs):
+        modes.append((len(adapters.ctx.active), lm.model.layers[0].training))
+        return real(adapters, lm, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "load_base", lambda trial: tiny_base)
+    monkeypatch.setattr(packed_step, "accumulate_packed_step", recording)
+    manifest = runner.run_sweep(load_sweep(path), show_progress=False)
+    assert [t["status"] for t in manifest["trials"]] == ["done", "done"]
+    assert modes == [(2, True), (1, True), (1, True)]  # the first trial leaves after step 1
+    assert not tiny_base.model.training  # and the sweep leaves the base in eval mode

@@ -170,6 +170,10 @@ def finish(pt: PackedTrial, weights: dict[str, tuple[torch.Tensor, torch.Tensor]
     detached: the same files a sequential trial writes) and result.json 'done'."""
     from loralab.model.lora import attach_lora
 
+    # eval() for the save reaches the shared base's modules: their modes are put back after,
+    # else the trials still training lose gradient checkpointing and dropout (transformers
+    # checkpoints only when `self.training`).
+    modes = {module: module.training for module in base.model.modules()}
     peft_model = attach_lora(base.model, pt.cfg.lora, pt.cfg.train.seed)
     try:
         load_into_peft(peft_model, weights)
@@ -177,6 +181,8 @@ def finish(pt: PackedTrial, weights: dict[str, tuple[torch.Tensor, torch.Tensor]
         ckpt.save_adapter_files(peft_model, base.tokenizer, pt.run_dir)
     finally:
         peft_model.unload()
+        for module, training in modes.items():
+            module.training = training
     result = {**pt.result,
               **final_numbers(pt.done.losses, pt.done.tokens, pt.done.train_seconds, pt.started),
               "processes": 1}
