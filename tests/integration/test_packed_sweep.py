@@ -203,3 +203,119 @@ def test_the_base_stays_in_training_mode_after_a_trial_leaves(tmp_path, small_da
     assert [t["status"] for t in manifest["trials"]] == ["done", "done"]
     assert modes == [(2, True), (1, True), (1, True)]  # the first trial leaves after step 1
     assert not tiny_base.model.training  # and the sweep leaves the base in eval mode
+
+
+def _write(tmp_path, small_data, folder: str, mode: str, trials: list[dict]):
+    body = {"name": folder, "base": str(demo_config_path()), "output_dir": str(tmp_path / folder),
+            "overrides": {**OVERRIDES, "data.path": str(small_data)}, "trials": trials,
+            "sweep": {"mode": mode}}
+    path = tmp_path / f"{folder}.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def test_a_trials_overflowing_gradient_fails_only_that_trial(tmp_path, small_data, tiny_base,
+                                                             monkeypatch):
+    """The r=8 trial's gradient is inf at its first step (loss finite); in the shared pass it
+    also reaches the other trials' gradients (simulated: NaN), as 0·inf in the GEMMs does.
+    Golden: the same trials trained alone, the r=8 one's gradient set to inf at step 1."""
+    import loralab.train.loop as loop
+    import loralab.train.packed_step as packed_step
+    from loralab.train.step import clip_gradients
+
+    trials = [{"lora.r": 2, "data.limit": 8}, {"lora.r": 8, "data.limit": 8},
+              {"lora.r": 4, "data.limit": 4}]
+    fired = []
+
+    def inf_at_first_step(params, max_norm):  # the alone loop's clip: grads of r=8, step 1
+        if params[0].shape[0] == 8 and not fired:
+            fired.append(1)
+            for p in params:
+                p.grad.fill_(math.inf)
+        return clip_gradients(params, max_norm)
+
+    monkeypatch.setattr(runner, "load_base", lambda trial: tiny_base)
+    monkeypatch.setattr(loop, "clip_gradients", inf_at_first_step)
+    alone = runner.run_sweep(load_sweep(_write(tmp_path, small_data, "a", "sequential", trials)),
+                             show_progress=False)
+    monkeypatch.undo()
+    real, first = packed_step.accumulate_packed_step, {}
+
+    def overflowing(adapters, lm, steps, *args, **kwargs):
+        stats = real(adapters, lm, steps, *args, **kwargs)
+        if 1 in steps and steps[1][0] is first.setdefault(1, steps[1][0]):  # its step 1
+            for layer in adapters.layers.values():
+                for slot in steps:
+                    for param in (layer.lora_A[str(slot)], layer.lora_B[str(slot)]):
+                        param.grad.fill_(math.inf if slot == 1 else math.nan)
+        return stats
+
+    monkeypatch.setattr(runner, "load_base", lambda trial: tiny_base)
+    monkeypatch.setattr(packed_step, "accumulate_packed_step", overflowing)
+    spec = load_sweep(_write(tmp_path, small_data, "p", "packed", trials))
+    packed = runner.run_sweep(spec, show_progress=False)
+    assert [t["status"] for t in alone["trials"]] == ["done", "failed", "done"]
+    assert [t["status"] for t in packed["trials"]] == ["done", "failed", "done"]
+    assert packed["trials"][1]["error"] == alone["trials"][1]["error"]
+    assert "loss is nan at step 2" in packed["trials"][1]["error"]
+    for trial in (spec.trials[0], spec.trials[2]):
+        mine, theirs = _losses(tmp_path / "p" / trial.name), _losses(tmp_path / "a" / trial.name)
+        assert len(mine) == len(theirs) > 0
+        assert all(abs(p - a) <= 1e-5 * abs(a) for p, a in zip(mine, theirs, strict=True))
+
+
+def test_an_update_that_raises_fails_that_trial_as_sequentially(tmp_path, small_data, tiny_base,
+                                                                 monkeypatch, capsys):
+    """The review's case: lr 1e38 without clipping; AdamW's step raises (float overflow)."""
+    from loralab.cli import main
+
+    trials = [{"data.limit": 8}, {"data.limit": 8, "train.lr": 1.0e38, "train.max_grad_norm": 0}]
+    monkeypatch.setattr(runner, "load_base", lambda trial: tiny_base)
+    seen = {}
+    for mode in ("sequential", "packed"):
+        path = _write(tmp_path, small_data, mode, mode, trials)
+        rc = main(["sweep", str(path), "--quiet"])
+        out = "".join(capsys.readouterr().out.split())  # rich wraps long paths anywhere
+        seen[mode] = rc, SweepDir(tmp_path / mode).read_manifest()
+        assert "1done,1failed;written:" in out, out
+        assert all(f in out for f in ("sweep.json", "sweep.md", "sweep.csv", "loss_curves.png")), out
+    (rc_seq, seq), (rc_packed, packed) = seen["sequential"], seen["packed"]
+    assert rc_seq == rc_packed == 1
+    assert [t["status"] for t in packed["trials"]] == ["done", "failed"]
+    assert packed["trials"][1]["error"] == seq["trials"][1]["error"]
+    name = packed["trials"][0]["name"]
+    mine, theirs = _losses(tmp_path / "packed" / name), _losses(tmp_path / "sequential" / name)
+    assert len(mine) == len(theirs) == 2
+    assert all(abs(p - a) <= 1e-5 * abs(a) for p, a in zip(mine, theirs, strict=True))
+
+
+def test_a_failing_combined_step_falls_back_to_one_by_one(tmp_path, small_data, tiny_base,
+                                                          monkeypatch, capsys):
+    """Out of memory in the shared pass: no traceback; the trial that finished keeps its
+    result, the unfinished one trains alone from its start, and the sweep's files are written."""
+    import loralab.train.packed_step as packed_step
+    from loralab.cli import main
+
+    real, calls = packed_step.accumulate_packed_step, []
+
+    def out_of_memory_at_step_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB.\nSee the docs")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "load_base", lambda trial: tiny_base)
+    monkeypatch.setattr(packed_step, "accumulate_packed_step", out_of_memory_at_step_2)
+    path = _write(tmp_path, small_data, "f", "packed", [{"data.limit": 4}, {"data.limit": 8}])
+    rc = main(["sweep", str(path), "--quiet"])
+    out = "".join(capsys.readouterr().out.split())  # rich wraps long lines anywhere
+    assert rc == 0, out
+    assert ("packedtrainingstopped(RuntimeError:CUDAoutofmemory.Triedtoallocate20.00GiB.):"
+            "1unfinishedtrial(s)trainonebyone") in out, out
+    assert "2done;written:" in out and "loss_curves.png" in out
+    manifest = SweepDir(tmp_path / "f").read_manifest()
+    assert [t["status"] for t in manifest["trials"]] == ["done", "done"]
+    steps = [len(_losses(tmp_path / "f" / t["name"])) for t in manifest["trials"]]
+    assert steps == [1, 2]  # the second retrained from step 0 alone, its metrics not doubled
+    assert not tiny_base.model.training
+    assert not any("lora" in n for n, _ in tiny_base.model.named_modules())

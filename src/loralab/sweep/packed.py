@@ -22,6 +22,7 @@ from loralab.sweep import packed_trial
 from loralab.sweep.mode import combined_config, micro_batches
 from loralab.sweep.packed_trial import PackedTrial
 from loralab.sweep.spec import Trial
+from loralab.train.packed_step import PackedStats
 
 Report = Callable[[str, str, dict[str, Any]], None]  # (trial name, status, fields)
 
@@ -103,7 +104,9 @@ def _train_together(ready: list[PackedTrial], base: Any, report: Report, show_pr
 
 def _loop(active: list[PackedTrial], adapters: Any, base: Any, fast: Any, parts: int,
           report: Report, show_progress: bool) -> None:
-    from loralab.train.packed_step import accumulate_packed_step
+    """Combined steps until every trial has finished or failed. An exception of one trial's
+    own step fails that trial; one of the combined step (out of memory...) propagates with
+    the trials unfinished (the runner trains them one by one); Ctrl-C marks them interrupted."""
     from loralab.train.progress import StepProgress
 
     bar = StepProgress(max((pt.total_steps for pt in active), default=0), 0,
@@ -112,36 +115,102 @@ def _loop(active: list[PackedTrial], adapters: Any, base: Any, fast: Any, parts:
     step = 0
     try:
         while active:
-            adapters.ctx.active = [pt.slot for pt in active]
-            steps = {pt.slot: pt.step_examples() for pt in active}
             t0 = time.perf_counter()
-            stats = accumulate_packed_step(
-                adapters, base.model, steps, parts, base.tokenizer.pad_token_id, base.device,
-                packed=fast.packing, pad_multiple=fast.pad_multiple,
-                chunk=active[0].cfg.train.loss_chunk,
-            )
+            stats = _combined_step(active, adapters, base, fast, parts)
             losses = {pt.slot: stats.loss_sum[pt.slot] / max(1, stats.tokens[pt.slot]) for pt in active}
             bad = [pt for pt in active if not math.isfinite(losses[pt.slot])]
             if bad:
                 _drop_failed(active, bad, adapters, losses, report)
                 continue  # the same step again without them
+            if _isolate_overflows(active):
+                continue  # the same step again, the overflowing trials each on its own
             seconds = time.perf_counter() - t0
-            for pt in active:
-                packed_trial.record_step(pt, losses[pt.slot], stats.tokens[pt.slot],
-                                         stats.seen_tokens[pt.slot], seconds, stats.largest_batch)
+            _update_each(active, adapters, report, losses, stats, seconds)
             _finish_done(active, adapters, base, report)
             step += 1
             bar.update(step, sum(losses.values()) / len(losses),
                        sum(stats.seen_tokens.values()) / max(seconds, 1e-9))
-    except BaseException as exc:
-        for pt in active:  # interrupted or crashed: what is running stops with it
-            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-            packed_trial.fail(pt, f"{type(exc).__name__}: {exc}", status)
-            if status == "failed":
-                report(pt.trial.name, "failed", {"error": f"{type(exc).__name__}: {exc}"})
+    except KeyboardInterrupt:
+        for pt in active:  # what is running stops with it; --resume retrains it
+            packed_trial.fail(pt, "KeyboardInterrupt: ", "interrupted")
         raise
     finally:
         bar.close()
+
+
+def _combined_step(active: list[PackedTrial], adapters: Any, base: Any, fast: Any,
+                   parts: int) -> PackedStats:
+    """One step of every active trial: one pass for those computed together, one each for
+    those computed alone (non-finite weights or gradient: they would reach every token of a
+    shared pass through the GEMMs' 0·inf, and a run alone is what they must match)."""
+    from loralab.train.packed_step import accumulate_packed_step
+
+    together = [pt for pt in active if not pt.alone]
+    total = PackedStats()
+    try:
+        for group in ([together] if together else []) + [[pt] for pt in active if pt.alone]:
+            adapters.ctx.active = [pt.slot for pt in group]
+            stats = accumulate_packed_step(
+                adapters, base.model, {pt.slot: pt.step_examples() for pt in group}, parts,
+                base.tokenizer.pad_token_id, base.device, packed=fast.packing,
+                pad_multiple=fast.pad_multiple, chunk=active[0].cfg.train.loss_chunk,
+            )
+            total.loss_sum.update(stats.loss_sum)
+            total.tokens.update(stats.tokens)
+            total.seen_tokens.update(stats.seen_tokens)
+            total.largest_batch = max(total.largest_batch, stats.largest_batch)
+    finally:
+        adapters.ctx.active = [pt.slot for pt in active]
+    return total
+
+
+def _isolate_overflows(active: list[PackedTrial]) -> bool:
+    """True when a trial computed with others has a non-finite gradient: its gradient may
+    have reached theirs (0·inf in the shared GEMMs), so every such trial is computed alone
+    and the step is run again (each then gets the exact gradient of a run alone)."""
+    from loralab.train.packed_step import all_finite
+
+    together = [pt for pt in active if not pt.alone]
+    if len(together) < 2:
+        return False
+    finite = all_finite([[p.grad for p in pt.params if p.grad is not None] for pt in together])
+    overflowing = [pt for pt, ok in zip(together, finite, strict=True) if not ok]
+    if not overflowing:
+        return False
+    for pt in active:
+        pt.opt.optimizer.zero_grad(set_to_none=True)
+    for pt in overflowing:
+        pt.alone = True
+    return True
+
+
+def _update_each(active: list[PackedTrial], adapters: Any, report: Report,
+                 losses: dict[int, float], stats: PackedStats, seconds: float) -> None:
+    """Each trial's own clip/AdamW/schedule step; a trial whose step raises (an update that
+    overflows float32...) fails with the error a run alone gives, the others go on."""
+    from loralab.train.packed_step import all_finite
+
+    norms = {}
+    for pt in list(active):
+        try:
+            norms[pt.slot] = packed_trial.record_step(
+                pt, losses[pt.slot], stats.tokens[pt.slot], stats.seen_tokens[pt.slot], seconds,
+                stats.largest_batch)
+        except Exception as exc:
+            _drop(pt, active, adapters, report, f"{type(exc).__name__}: {exc}")
+    # A trial whose weights or gradient are no longer finite is computed alone from now on.
+    finite = all_finite([pt.params for pt in active])
+    for pt, ok in zip(active, finite, strict=True):
+        pt.alone = not (ok and math.isfinite(norms[pt.slot]))
+
+
+def _drop(pt: PackedTrial, active: list[PackedTrial], adapters: Any, report: Report,
+          error: str) -> None:
+    """The trial fails (result.json, the sweep's report) and leaves the packed layers."""
+    packed_trial.fail(pt, error)
+    adapters.drop_trial(pt.slot)
+    active.remove(pt)
+    report(pt.trial.name, "failed", {"error": error})
 
 
 def _drop_failed(active: list[PackedTrial], bad: list[PackedTrial], adapters: Any,
@@ -150,12 +219,9 @@ def _drop_failed(active: list[PackedTrial], bad: list[PackedTrial], adapters: An
         pt.opt.optimizer.zero_grad(set_to_none=True)
     for pt in bad:
         # The words the loop uses when a trial trained alone meets a non-finite loss.
-        error = (f"FloatingPointError: loss is {losses[pt.slot]} at step {pt.done.step + 1}: "
-                 "try a lower train.lr")
-        packed_trial.fail(pt, error)
-        adapters.drop_trial(pt.slot)
-        active.remove(pt)
-        report(pt.trial.name, "failed", {"error": error})
+        _drop(pt, active, adapters, report,
+              f"FloatingPointError: loss is {losses[pt.slot]} at step {pt.done.step + 1}: "
+              "try a lower train.lr")
 
 
 def _finish_done(active: list[PackedTrial], adapters: Any, base: Any, report: Report) -> None:
@@ -166,10 +232,7 @@ def _finish_done(active: list[PackedTrial], adapters: Any, base: Any, report: Re
             result = packed_trial.finish(pt, weights, base)
         except Exception as exc:  # a full disk...: this trial fails, the others go on
             adapters.install()
-            packed_trial.fail(pt, f"{type(exc).__name__}: {exc}")
-            adapters.drop_trial(pt.slot)
-            active.remove(pt)
-            report(pt.trial.name, "failed", {"error": f"{type(exc).__name__}: {exc}"})
+            _drop(pt, active, adapters, report, f"{type(exc).__name__}: {exc}")
             continue
         adapters.install()
         adapters.drop_trial(pt.slot)

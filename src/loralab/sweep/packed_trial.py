@@ -52,6 +52,7 @@ class PackedTrial:
     done: Progress = field(default_factory=Progress)
     rows: list[dict[str, Any]] = field(default_factory=list)  # for the tracker, at the end
     result: dict[str, Any] = field(default_factory=dict)
+    alone: bool = False  # computed in a pass of its own (its weights or gradient not finite)
 
     @property
     def cfg(self) -> Any:
@@ -133,8 +134,10 @@ def start(pt: PackedTrial, params: list, base_params: int, fast: dict[str, Any])
 
 
 def record_step(pt: PackedTrial, loss: float, tokens: int, seen: int, seconds: float,
-                largest: tuple[int, int]) -> None:
-    """Clip, update, schedule: the alone loop's step, on this trial's own optimizer."""
+                largest: tuple[int, int]) -> float:
+    """Clip, update, schedule: the alone loop's step, on this trial's own optimizer; returns
+    the gradient norm (before clipping). A non-finite gradient is applied as alone (clipping
+    makes it NaN): the trial then fails at its next step's loss, as a run alone does."""
     from loralab.train.step import clip_gradients
 
     opt = pt.opt
@@ -163,6 +166,7 @@ def record_step(pt: PackedTrial, loss: float, tokens: int, seen: int, seconds: f
     if done.step % pt.cfg.train.log_every == 0 or last:
         append_jsonl(pt.run_dir / layout.STEP_METRICS, row)
         pt.rows.append(row)
+    return grad_norm
 
 
 def finish(pt: PackedTrial, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], base: Any) -> dict:

@@ -17,6 +17,7 @@ from typing import Any
 
 from rich.console import Console
 
+from loralab.sweep.compile_reuse import compiled_code_reused
 from loralab.sweep.manifest import (
     counts,
     mark,
@@ -174,35 +175,6 @@ def _announce(manifest: dict[str, Any], trial: Trial) -> None:
 # ---------------------------------------------------------------- in this process
 
 
-# dynamo settings that let a new trial reuse the compiled layers (see compiled_code_reused)
-REUSE_SETTINGS = {
-    "force_parameter_static_shapes": False,  # a LoRA weight's rank may become dynamic
-    "force_nn_module_property_static_shapes": False,  # ... read as a module attribute too
-    "specialize_float": False,  # PEFT's scaling (alpha / r) may become a symbolic float
-}
-
-
-@contextlib.contextmanager
-def compiled_code_reused() -> Iterator[None]:
-    """Trials of other ranks reuse the compiled decoder layers. Dynamo's defaults pin parameter
-    shapes and python floats, so each new LoRA rank (a new weight shape and a new alpha/r) was a
-    new graph: a full compilation per trial. With these settings a value becomes dynamic once
-    it has changed (dynamo's automatic dynamic shapes): the base's weights never change and
-    stay static; the second rank seen compiles once more, with the rank and the scaling
-    symbolic, and every later trial finds a graph that fits (checked with dynamo's recompile
-    log on the CPU: ranks 4, 8, 16, 32 compile at 4 and 8 only)."""
-    import torch._dynamo as dynamo
-
-    saved = {key: getattr(dynamo.config, key) for key in REUSE_SETTINGS if hasattr(dynamo.config, key)}
-    for key in saved:
-        setattr(dynamo.config, key, REUSE_SETTINGS[key])
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            setattr(dynamo.config, key, value)
-
-
 def _run_in_process(spec: SweepSpec, manifest: dict, todo: list[Trial], show_progress: bool,
                     bases: SharedBase | None = None) -> None:
     bases = bases or SharedBase()
@@ -262,12 +234,28 @@ def _run_maybe_packed(spec: SweepSpec, manifest: dict, todo: list[Trial], show_p
     try:
         with compiled_code_reused():  # trials leaving change Σr: one graph, made dynamic
             run_packed(todo, base, report, show_progress)
+        return
     except KeyboardInterrupt:
         for entry in manifest["trials"]:
             if entry["status"] == "running":
                 mark(manifest, entry["name"], "interrupted", error=INTERRUPTED)
         save_manifest(spec.output_dir, manifest)
         raise
+    except Exception as exc:  # of the combined step (out of memory...): not one trial's fault
+        error = (str(exc).splitlines() or [""])[0][:200]
+        error = f"{type(exc).__name__}: {error}"
+    _fall_back(spec, manifest, todo, show_progress, bases, error)
+
+
+def _fall_back(spec: SweepSpec, manifest: dict, todo: list[Trial], show_progress: bool,
+               bases: SharedBase, error: str) -> None:
+    """The packed pass failed as a whole: its unfinished trials train one by one, from their
+    start, as a sequential sweep would (the finished and failed ones keep their results)."""
+    left = [t for t in todo if trial_entry(manifest, t.name)["status"] == "running"]
+    console.print(f"[yellow]packed training stopped ({error}): {len(left)} unfinished trial(s) "
+                  "train one by one[/yellow]", highlight=False)
+    free_memory()  # the failed pass's tensors (the exception's frames are gone by now)
+    _run_in_process(spec, manifest, left, show_progress, bases)
 
 
 def _plan_combined(cfg: Any, base: Any) -> Any:

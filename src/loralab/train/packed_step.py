@@ -104,6 +104,17 @@ def _token_ce(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> t
     return nn.functional.cross_entropy(logits, targets, reduction="none")
 
 
+def all_finite(groups: list[list[torch.Tensor]]) -> list[bool]:
+    """Whether each group of tensors (a trial's weights or gradients) is all finite: one
+    fused norm per group, one device sync for all. A norm that overflows (entries ~1e19) also
+    reads False: such a trial is then computed alone, which is exact, only slower."""
+    flags = [torch.stack(torch._foreach_norm(group)).isfinite().all() if group else None
+             for group in groups]
+    present = [f for f in flags if f is not None]
+    values = iter(torch.stack(present).tolist() if present else [])
+    return [True if f is None else bool(next(values)) for f in flags]
+
+
 def labelled_in(examples: list[Any]) -> int:
     return sum(1 for e in examples for x in e.labels[1:] if x != -100)
 

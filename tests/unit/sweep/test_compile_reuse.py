@@ -9,7 +9,7 @@ import torch
 from loralab.config import LoraConfig
 from loralab.model.fast_lora import disable_fast_lora, enable_fast_lora
 from loralab.model.lora import attach_lora
-from loralab.sweep.runner import REUSE_SETTINGS, compiled_code_reused
+from loralab.sweep.compile_reuse import REUSE_SETTINGS, compiled_code_reused
 
 
 def _compilations_per_trial(model, ranks) -> list[int]:
