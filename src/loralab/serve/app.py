@@ -292,19 +292,30 @@ async def _chat(state: ServerState, body: schemas.ChatRequest, request: Request)
         text, finish = await _collect(state, job, sink, request)
         return schemas.chat_response(rid, body.model, text, finish, _usage(job))
 
+    def chunk(delta: str | None, finish: str | None, usage: dict | None = None) -> dict:
+        if usage is not None:
+            return schemas.chat_chunk(rid, body.model, {}, None, usage)
+        return schemas.chat_chunk(rid, body.model, {"content": delta} if delta else {}, finish)
+
+    first = schemas.chat_chunk(rid, body.model, {"role": "assistant", "content": ""}, None)
+    return _stream(state, job, sink, chunk, body.include_usage(), first)
+
+
+def _stream(state: ServerState, job: Any, sink: TextSink, chunk: Any, with_usage: bool,
+            first: dict | None = None) -> EventSourceResponse:
+    """Server-sent events of one request: `first`, a chunk per piece of text (and the finish
+    reason), the usage chunk when asked for, [DONE]; an error mid-stream ends it in OpenAI's
+    error shape. `chunk(delta, finish, usage=None)` shapes a chunk for the endpoint."""
+
     async def events():
         try:
-            first = schemas.chat_chunk(rid, body.model, {"role": "assistant", "content": ""},
-                                       None)
-            yield {"data": json.dumps(first)}
+            if first is not None:
+                yield {"data": json.dumps(first)}
             async for delta, finish in _pump(state, job, sink, None):
                 if delta or finish:
-                    chunk = schemas.chat_chunk(rid, body.model,
-                                               {"content": delta} if delta else {}, finish)
-                    yield {"data": json.dumps(chunk, ensure_ascii=False)}
-            if body.include_usage():
-                usage = schemas.chat_chunk(rid, body.model, {}, None, _usage(job))
-                yield {"data": json.dumps(usage)}
+                    yield {"data": json.dumps(chunk(delta, finish), ensure_ascii=False)}
+            if with_usage:
+                yield {"data": json.dumps(chunk(None, None, _usage(job)))}
             yield {"data": "[DONE]"}
         except ServeError as exc:
             yield {"data": json.dumps(exc.body())}
@@ -334,19 +345,7 @@ async def _completion(state: ServerState, body: schemas.CompletionRequest,
         text, finish = await _collect(state, job, sink, request)
         return schemas.completion_response(rid, body.model, text, finish, _usage(job))
 
-    async def events():
-        try:
-            async for delta, finish in _pump(state, job, sink, None):
-                if delta or finish:
-                    chunk = schemas.completion_response(rid, body.model, delta, finish, None)
-                    yield {"data": json.dumps(chunk, ensure_ascii=False)}
-            if body.include_usage():
-                usage = schemas.completion_response(rid, body.model, None, None, _usage(job))
-                yield {"data": json.dumps(usage)}
-            yield {"data": "[DONE]"}
-        except ServeError as exc:
-            yield {"data": json.dumps(exc.body())}
-        finally:
-            state.scheduler.cancel(job)
+    def chunk(delta: str | None, finish: str | None, usage: dict | None = None) -> dict:
+        return schemas.completion_response(rid, body.model, delta, finish, usage)
 
-    return EventSourceResponse(events(), ping=15)
+    return _stream(state, job, sink, chunk, body.include_usage())

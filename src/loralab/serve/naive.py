@@ -87,19 +87,7 @@ class NaiveScheduler(Scheduler):
         self.adapters, self.pad_id = adapters, pad_id
 
     def _loop(self) -> None:
-        while True:
-            with self.wake:
-                while not (self.stopped or self.waiting or self.control):
-                    self.wake.wait()
-                if self.stopped:
-                    break
-                control = list(self.control)
-                self.control.clear()
-            for fn, future in control:
-                try:
-                    future.set_result(fn())
-                except Exception as exc:
-                    future.set_exception(exc)
+        while self._next_work(busy=False):  # one request at a time: nothing runs between
             out: list = []
             self._drop_finished(out)
             if out:

@@ -108,20 +108,25 @@ class Scheduler:
 
     # ------------------------------------------------------------ the thread
 
+    def _next_work(self, busy: bool) -> bool:
+        """Wait until there is work (or, when `busy`, go on at once) and run the waiting
+        control calls; False once the server stops."""
+        with self.wake:
+            while not (self.stopped or self.waiting or self.control or busy):
+                self.wake.wait()
+            if self.stopped:
+                return False
+            control = list(self.control)
+            self.control.clear()
+        for fn, future in control:
+            try:
+                future.set_result(fn())
+            except Exception as exc:  # the caller reports it; the server goes on
+                future.set_exception(exc)
+        return True
+
     def _loop(self) -> None:
-        while True:
-            with self.wake:
-                while not (self.stopped or self.waiting or self.running or self.control):
-                    self.wake.wait()
-                if self.stopped:
-                    break
-                control = list(self.control)
-                self.control.clear()
-            for fn, future in control:
-                try:
-                    future.set_result(fn())
-                except Exception as exc:  # the caller reports it; the server goes on
-                    future.set_exception(exc)
+        while self._next_work(busy=bool(self.running)):
             out: list[tuple[Request, tuple]] = []
             try:
                 self._drop_finished(out)
