@@ -178,6 +178,35 @@ def _sweep_results(sweep_dir: Path) -> dict:
     return {t["name"]: t.get("result") for t in manifest.get("trials", [])}
 
 
+def _against_seed(args, py, sweep_yaml, model_path, records_path, limits, out, env):
+    """(sweep s, the seed recipe's separate processes s, details): one sweep, then the seed's
+    script per limit (some measured, the rest estimated)."""
+    from loralab.config import ModelConfig
+    from loralab.model.load import resolve_model_path
+
+    real = limits if args.baseline_limits is None else [
+        None if x.strip() in ("null", "all", "none") else int(x) for x in args.baseline_limits.split(",")]
+    sweep_s = run_sweep(py, sweep_yaml, out, env, 0)["sweep"]
+    folder = resolve_model_path(ModelConfig(path=model_path))  # the seed script needs a folder
+    seed = run_seed_recipe(folder, records_path, limits, args.epochs, real, out, env)
+    separate_s = sum(m["wall_s"] for part in ("measured", "estimated") for m in seed[part].values())
+    return sweep_s, separate_s, {"seed_recipe": seed, "separate_estimated_trials": sorted(seed["estimated"])}
+
+
+def _against_separate(args, py, sweep_yaml, train_yaml, limits, out, env):
+    """(median sweep s, median separate loralab processes s, rounds): the two sides
+    alternate which goes first."""
+    rounds = []
+    for i in range(args.repeat):
+        sides = [(run_sweep, (py, sweep_yaml, out, env, i)),
+                 (run_separate, (py, train_yaml, limits, out, env, i))]
+        order = sides if i % 2 == 0 else sides[::-1]
+        rounds.append({k: v for fn, fn_args in order for k, v in fn(*fn_args).items()})
+    sweep_s = statistics.median(r["sweep"] for r in rounds)
+    separate_s = statistics.median(sum(r["separate"].values()) for r in rounds)
+    return sweep_s, separate_s, {"rounds": rounds}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out).resolve()
@@ -212,26 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     print("config:", json.dumps(config), "| hardware:", hardware(args.device), "| commit:",
           git_commit(), "| date:", date, flush=True)
     if args.baseline == "seed":
-        real = limits if args.baseline_limits is None else [
-            None if x.strip() in ("null", "all", "none") else int(x) for x in args.baseline_limits.split(",")]
-        sweep_s = run_sweep(py, sweep_yaml, out, env, 0)["sweep"]
-        from loralab.config import ModelConfig
-        from loralab.model.load import resolve_model_path
-
-        folder = resolve_model_path(ModelConfig(path=model_path))  # the seed script needs a folder
-        seed = run_seed_recipe(folder, records_path, limits, args.epochs, real, out, env)
-        separate_s = sum(m["wall_s"] for part in ("measured", "estimated") for m in seed[part].values())
-        extra = {"seed_recipe": seed, "separate_estimated_trials": sorted(seed["estimated"])}
+        sweep_s, separate_s, extra = _against_seed(args, py, sweep_yaml, model_path, records_path,
+                                                   limits, out, env)
     else:
-        rounds = []
-        for i in range(args.repeat):
-            sides = [(run_sweep, (py, sweep_yaml, out, env, i)),
-                     (run_separate, (py, train_yaml, limits, out, env, i))]
-            order = sides if i % 2 == 0 else sides[::-1]
-            rounds.append({k: v for fn, fn_args in order for k, v in fn(*fn_args).items()})
-        sweep_s = statistics.median(r["sweep"] for r in rounds)
-        separate_s = statistics.median(sum(r["separate"].values()) for r in rounds)
-        extra = {"rounds": rounds}
+        sweep_s, separate_s, extra = _against_separate(args, py, sweep_yaml, train_yaml, limits,
+                                                       out, env)
     sweep_results = _sweep_results(out / "sweep")
     summary = {"sweep_makespan_s": round(sweep_s, 2), "separate_makespan_s": round(separate_s, 2),
                "ratio": round(separate_s / sweep_s, 3), "device": hardware(args.device), **extra}
