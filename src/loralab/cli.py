@@ -1,6 +1,6 @@
 """The `loralab` command: subcommands map to functions; user errors become one line and exit 2.
 
-Each area registers its own subcommands (`register(subparsers)` in `<area>/cli.py`), so this
+Each subcommand registers itself (`register(subparsers)` in `commands/<name>.py`), so this
 file holds no logic and imports nothing heavy: `loralab --help` stays fast.
 """
 
@@ -16,15 +16,17 @@ import sys
 from loralab import __version__
 from loralab.errors import UserError
 
-# Areas that add subcommands; each module exposes register(subparsers) and sets `func` defaults.
+# Modules that add subcommands; each exposes register(subparsers) and sets `func` defaults.
+# The order is `loralab --help`'s.
 COMMAND_MODULES = (
-    "loralab.train.cli",
-    "loralab.train.estimate_cli",
-    "loralab.sweep.cli",
-    "loralab.evaluate.cli",
-    "loralab.report.cli",
-    "loralab.config_cli",
-    "loralab.serve.cli",
+    "loralab.commands.train",
+    "loralab.commands.estimate",
+    "loralab.commands.sweep",
+    "loralab.commands.eval",
+    "loralab.commands.merge",
+    "loralab.commands.report",
+    "loralab.commands.config",
+    "loralab.commands.serve",
 )
 
 

@@ -54,9 +54,9 @@ def tiny_base(isolated_cache):
     """One loaded tiny base model for the in-process tests (the loop leaves it clean)."""
     import torch
 
+    from loralab.commands.train import demo_config_path
     from loralab.config import load_config
     from loralab.model.load import load_base_model
-    from loralab.train.cli import demo_config_path
     from loralab.train.loop import Base
 
     cfg = load_config(demo_config_path())
@@ -101,8 +101,8 @@ def train_tiny_run(tmp_path_factory, small_data, tiny_base):
     """`train_tiny_run(name, *overrides)`: a 2-step run of the demo config on the small data,
     trained in-process on the shared tiny base into a fresh folder; returns (run dir, config).
     Overrides may name the small data's path as {small_data} (e.g. for data.eval_path)."""
+    from loralab.commands.train import demo_config_path
     from loralab.config import load_config
-    from loralab.train.cli import demo_config_path
     from loralab.train.loop import train_run
 
     def train(name: str, *overrides: str):

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from loralab.cli import main
-from loralab.train.cli import demo_config_path
+from loralab.commands.train import demo_config_path
 
 
 def run_train(capsys, *args) -> tuple[int, str]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from loralab.cli import main
-from loralab.train.cli import demo_config_path
+from loralab.commands.train import demo_config_path
 
 DATA_DIR = demo_config_path().parents[1] / "data"
 

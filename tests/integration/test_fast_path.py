@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from loralab.commands.train import demo_config_path
 from loralab.config import load_config
-from loralab.train.cli import demo_config_path
 from loralab.train.loop import train_adapter
 
 DEMO_CONFIG = demo_config_path()

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loralab.train.cli import demo_config_path
+from loralab.commands.train import demo_config_path
 
 
 def _cmd(overrides, *extra):
@@ -197,7 +197,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 from loralab.config import load_config
 from loralab.model.load import TINY_QWEN2
 from loralab.model.tokenizer import builtin_tokenizer_dir, load_tokenizer
-from loralab.train.cli import demo_config_path
+from loralab.commands.train import demo_config_path
 from loralab.train.dist import from_env, shutdown
 from loralab.train.loop import Base, train_adapter
 

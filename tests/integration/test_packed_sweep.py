@@ -12,9 +12,9 @@ import torch
 import yaml
 
 import loralab.sweep.runner as runner
+from loralab.commands.train import demo_config_path
 from loralab.layout import SweepDir
 from loralab.sweep.spec import load_sweep
-from loralab.train.cli import demo_config_path
 
 # Ranks 2/4/8, two learning rates, 4-8 records, 1-3 epochs, two seeds: the trials end after
 # 1, 2 and 3 steps of 2 x 2 sequences; the last one's lr sends its weights to inf, so its loss

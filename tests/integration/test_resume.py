@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from loralab.cli import main
+from loralab.commands.train import demo_config_path
 from loralab.errors import UserError
-from loralab.train.cli import demo_config_path
 
 # tests/integration/kill_at_step/sitecustomize.py kills the process at the end of step 3.
 KILL_AT_STEP_3 = {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent / "kill_at_step"),

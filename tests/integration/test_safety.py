@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from loralab.cli import main
-from loralab.train.cli import demo_config_path
+from loralab.commands.train import demo_config_path
 
 
 class Payload:

@@ -60,7 +60,7 @@ def test_user_errors_are_one_line(runs, tmp_path, capsys, monkeypatch):
     assert len(err.splitlines()) == 1 and "not found" in err
     assert main(["serve", "--base", "builtin:tiny-qwen2", "--max-rows", "0"]) == 2
     assert "--max-rows" in capsys.readouterr().err
-    from loralab.serve import cli as serve_cli
+    from loralab.commands import serve as serve_cli
 
     monkeypatch.setattr(serve_cli, "missing_packages", lambda: ["fastapi", "sse_starlette"])
     assert main(["serve", "--adapters", str(runs["fast"])]) == 2

@@ -9,8 +9,8 @@ import yaml
 
 import loralab.model.load as model_load
 from loralab.cli import main
+from loralab.commands.train import demo_config_path
 from loralab.layout import SweepDir
-from loralab.train.cli import demo_config_path
 
 TINY = ["train.max_steps=1", "train.batch_size=2", "train.grad_accum=1", "train.save_every=0",
         "data.max_length=256", "tracking.backend=none", "--quiet"]

@@ -10,8 +10,8 @@ import yaml
 from safetensors.torch import load_file
 
 from loralab.cli import main
+from loralab.commands.train import demo_config_path
 from loralab.config import load_config
-from loralab.train.cli import demo_config_path
 from loralab.train.loop import train_adapter, train_run
 
 DATA_DIR = demo_config_path().parents[1] / "data"

@@ -1,5 +1,6 @@
 """Fold an adapter into its base and save a plain transformers model folder (the library part
-of `loralab merge`; the command, which finds the run and loads the model, is evaluate/cli.py's).
+of `loralab merge`; the command, which checks --out, finds the run and loads the model, is
+commands/merge.py's).
 
 The merged folder is checked the way a user will use it: reloaded from disk with
 `AutoModelForCausalLM.from_pretrained` and compared, logit by logit, with base + adapter.
@@ -14,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from loralab import rundir
-from loralab.errors import UserError
 from loralab.io import make_temp_dir, write_json
 from loralab.layout import MERGE_CHECK
 
@@ -23,27 +23,6 @@ CHECK_PROMPTS = (
     "将以下文本按照标签纬度进行关联度评分：新能源汽车销量创新高。",
     "Write one sentence about the sea.",
 )
-
-
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    """--out must be new, empty, or (with --overwrite) a merged model loralab wrote and nothing
-    else: --overwrite replaces the whole folder, so a file loralab did not write is refused."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file")
-    if overwrite:
-        rundir.refuse_precious(out, "merge --overwrite")
-    if rundir.is_empty(out):
-        return
-    if rundir.folder_kind(out) != "merged":
-        raise UserError(f"--out {out} is not empty and is not a merged model of loralab's "
-                        f"(no {rundir.MARKER}): choose an empty or new folder")
-    if not overwrite:
-        raise UserError(f"--out {out} is not empty: use --overwrite to replace it")
-    _, other = rundir.known_contents(out, "merged")
-    if other:
-        names = ", ".join(p.name for p in other[:3]) + (" ..." if len(other) > 3 else "")
-        raise UserError(f"--overwrite refuses {out}: it holds files loralab did not write "
-                        f"({names}); move them or choose another --out")
 
 
 def prompt_logits(model: Any, tokenizer: Any, prompts: list[str]) -> list[Any]:
@@ -68,7 +47,7 @@ def merge_to_folder(peft_model: Any, tokenizer: Any, out: Path, prompts: list[st
     """Merge `peft_model` (an unmerged PEFT model) and write it with its tokenizer and
     merge_check.json to `out`, atomically. `prompts`: CHECK_PROMPTS rendered as the model is
     prompted, compared logit by logit after a reload; `about` ({"adapter", "base"}) heads the
-    check. Call check_out_dir(out, overwrite) first, before loading anything."""
+    check. The command checks `out` (commands/merge.check_out_dir) before loading anything."""
     from transformers import AutoModelForCausalLM
 
     out = Path(out)

@@ -1,4 +1,6 @@
-"""`loralab estimate CONFIG [k=v ...]`: predicted peak GPU memory of the training step.
+"""Predicted peak GPU memory of the training step: what `loralab estimate CONFIG [k=v ...]`
+prints (the command is commands/estimate.py's; bench/train_speed.py and sweep read the plans
+here, hence the module's name).
 
 Reads only the model's config.json (no weights) and, when the data file exists, its token
 lengths; prints the seed's rule of thumb and loralab's memory model for the plan training will
@@ -10,29 +12,9 @@ beside it.
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 from loralab.errors import UserError
-
-
-def register(sub: Any) -> None:
-    """Add the `estimate` command to the CLI's subparsers."""
-    p = sub.add_parser("estimate", help="predicted peak GPU memory of a training config")
-    p.add_argument("config", help="training config YAML")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.batch_size=16")
-    p.add_argument("--gpu-gib", type=float, default=None,
-                   help="card memory for the auto plan (default: this machine's GPU, else 24)")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    from loralab.config import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    for line in estimate_lines(cfg, args.gpu_gib):
-        print(line)
-    return 0
 
 
 def estimate_lines(cfg: Any, gpu_gib: float | None = None) -> list[str]:

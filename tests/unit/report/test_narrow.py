@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from loralab.report.cli import run_report
+from loralab.commands.report import run_report
 from loralab.sweep.summary import print_table
 
 

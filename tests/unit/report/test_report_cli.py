@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from loralab.cli import main
-from loralab.report.cli import register
+from loralab.commands.report import register
 
 
 def parser() -> argparse.ArgumentParser:
@@ -39,7 +39,7 @@ def test_missing_dir_is_one_line_and_exit_2(tmp_path, capsys):
 def test_report_does_not_import_torch(sweep_dir):
     code = (
         "import sys, argparse\n"
-        "from loralab.report.cli import register\n"
+        "from loralab.commands.report import register\n"
         "p = argparse.ArgumentParser(); register(p.add_subparsers())\n"
         f"a = p.parse_args(['report', {str(sweep_dir / 'comparison')!r}])\n"
         "assert a.func(a) == 0\n"

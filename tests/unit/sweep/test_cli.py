@@ -9,7 +9,7 @@ from loralab.cli import main
 @pytest.fixture
 def real_data_sweep(write_sweep):
     """A sweep on the bundled demo records (the dry run tokenises them)."""
-    from loralab.train.cli import demo_config_path
+    from loralab.commands.train import demo_config_path
 
     return write_sweep({"base": str(demo_config_path()), "grid": {"data.limit": [8, 16, None]},
                         "overrides": {"train.epochs": 2}})

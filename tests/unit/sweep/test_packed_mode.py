@@ -58,7 +58,7 @@ def test_auto_rule(write_sweep):
 
 
 def test_dry_run_says_the_mode(write_sweep, capsys):
-    from loralab.train.cli import demo_config_path
+    from loralab.commands.train import demo_config_path
 
     path = write_sweep({"base": str(demo_config_path()), "grid": {"lora.r": [4, 8]},
                         "overrides": {"data.limit": 8}, "sweep": {"mode": "packed"}})

@@ -14,13 +14,13 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from loralab.commands.train import demo_config_path
 from loralab.config import load_config
 from loralab.data.summary import build_dataset
 from loralab.model.load import TINY_QWEN2
 from loralab.model.memory import CARD_SHARE, GIB
 from loralab.model.tokenizer import builtin_tokenizer_dir, load_tokenizer
 from loralab.train import levers
-from loralab.train.cli import demo_config_path
 from loralab.train.estimate_cli import gpu_plans, model_shape
 
 CARD_GIB = 0.25  # small enough that memory auto must choose (the tiny model's steps are small)
