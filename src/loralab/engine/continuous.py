@@ -24,7 +24,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from loralab.engine.continuous_lora import masked_linear, one_adapter, stack_loras
-from loralab.engine.fast_forward import Layer, Shape, build_layers, rms, rotate, why_not
+from loralab.engine.fast_forward import (
+    Layer,
+    Shape,
+    build_layers,
+    model_shape,
+    rms,
+    rotate,
+    why_not,
+)
+from loralab.engine.kv_cache import additive_mask
 from loralab.errors import UserError
 
 MIN_BUCKET = 128  # the shortest attention length a decode graph is captured for
@@ -63,22 +72,13 @@ def _layer(x: Any, w: Layer, s: Shape, lora: dict, masks: dict, attend: Any) -> 
     return x + lin(F.silu(gate) * up, "down", 1)
 
 
-def _additive(valid: Any, dtype: Any) -> Any:
-    """'may attend' → additive mask (a finite minimum keeps a fully masked row finite)."""
-    import torch
-
-    zero = torch.zeros((), dtype=dtype, device=valid.device)
-    return torch.where(valid, zero, torch.finfo(dtype).min)
-
-
 def cache_bytes(lm: Any, max_rows: int, max_len: int) -> int:
     """Bytes of the KV cache ContinuousBatch(lm, max_rows, max_len) allocates (keys and values
     of every layer), plus its float32 logits: known before allocating any of it."""
-    cfg, attn = lm.config, lm.model.layers[0].self_attn
-    head_dim = getattr(attn, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    s = model_shape(lm)
     itemsize = lm.lm_head.weight.element_size()
-    kv = 2 * len(lm.model.layers) * max_rows * cfg.num_key_value_heads * max_len * head_dim
-    return kv * itemsize + max_rows * cfg.vocab_size * 4
+    kv = 2 * len(lm.model.layers) * max_rows * s.kv_heads * max_len * s.head_dim
+    return kv * itemsize + max_rows * lm.config.vocab_size * 4
 
 
 class ContinuousBatch:
@@ -96,17 +96,14 @@ class ContinuousBatch:
         if reason:
             raise UserError(f"the continuous engine cannot run this model ({reason}): "
                             "serve it with --engine naive")
-        cfg, attn = lm.config, lm.model.layers[0].self_attn
+        cfg = lm.config
         self.lm, self.max_rows, self.max_len = lm, max_rows, max_len
         weight = lm.lm_head.weight
         self.device, self.dtype = weight.device, weight.dtype
-        head_dim = getattr(attn, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.shape = Shape(cfg.num_attention_heads, cfg.num_key_value_heads, head_dim,
-                           lm.model.layers[0].input_layernorm.variance_epsilon,
-                           getattr(attn, "scaling", head_dim ** -0.5))
+        self.shape = model_shape(lm)
         with torch.inference_mode():
             self.layers = build_layers(lm)
-        kv = (max_rows, cfg.num_key_value_heads, max_len, head_dim)
+        kv = (max_rows, self.shape.kv_heads, max_len, self.shape.head_dim)
         zeros = dict(dtype=self.dtype, device=self.device)
         self.keys = [torch.zeros(kv, **zeros) for _ in self.layers]
         self.values = [torch.zeros(kv, **zeros) for _ in self.layers]
@@ -225,7 +222,7 @@ class ContinuousBatch:
         slots = torch.arange(width, device=dev)
         allowed = (slots[None] <= slots[:, None])[None] & real[:, None, :]
         allowed |= torch.eye(width, dtype=torch.bool, device=dev)[None]  # pads stay finite
-        mask = _additive(allowed[:, None], self.dtype)
+        mask = additive_mask(allowed[:, None], self.dtype)
         positions = (real.long().cumsum(1) - 1).clamp(min=0)
         model = self.lm.model
         x = model.embed_tokens(ids)
@@ -305,7 +302,7 @@ class ContinuousBatch:
 
         s, rows = self.shape, self.max_rows
         self.valid.scatter_(1, self.slot[:, None], True)
-        mask = _additive(self.valid[:, None, None, :length], self.dtype)
+        mask = additive_mask(self.valid[:, None, None, :length], self.dtype)
         masks = {m: (owner[None] == self.row_adapter[:, None]).to(self.dtype)
                  for m, owner in self.owners.items()}
         model = self.lm.model

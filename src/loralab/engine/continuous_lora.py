@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from loralab.engine.fast_forward import GROUPS
+from loralab.engine.lora_batch import fill_adapter
 
 
 def _ranks(loras: dict[int, dict[str, Any]]) -> dict[int, int]:
@@ -58,16 +59,8 @@ def stack_loras(lm: Any, loras: dict[int, dict[str, Any]], dtype: Any, device: A
             a_all = torch.zeros(width, linears[0].in_features, dtype=dtype, device=device)
             b_all = torch.zeros(sum(outs), width, dtype=dtype, device=device)
             for k in ids:
-                first = columns[k][len(names)].start
-                row = 0
-                for j, (key, out) in enumerate(zip(keys, outs, strict=True)):
-                    if key in loras[k]:
-                        a, b, scale = loras[k][key]
-                        c0 = first + j * ranks[k]
-                        a_all[c0 : c0 + a.shape[0]] = a.to(device, dtype)
-                        b_all[row : row + out, c0 : c0 + a.shape[0]] = (
-                            b.to(device).float() * scale).to(dtype)
-                    row += out
+                fill_adapter(a_all, b_all, loras[k], keys, outs,
+                             columns[k][len(names)].start, ranks[k])
             entry[group] = (a_all, b_all)
         layers.append(entry)
     return layers, owners, columns

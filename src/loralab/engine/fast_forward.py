@@ -59,6 +59,15 @@ class Shape:
     scaling: float
 
 
+def model_shape(lm: Any) -> Shape:
+    """The attention and norm figures a forward over `lm`'s weights needs."""
+    cfg, attn = lm.config, lm.model.layers[0].self_attn
+    head_dim = getattr(attn, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return Shape(cfg.num_attention_heads, cfg.num_key_value_heads, head_dim,
+                 lm.model.layers[0].input_layernorm.variance_epsilon,
+                 getattr(attn, "scaling", head_dim ** -0.5))
+
+
 def plain_linear(module: Any) -> Any | None:
     """The nn.Linear that computes `module` now: itself, or a merged LoRA layer's base."""
     import torch
@@ -294,16 +303,12 @@ class FastForward:
                  compile_: bool = False) -> None:
         """`lora`: one adapter, folded into the copy; or a list of K adapters whose rows share
         every batch (K equal adapter-major blocks), applied unmerged (lora_batch)."""
-        cfg, attn = lm.config, lm.model.layers[0].self_attn
         self.lm = lm
         several = isinstance(lora, list)
         self.layers = build_layers(lm, None if several else lora)
         self.stacks = stack_adapters(lm, lora, GROUPS, plain_linear) if several else None
         self.copies = len(lora) if several else 1
-        head_dim = getattr(attn, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.shape = Shape(cfg.num_attention_heads, cfg.num_key_value_heads, head_dim,
-                           lm.model.layers[0].input_layernorm.variance_epsilon,
-                           getattr(attn, "scaling", head_dim ** -0.5))
+        self.shape = model_shape(lm)
         fns = compiled_pieces() if compile_ else (decode_layer, prefill_qkv, prefill_out)
         self.decode_layer, self.prefill_qkv, self.prefill_out = fns
 

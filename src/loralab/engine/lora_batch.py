@@ -40,16 +40,24 @@ def _group(lm: Any, loras: list[LoraWeights], index: int, owner: str,
     a_all = weight.new_zeros(len(loras), rank * len(names), linears[0].in_features)
     b_all = weight.new_zeros(len(loras), sum(outs), rank * len(names))
     for k, lora in enumerate(loras):
-        first_out = 0
-        for j, (key, out) in enumerate(zip(keys, outs, strict=True)):
-            if key in lora:
-                a, b, scale = lora[key]
-                r = a.shape[0]
-                a_all[k, j * rank : j * rank + r] = a.to(weight)
-                b_all[k, first_out : first_out + out, j * rank : j * rank + r] = (
-                    b.float() * scale).to(weight)
-            first_out += out
+        fill_adapter(a_all[k], b_all[k], lora, keys, outs, 0, rank)
     return a_all, b_all
+
+
+def fill_adapter(a_dst: Any, b_dst: Any, lora: Any, keys: list[str], outs: list[int],
+                 first: int, rank: int) -> None:
+    """Write one adapter's factors for a projection group into stacked columns: member j's A
+    rows and B columns start at `first + j·rank`, its B rows follow the members' outputs, the
+    scale is folded into B in float32; members it does not train stay zero."""
+    row = 0
+    for j, (key, out) in enumerate(zip(keys, outs, strict=True)):
+        if key in lora:
+            a, b, scale = lora[key]
+            c0 = first + j * rank
+            a_dst[c0 : c0 + a.shape[0]] = a.to(a_dst.device, a_dst.dtype)
+            b_dst[row : row + out, c0 : c0 + a.shape[0]] = (
+                b.to(b_dst.device).float() * scale).to(b_dst.dtype)
+        row += out
 
 
 def one_adapter(stacks: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
