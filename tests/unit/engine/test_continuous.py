@@ -22,23 +22,14 @@ def prompts():
 
 
 @pytest.fixture(scope="module")
-def adapters(lively_model, tmp_path_factory):
+def adapters(lively_model, save_adapter, tmp_path_factory):
     """Two random PEFT adapters of lively_model as {module: (A, B, scale)}, ranks 4 and 2 and
     different target sets."""
-    from peft import LoraConfig, get_peft_model
-
-    out = []
     specs = [dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
              dict(r=2, lora_alpha=4, target_modules=["k_proj", "o_proj", "gate_proj", "up_proj"])]
+    out = []
     for seed, spec in enumerate(specs):
-        folder = tmp_path_factory.mktemp(f"adapter{seed}")
-        peft_model = get_peft_model(lively_model, LoraConfig(**spec))
-        torch.manual_seed(seed)
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.data.normal_(0, 0.3)
-        peft_model.save_pretrained(folder)
-        peft_model.unload()
+        folder = save_adapter(lively_model, tmp_path_factory.mktemp(f"adapter{seed}"), seed, **spec)
         lora, reason = read_lora(folder, lively_model)
         assert reason is None, reason
         out.append(lora)

@@ -4,42 +4,24 @@ on 127.0.0.1 built around them in-process."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 SYSTEM = "You answer in tags."
 
 
 @pytest.fixture(scope="session")
-def serve_model():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, vocab_size=151936,
-                      tie_word_embeddings=True, initializer_range=0.5)
-    cfg._attn_implementation = "sdpa"
-    return Qwen2ForCausalLM(cfg).eval()
+def serve_model(make_lively_model):
+    """The servers' own lively model (the naive engine wraps its layers while it serves)."""
+    return make_lively_model()
 
 
 @pytest.fixture(scope="session")
-def adapter_dirs(serve_model, tmp_path_factory):
+def adapter_dirs(serve_model, save_adapter, tmp_path_factory):
     """{name: folder}: two PEFT adapters with random non-zero B; `tagger` has a run config
     with a training system prompt."""
-    from peft import LoraConfig, get_peft_model
-
     specs = {"tagger": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
              "other": dict(r=2, lora_alpha=4, target_modules=["k_proj", "o_proj", "up_proj"])}
-    out = {}
-    for seed, (name, spec) in enumerate(specs.items()):
-        folder = tmp_path_factory.mktemp(name)
-        peft_model = get_peft_model(serve_model, LoraConfig(**spec))
-        torch.manual_seed(seed + 1)
-        for pname, param in peft_model.named_parameters():
-            if "lora_B" in pname:
-                param.data.normal_(0, 0.3)
-        peft_model.save_pretrained(folder)
-        peft_model.unload()
-        out[name] = folder
+    out = {name: save_adapter(serve_model, tmp_path_factory.mktemp(name), seed + 1, **spec)
+           for seed, (name, spec) in enumerate(specs.items())}
     (out["tagger"] / "config.yaml").write_text(f"data:\n  system_prompt: {SYSTEM}\n")
     return out
 

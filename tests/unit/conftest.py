@@ -1,4 +1,4 @@
-"""Fixtures for the generation tests."""
+"""Fixtures the unit tests of several packages share: a lively tiny model and random adapters."""
 
 from __future__ import annotations
 
@@ -6,9 +6,7 @@ import pytest
 import torch
 
 
-@pytest.fixture(scope="session")
-def lively_model():
-    """A tiny random Qwen2 whose greedy outputs vary from token to token (large init)."""
+def _lively_qwen2():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
@@ -19,7 +17,20 @@ def lively_model():
     return Qwen2ForCausalLM(cfg).eval()
 
 
-@pytest.fixture()
+@pytest.fixture(scope="session")
+def make_lively_model():
+    """make() -> a new tiny random Qwen2 whose greedy outputs vary from token to token (large
+    init); the same weights each call (seed 0)."""
+    return _lively_qwen2
+
+
+@pytest.fixture(scope="session")
+def lively_model(make_lively_model):
+    """One lively model for the session (the generation tests)."""
+    return make_lively_model()
+
+
+@pytest.fixture(scope="session")
 def save_adapter():
     """save(model, folder, seed, **LoraConfig kwargs): a PEFT adapter on `model` with random
     non-zero B (PEFT starts B at 0, which would make it a no-op) saved to `folder`; the model
