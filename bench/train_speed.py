@@ -13,7 +13,7 @@ and the trained adapter reloaded in plain PEFT (logits compared in bf16).
     python bench/train_speed.py --out /tmp/x --quick  # fewer steps: a smoke test
 
 Each loralab row also records what `loralab estimate` predicts for its config on this card
-(`estimate_cli.training_plan`, the function estimate prints; "estimate GiB", "est. error") and
+(`estimate.training_plan`, the function estimate prints; "estimate GiB", "est. error") and
 the data's worst case. The run's file: $OUT/train_speed/<date>_<commit>_<gpu>.json (bench/record.py).
 """
 
@@ -103,7 +103,7 @@ def estimate_of(cfg, model, examples) -> dict:
     import torch
 
     from loralab.model.memory import shape_of
-    from loralab.train.estimate_cli import training_plan
+    from loralab.train.estimate import training_plan
 
     lengths = [len(e.input_ids) for e in examples]
     labelled = [sum(1 for x in e.labels[1:] if x != -100) for e in examples]

@@ -77,7 +77,7 @@ def test_fast_path_adapter_reloads_in_plain_peft(tiny_base, overrides, tmp_path,
 
 
 def test_estimate_prints_both_predictions(small_data):
-    from loralab.train.estimate_cli import estimate_lines
+    from loralab.train.estimate import estimate_lines
 
     cfg = load_config(DEMO_CONFIG, [f"data.path={small_data}", "data.max_length=256"])
     lines = estimate_lines(cfg, gpu_gib=24)

@@ -29,7 +29,7 @@ def runs(train_tiny_run):
 def test_each_adapter_answers_as_loralab_predict(runs, tiny_base, small_data, tmp_path):
     from openai import OpenAI
 
-    from loralab.evaluate.cli import read_inputs
+    from loralab.evaluate.inputs import read_inputs
     from loralab.serve.server import RunningServer, ServeOptions, build_state
 
     inputs = read_inputs(small_data)[:3]

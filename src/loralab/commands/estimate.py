@@ -1,5 +1,5 @@
 """`loralab estimate CONFIG [k=v ...]`: predicted peak GPU memory of the training step
-(the memory model and the plans are train/estimate_cli.py's)."""
+(the memory model and the plans are train/estimate.py's)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_estimate(args: argparse.Namespace) -> int:
     from loralab.config import load_config
-    from loralab.train.estimate_cli import estimate_lines
+    from loralab.train.estimate import estimate_lines
 
     cfg = load_config(args.config, args.overrides)
     for line in estimate_lines(cfg, args.gpu_gib):

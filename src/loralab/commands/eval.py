@@ -71,7 +71,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from loralab.data.render import render_prompt
     from loralab.engine import GenSettings, generate
-    from loralab.evaluate.cli import read_inputs
+    from loralab.evaluate.inputs import read_inputs
     from loralab.io import atomic_write_text
     from loralab.scoring.tasks import get_task
 

@@ -107,7 +107,7 @@ def mode_line(spec: SweepSpec, gpu_gib: float | None = None) -> str:
 
 def _plan_packed(cfg: Any, gpu_gib: float | None) -> Any:
     """levers.plan of the combined step on a GPU (the model's config.json only)."""
-    from loralab.train.estimate_cli import data_lengths, gpu_plans, model_shape
+    from loralab.train.estimate import data_lengths, gpu_plans, model_shape
 
     try:
         shape = model_shape(cfg)

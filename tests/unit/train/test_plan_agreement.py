@@ -21,7 +21,7 @@ from loralab.model.load import TINY_QWEN2
 from loralab.model.memory import CARD_SHARE, GIB
 from loralab.model.tokenizer import builtin_tokenizer_dir, load_tokenizer
 from loralab.train import levers
-from loralab.train.estimate_cli import gpu_plans, model_shape
+from loralab.train.estimate import gpu_plans, model_shape
 
 CARD_GIB = 0.25  # small enough that memory auto must choose (the tiny model's steps are small)
 

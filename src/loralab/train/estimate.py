@@ -1,6 +1,6 @@
 """Predicted peak GPU memory of the training step: what `loralab estimate CONFIG [k=v ...]`
-prints (the command is commands/estimate.py's; bench/train_speed.py and sweep read the plans
-here, hence the module's name).
+prints (the command is commands/estimate.py's; sweep and bench/train_speed.py read the plans
+here too).
 
 Reads only the model's config.json (no weights) and, when the data file exists, its token
 lengths; prints the seed's rule of thumb and loralab's memory model for the plan training will

@@ -1,5 +1,5 @@
-"""The inputs of `loralab predict` (the command is commands/eval.py's). The module keeps its
-name because bench/serve_load.py and tests read inputs through it."""
+"""The inputs of `loralab predict` (the command is commands/eval.py's; serve's load benchmark
+reads its inputs here too)."""
 
 from __future__ import annotations
 
