@@ -27,6 +27,8 @@ test-all: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
+	$(BIN)/lint-imports
+	$(BIN)/python .ci/lint_bench_imports.py
 
 clean:
 	rm -rf runs swanlog .pytest_cache
