@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+CLIENTS_PER_PROCESS = 16
 GOALS = {"one_adapter_64_clients_tokens_per_s": 4000, "four_over_one_64_clients": 0.9,
          "over_naive": 10}
 
@@ -37,32 +38,26 @@ GOALS = {"one_adapter_64_clients_tokens_per_s": 4000, "four_over_one_64_clients"
 
 
 def client_main(args: argparse.Namespace) -> None:
-    """Run `clients` streaming clients for `seconds`; print one JSON line of results."""
+    """Run this process's share of the streaming clients from --start-at for --seconds; print
+    one JSON line: every finished request's timings and the error counts."""
     prompts = json.loads(Path(args.prompts).read_text())
-    print(json.dumps(asyncio.run(_clients(args.url, args.models.split(","), prompts,
-                                          args.clients, args.seconds, args.new))))
+    print(json.dumps(asyncio.run(_clients(args, args.models.split(","), prompts))))
 
 
-async def _scrape(http, url: str) -> float:
-    text = (await http.get(url + "/metrics")).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("loralab_generation_tokens_total{"))
-
-
-async def _clients(url: str, models: list[str], prompts: list, clients: int, seconds: float,
-                   new: int) -> dict:
+async def _clients(args: argparse.Namespace, models: list[str], prompts: list) -> dict:
     import httpx
 
-    rng = random.Random(0)
+    rng = random.Random(args.first)
     records, errors = [], {}
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
-        before, started = await _scrape(http, url), time.perf_counter()
-        deadline = started + seconds
+    mine = len(range(args.first, args.clients, args.procs))  # clients first, first+procs, ...
+    limits = httpx.Limits(max_connections=mine + 4, max_keepalive_connections=mine + 4)
+    async with httpx.AsyncClient(base_url=args.url, timeout=600, limits=limits) as http:
+        await asyncio.sleep(max(0.0, args.start_at - time.time()))
+        deadline = time.perf_counter() + args.seconds
 
         async def one(i: int) -> None:
             body = {"model": models[i % len(models)], "prompt": rng.choice(prompts),
-                    "max_tokens": new, "temperature": 0, "stream": True,
+                    "max_tokens": args.new, "temperature": 0, "stream": True,
                     "stream_options": {"include_usage": True}}
             sent, first, tokens = time.perf_counter(), None, 0
             async with http.stream("POST", "/v1/completions", json=body) as response:
@@ -83,21 +78,18 @@ async def _clients(url: str, models: list[str], prompts: list, clients: int, sec
                             "per_token": (done - first) / (tokens - 1) if first and tokens > 1
                             else None})
 
-        async def worker(w: int) -> None:
-            i = w
+        async def worker(i: int) -> None:
             while time.perf_counter() < deadline:
                 await one(i)
-                i += clients
+                i += args.clients
 
-        tasks = [asyncio.create_task(worker(w)) for w in range(clients)]
+        tasks = [asyncio.create_task(worker(c)) for c in range(args.first, args.clients,
+                                                                 args.procs)]
         await asyncio.sleep(max(0.0, deadline - time.perf_counter()))
-        after, window = await _scrape(http, url), time.perf_counter() - started
         _, pending = await asyncio.wait(tasks, timeout=5)  # late requests may finish...
         for task in pending:  # ...or are dropped (the naive server's queue)
             task.cancel()
-    return {"clients": clients, "models": models, "window_s": round(window, 2),
-            "tokens_in_window": after - before, "tokens_per_s": (after - before) / window,
-            "requests": len(records), "errors": errors, **_latency(records)}
+    return {"records": records, "errors": errors}
 
 
 def _latency(records: list[dict]) -> dict:
@@ -191,14 +183,63 @@ class IdsTokenizer:
 
 
 def run_clients(url: str, models: list[str], prompts_file: Path, clients: int, seconds: float,
-                new: int) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--client", "--url", url,
-           "--models", ",".join(models), "--prompts", str(prompts_file), "--clients",
-           str(clients), "--seconds", str(seconds), "--new", str(new)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 300)
-    if out.returncode != 0:
-        raise RuntimeError(f"client process failed: {out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+                new: int, metrics) -> dict:
+    """`clients` streaming clients for `seconds`, spread over client processes of at most
+    CLIENTS_PER_PROCESS each (one asyncio loop parsing 64 streams would itself be the
+    bottleneck). Tokens/s and the engine's busy time are the server's own counters over the
+    window; latencies are the clients'."""
+    procs = -(-clients // CLIENTS_PER_PROCESS)
+    start_at = time.time() + 3.0  # the client processes start and import httpx meanwhile
+    children = [subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "--client", "--url", url,
+         "--models", ",".join(models), "--prompts", str(prompts_file), "--clients",
+         str(clients), "--procs", str(procs), "--first", str(k), "--start-at", str(start_at),
+         "--seconds", str(seconds), "--new", str(new)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(procs)]
+    time.sleep(max(0.0, start_at - time.time()))
+    before, started = engine_counters(metrics), time.perf_counter()
+    time.sleep(seconds)
+    after, window = engine_counters(metrics), time.perf_counter() - started
+    records, errors = [], {}
+    for child in children:
+        out, err = child.communicate(timeout=seconds + 300)
+        if child.returncode != 0:
+            raise RuntimeError(f"client process failed: {err[-2000:]}")
+        part = json.loads(out.strip().splitlines()[-1])
+        records += part["records"]
+        for code, n in part["errors"].items():
+            errors[code] = errors.get(code, 0) + n
+    delta = {k: after[k] - before[k] for k in after}
+    row = {"clients": clients, "client_processes": procs, "models": models,
+           "window_s": round(window, 2), "tokens_in_window": delta["tokens"],
+           "tokens_per_s": delta["tokens"] / window, "requests": len(records),
+           "errors": errors, **_latency(records)}
+    if delta["steps"]:  # the continuous engine's breakdown (the naive one has no steps)
+        row.update(engine_busy_fraction=round((delta["step_s"] + delta["prefill_s"]) / window, 3),
+                   decode_steps=delta["steps"],
+                   decode_ms_mean=round(1000 * delta["step_s"] / delta["steps"], 2),
+                   rows_per_step_mean=round(delta["step_tokens"] / delta["steps"], 1),
+                   prefills=delta["prefills"],
+                   prefill_ms_mean=round(1000 * delta["prefill_s"] / max(delta["prefills"], 1), 2))
+    return row
+
+
+def busy_line(row: dict) -> str:
+    if "engine_busy_fraction" not in row:
+        return ""
+    return (f"; engine busy {row['engine_busy_fraction']:.0%} of the window, decode step "
+            f"{row['decode_ms_mean']} ms at {row['rows_per_step_mean']} rows, "
+            f"{row['prefills']} prefills of {row['prefill_ms_mean']} ms")
+
+
+def engine_counters(metrics) -> dict:
+    """The server's counters now: tokens, decode steps and prefills with their seconds."""
+    with metrics.lock:
+        return {"tokens": sum(metrics.generated.values()), "steps": metrics.steps,
+                "step_s": metrics.step_seconds, "prefills": metrics.prefills,
+                "prefill_s": metrics.prefill_seconds,
+                # every prefilled row's first token counts once in ttft_count
+                "step_tokens": sum(metrics.generated.values()) - metrics.ttft_count}
 
 
 def serve_scenarios(model, tokenizer, engine: str, adapters: list[Path], prompts_file: Path,
@@ -216,7 +257,8 @@ def serve_scenarios(model, tokenizer, engine: str, adapters: list[Path], prompts
         for mix, clients, seconds in plan:
             models = ["a0"] if mix == "one" else [name for name, _ in specs]
             started = time.perf_counter()
-            row = run_clients(server.url, models, prompts_file, clients, seconds, args.new)
+            row = run_clients(server.url, models, prompts_file, clients, seconds, args.new,
+                              state.metrics)
             row.update(engine=engine, mix=mix, wall_s=round(time.perf_counter() - started, 1))
             if mix != "warmup":
                 rows.append(row)
@@ -224,7 +266,7 @@ def serve_scenarios(model, tokenizer, engine: str, adapters: list[Path], prompts
                       f"{row['tokens_per_s']:8,.0f} new tokens/s, ttft p50 "
                       f"{row['ttft_p50_s']} s p99 {row['ttft_p99_s']} s, per token p50 "
                       f"{row['per_token_p50_s']} s, {row['requests']} requests, "
-                      f"errors {row['errors']}", flush=True)
+                      f"errors {row['errors']}" + busy_line(row), flush=True)
         m = state.metrics
         stats = {"engine": engine, "decode_steps": m.steps, "prefills": m.prefills,
                  "mean_step_ms": 1000 * m.step_seconds / max(m.steps, 1),
@@ -259,7 +301,7 @@ def predict_check(run: Path, inputs: Path, limit: int, new: int) -> dict:
 
     import httpx
 
-    from loralab.evaluate.cli import read_inputs
+    from loralab.evaluate.inputs import read_inputs
     from loralab.evaluate.runner import single_run
     from loralab.model.load import load_base_model
     from loralab.serve.server import RunningServer, ServeOptions, build_state
@@ -310,6 +352,9 @@ def main() -> None:
     parser.add_argument("--models", help=argparse.SUPPRESS)
     parser.add_argument("--prompts", help=argparse.SUPPRESS)
     parser.add_argument("--clients", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--procs", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--first", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--start-at", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
         client_main(args)

@@ -298,6 +298,7 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
         "lr": lr,
         "grad_norm": grad_norm,
         "tokens_per_s": stats.seen_tokens / seconds,
+        "step_seconds": round(seconds, 4),
         "labelled_tokens": stats.tokens,
         "memory_gb": run.dist.max(peak_memory_gb()),
     }
