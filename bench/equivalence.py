@@ -42,34 +42,12 @@ def same_math(model, examples, steps: int, say) -> dict:
     from common import NoTokenizer, loralab_cfg
     from peft import PeftModel
 
-    from loralab.data.batching import collate_padded, plan_steps
     from loralab.model.fast_lora import disable_fast_lora, enable_fast_lora
-    from loralab.model.lora import attach_lora
     from loralab.train.loop import Base, train_adapter
-    from loralab.train.schedule import Schedule, lr_factor
 
     out = Path(tempfile.mkdtemp(prefix="same_"))
     cfg = loralab_cfg(out, steps, {"lora.dropout": 0.0, "train.lr": 1e-3})
-    lengths = [len(e.input_ids) for e in examples]
-    plan = plan_steps(lengths, 16, 1, cfg.train.seed, 0, True, True)
-    schedule = Schedule(len(plan), steps, 0)
-    peft_model = attach_lora(model, cfg.lora, cfg.train.seed)
-    peft_model.train()
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, schedule, "linear"))
-    reference = []
-    for step in range(steps):
-        batch = collate_padded([examples[i] for i in plan[step][0]], NoTokenizer.pad_token_id)
-        batch = {k: v.cuda() for k, v in batch.items() if k != "position_ids"}
-        loss = peft_model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        reference.append(float(loss))
-    peft_model.unload()
+    reference = hf_peft_losses(model, examples, cfg, steps)
     base = Base(model, NoTokenizer(), torch.device("cuda"))
     trained, result = train_adapter(cfg, base, data=(examples, {"kept": len(examples)}),
                                     overwrite=True, show_progress=False)
@@ -100,6 +78,40 @@ def same_math(model, examples, steps: int, say) -> dict:
     say("losses hf+peft", [round(x, 4) for x in reference])
     say("losses loralab", [round(x, 4) for x in ours])
     return found
+
+
+def hf_peft_losses(model, examples, cfg, steps: int) -> list[float]:
+    """The reference: per-step losses of a plain HF + PEFT loop (AdamW, linear schedule,
+    clipping) over the same batch plan loralab makes, one micro-batch per step; the model is
+    left without the adapter."""
+    import torch
+    from common import NoTokenizer
+
+    from loralab.data.batching import collate_padded, plan_steps
+    from loralab.model.lora import attach_lora
+    from loralab.train.schedule import Schedule, lr_factor
+
+    lengths = [len(e.input_ids) for e in examples]
+    plan = plan_steps(lengths, 16, 1, cfg.train.seed, 0, True, True)
+    schedule = Schedule(len(plan), steps, 0)
+    peft_model = attach_lora(model, cfg.lora, cfg.train.seed)
+    peft_model.train()
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, schedule, "linear"))
+    losses = []
+    for step in range(steps):
+        batch = collate_padded([examples[i] for i in plan[step][0]], NoTokenizer.pad_token_id)
+        batch = {k: v.cuda() for k, v in batch.items() if k != "position_ids"}
+        loss = peft_model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    peft_model.unload()
+    return losses
 
 
 def _rel(a, b) -> float:
