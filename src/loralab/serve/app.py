@@ -49,6 +49,7 @@ class TextSink:
 
     def __init__(self, tokenizer: Any, stops: list[str], stop_ids: list[int]) -> None:
         self.tokenizer, self.stops, self.stop_ids = tokenizer, stops, set(stop_ids)
+        self.decode = _decoder(tokenizer)
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.ids: list[int] = []
         self.prefix = self.read = 0  # ids[prefix:read]: settled context; ids[read:]: new
@@ -57,11 +58,10 @@ class TextSink:
 
     def _decode(self, final: bool = False) -> None:
         """Append what ids[read:] add; wait while they end inside a UTF-8 character."""
-        decode = self.tokenizer.decode
-        window = decode(self.ids[self.prefix :], skip_special_tokens=True)
+        window = self.decode(self.ids[self.prefix :])
         if window.endswith("\ufffd") and not final:
             return
-        settled = decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
+        settled = self.decode(self.ids[self.prefix : self.read])
         self.text += window[len(settled) :]
         self.prefix, self.read = self.read, len(self.ids)
 
@@ -89,6 +89,23 @@ class TextSink:
             self._decode(final=True)
         new, self.sent = self.text[self.sent :], len(self.text)
         return new
+
+
+def _decoder(tokenizer: Any) -> Any:
+    """ids -> tokenizer.decode(ids, skip_special_tokens=True), straight to the Rust tokenizer
+    where transformers' wrapper (a few times the decode's cost) adds nothing."""
+    raw = getattr(tokenizer, "_tokenizer", None)
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        raw = None
+    kind = type(tokenizer)  # transformers' own decode of a fast tokenizer, no clean-up
+    if (raw is not None and getattr(kind, "decode", None) is PreTrainedTokenizerBase.decode
+            and getattr(kind, "_decode", None) is TokenizersBackend._decode
+            and getattr(tokenizer, "clean_up_tokenization_spaces", True) is False):
+        return lambda ids: raw.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def build_app(state: ServerState) -> FastAPI:
@@ -307,22 +324,64 @@ def _stream(state: ServerState, job: Any, sink: TextSink, chunk: Any, with_usage
     reason), the usage chunk when asked for, [DONE]; an error mid-stream ends it in OpenAI's
     error shape. `chunk(delta, finish, usage=None)` shapes a chunk for the endpoint."""
 
+    text = _TextFrames(chunk)
+
     async def events():
         try:
             if first is not None:
-                yield {"data": json.dumps(first)}
+                yield _frame(json.dumps(first))
             async for delta, finish in _pump(state, job, sink, None):
-                if delta or finish:
-                    yield {"data": json.dumps(chunk(delta, finish), ensure_ascii=False)}
+                if finish:
+                    yield _frame(json.dumps(chunk(delta, finish), ensure_ascii=False))
+                elif delta:
+                    yield text.frame(delta)
             if with_usage:
-                yield {"data": json.dumps(chunk(None, None, _usage(job)))}
-            yield {"data": "[DONE]"}
+                yield _frame(json.dumps(chunk(None, None, _usage(job))))
+            yield _frame("[DONE]")
         except ServeError as exc:
-            yield {"data": json.dumps(exc.body())}
+            yield _frame(json.dumps(exc.body()))
         finally:
             state.scheduler.cancel(job)
 
-    return EventSourceResponse(events(), ping=15)
+    return _EventStream(events(), ping=15)
+
+
+def _frame(data: str) -> bytes:
+    """One SSE event of one data line (JSON or [DONE]: no line break), as sse-starlette's."""
+    return b"data: " + data.encode() + b"\r\n\r\n"
+
+
+class _TextFrames:
+    """The SSE frames of a stream's text chunks, chunk(delta, None): the chunk's JSON is cut
+    around a mark once a second (its "created" changes) and each delta is one json.dumps
+    between the two halves, the bytes json.dumps(chunk(delta, None)) would give."""
+
+    MARK = "\x00loralab-delta\x00"
+
+    def __init__(self, chunk: Any) -> None:
+        self.chunk, self.second, self.halves = chunk, -1, None
+
+    def frame(self, delta: str) -> bytes:
+        second = int(time.time())
+        if second != self.second:
+            whole = json.dumps(self.chunk(self.MARK, None), ensure_ascii=False)
+            mark = json.dumps(self.MARK, ensure_ascii=False)
+            self.halves = whole.split(mark) if whole.count(mark) == 1 else None
+            self.second = second
+        if self.halves is None:
+            return _frame(json.dumps(self.chunk(delta, None), ensure_ascii=False))
+        head, tail = self.halves
+        return _frame(head + json.dumps(delta, ensure_ascii=False) + tail)
+
+
+class _EventStream(EventSourceResponse):
+    """Without sse-starlette's anyio cancel scope per event when no send timeout is set."""
+
+    async def _send_with_timeout(self, send: Any, message: Any) -> None:
+        if self.send_timeout is None:
+            await send(message)
+        else:
+            await super()._send_with_timeout(send, message)
 
 
 def _completion_ids(state: ServerState, body: schemas.CompletionRequest) -> list[int]:
