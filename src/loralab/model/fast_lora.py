@@ -13,6 +13,10 @@ whose forward computes, in the base's dtype:
 The fp32 master weights are cast to the compute dtype on the fly (the casts are tiny: r x d),
 scaling is applied to the [tokens, r] product rather than the [tokens, out] one, and dropout is
 skipped outright when p = 0. On fp32 models (the CPU tests) the arithmetic is PEFT's.
+
+The scale s = alpha/r (PEFT's `scaling`, rsLoRA included) is read from a 0-d fp32 buffer, not
+the Python float: torch.compile guards on a float read from a dict, so every new alpha/r was a
+recompile in a sweep. The product is taken in fp32 and rounded once, as PEFT's float does.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 _FAST_CLASSES: dict[type, type] = {}
+SCALE = "loralab_scale"  # the buffer holding a fast layer's scale
 
 
 def _fast_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -37,7 +42,7 @@ def _fast_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Ten
     if isinstance(dropout, nn.Dropout) and dropout.p > 0 and self.training:
         x = F.dropout(x, dropout.p, training=True)
     compute = base.dtype
-    low = F.linear(x.to(compute), lora_a.to(compute)) * self.scaling[adapter]
+    low = (F.linear(x.to(compute), lora_a.to(compute)).float() * self.loralab_scale).to(compute)
     flat = torch.addmm(base.reshape(-1, base.shape[-1]), low.reshape(-1, low.shape[-1]),
                        lora_b.to(compute).t())
     return flat.view(base.shape)
@@ -70,8 +75,24 @@ def enable_fast_lora(peft_model: nn.Module) -> int:
     for module in peft_model.modules():
         if type(module) is LoraLinear and _plain_lora(module):
             module.__class__ = fast_class(LoraLinear)
+            weight = module.lora_A[module.active_adapters[0]].weight
+            scale = torch.tensor(float(module.scaling[module.active_adapters[0]]),
+                                 dtype=torch.float32, device=weight.device)
+            module.register_buffer(SCALE, scale, persistent=False)  # not in the saved adapter
             swapped += 1
     return swapped
+
+
+def mark_ranks_dynamic(model: nn.Module) -> None:
+    """Compile the fast layers with the LoRA rank symbolic from the first trial on (a sweep's
+    later ranks then find that graph instead of compiling a dynamic one at the second rank)."""
+    import torch._dynamo as dynamo
+
+    for module in model.modules():
+        if is_fast(module):
+            for adapter in module.active_adapters:
+                dynamo.mark_dynamic(module.lora_A[adapter].weight, 0)
+                dynamo.mark_dynamic(module.lora_B[adapter].weight, 1)
 
 
 def disable_fast_lora(peft_model: nn.Module) -> None:
@@ -80,3 +101,5 @@ def disable_fast_lora(peft_model: nn.Module) -> None:
     for module in peft_model.modules():
         if type(module) in originals:
             module.__class__ = originals[type(module)]
+            if SCALE in module._buffers:
+                del module._buffers[SCALE]

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from loralab.model.fast_lora import mark_ranks_dynamic
 from loralab.model.memory import (
     Estimate,
     ModelShape,
@@ -242,21 +243,25 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(getattr(inner, "layers", []))
 
 
-def compile_layers(model: torch.nn.Module) -> Callable[[], None]:
+def compile_layers(model: torch.nn.Module, backend: Any = "inductor") -> Callable[[], None]:
     """torch.compile each decoder layer (one graph shared by all layers: regional compilation).
 
     Norms, RoPE, SiLU·mul and the LoRA casts/adds fuse into few kernels. The packed attention
     call is left out of the graph (torch.compiler.disable), so row lengths and boundaries do
-    not cause recompiles; shapes are marked dynamic after the first change.
+    not cause recompiles; shapes are marked dynamic after the first change. Under a sweep's
+    reuse settings (parameter shapes may be dynamic: sweep/compile_reuse.py) the LoRA ranks
+    are symbolic from the start, so the trials of a sweep share one graph.
     """
     import torch._dynamo as dynamo
 
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(dynamo.config, name):
             setattr(dynamo.config, name, max(64, getattr(dynamo.config, name)))
+    if not dynamo.config.force_parameter_static_shapes:
+        mark_ranks_dynamic(model)
     layers = decoder_layers(model)
     for layer in layers:
-        layer.compile()
+        layer.compile(backend=backend)
 
     def uncompile() -> None:
         for layer in layers:

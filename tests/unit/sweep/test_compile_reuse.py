@@ -1,5 +1,6 @@
-"""Sequential sweeps reuse compiled layers across LoRA ranks: after the second rank, no trial
-compiles again. Dynamo traces on the CPU with a counting backend (no inductor, no GPU)."""
+"""Sequential sweeps reuse compiled layers across LoRA ranks: after the first trial, no trial
+compiles again (rank and alpha/r differ per trial). Dynamo traces on the CPU with a counting
+backend (no inductor, no GPU), through levers.compile_layers as the training loop calls it."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from loralab.config import LoraConfig
 from loralab.model.fast_lora import disable_fast_lora, enable_fast_lora
 from loralab.model.lora import attach_lora
 from loralab.sweep.compile_reuse import REUSE_SETTINGS, compiled_code_reused
+from loralab.train.levers import compile_layers
 
 
 def _compilations_per_trial(model, ranks) -> list[int]:
@@ -20,21 +22,20 @@ def _compilations_per_trial(model, ranks) -> list[int]:
         compiled.append(1)
         return gm.forward
 
-    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    lengths = (12, 17)  # the second length makes the token dimension dynamic (first trial)
     per_trial = []
     for r in ranks:
         before = len(compiled)
         peft_model = attach_lora(model, LoraConfig(r=r, alpha=32, dropout=0.0,
                                                    target_modules=["q_proj", "v_proj"]), seed=0)
         enable_fast_lora(peft_model)
-        for layer in model.model.layers:  # as levers.compile_layers does, per trial
-            layer.compile(backend=counting_backend)
+        uncompile = compile_layers(model, backend=counting_backend)
         try:
-            for _ in range(2):
+            for n in lengths:
+                ids = torch.randint(0, 1000, (2, n), generator=torch.Generator().manual_seed(0))
                 model.model(input_ids=ids).last_hidden_state.sum().backward()
         finally:
-            for layer in model.model.layers:
-                layer._compiled_call_impl = None
+            uncompile()
             disable_fast_lora(peft_model)
             peft_model.unload()
         per_trial.append(len(compiled) - before)
@@ -53,11 +54,11 @@ def tiny_model():
     torch._dynamo.reset()
 
 
-def test_after_the_second_rank_no_trial_compiles(tiny_model):
+def test_after_the_first_trial_no_trial_compiles(tiny_model):
     with compiled_code_reused():
         counts = _compilations_per_trial(tiny_model, [4, 8, 16, 32])
-    assert counts[0] > 0 and counts[1] > 0  # the first graph; the second rank makes it dynamic
-    assert counts[2:] == [0, 0], counts
+    # alpha stays 32, so alpha/r changes with every rank as well as the weights' shapes
+    assert counts[0] > 0 and counts[1:] == [0, 0, 0], counts
 
 
 def test_dynamo_defaults_compile_every_rank_and_come_back(tiny_model):
