@@ -4,21 +4,15 @@ sequential comparison of eval intervals."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[3] / "bench"
-
 
 @pytest.fixture(scope="module")
-def rank_study():
-    spec = importlib.util.spec_from_file_location("bench_rank_study", BENCH / "rank_study.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def rank_study(load_bench):
+    return load_bench("rank_study")
 
 
 def _sweep(folder: Path, step_seconds: list[float], wall: float) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -14,11 +13,8 @@ NAME = re.compile(r"^\d{4}-\d{2}-\d{2}_\d{4}_[0-9a-z]+(-dirty)?_[0-9a-z]+(_\w+)?
 
 
 @pytest.fixture(scope="module")
-def record():
-    spec = importlib.util.spec_from_file_location("bench_record", BENCH / "record.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def record(load_bench):
+    return load_bench("record")
 
 
 def test_a_run_is_written_with_the_schema_into_its_experiment_folder(record, tmp_path):
