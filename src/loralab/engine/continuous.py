@@ -11,10 +11,11 @@ per attention-length bucket; idle rows compute garbage nobody reads).
 
 Several adapters share each step (S-LoRA / Punica style, without their kernels): their
 factors are stacked along the rank (continuous_lora.py) and each row keeps its own adapter's
-columns with a mask; a row of the base model has an all-zero mask.
+columns with a mask; a row of the base model has an all-zero mask. A prefill mixes adapters
+the same way; one whose rows all share an adapter takes just that adapter's columns.
 
-Sampling (greedy, or temperature / top_p with a per-request seed) runs on the logits after the
-step, outside the graph.
+Sampling (greedy, or temperature / top_p with a per-request seed; continuous_sampling.py) runs
+on the logits after the step, outside the graph.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from loralab.engine.continuous_lora import masked_linear, one_adapter, stack_loras
+from loralab.engine.continuous_lora import masked_linear, one_adapter, row_masks, stack_loras
+from loralab.engine.continuous_sampling import Sampling, choose, generator, sample
 from loralab.engine.fast_forward import (
     Layer,
     Shape,
@@ -36,16 +38,9 @@ from loralab.engine.fast_forward import (
 from loralab.engine.kv_cache import additive_mask
 from loralab.errors import UserError
 
+__all__ = ["ContinuousBatch", "Sampling", "cache_bytes", "sample"]
+
 MIN_BUCKET = 128  # the shortest attention length a decode graph is captured for
-
-
-@dataclass
-class Sampling:
-    """How a row picks its tokens: greedy when temperature is 0."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
 
 
 @dataclass
@@ -84,7 +79,7 @@ def cache_bytes(lm: Any, max_rows: int, max_len: int) -> int:
 class ContinuousBatch:
     """A decode batch of up to `max_rows` rows over one base model and the loaded adapters.
 
-    add(prompts, adapter, samplings) -> (rows, first tokens); step() -> {row: token} for
+    add(prompts, adapters, samplings) -> (rows, first tokens); step() -> {row: token} for
     every busy row; free(row). Not thread-safe: one thread drives it (the server's scheduler).
     """
 
@@ -148,15 +143,21 @@ class ContinuousBatch:
 
     # ------------------------------------------------------------ rows
 
-    def add(self, prompts: list[list[int]], adapter: int = 0,
+    def add(self, prompts: list[list[int]], adapters: int | list[int] = 0,
             samplings: list[Sampling] | None = None) -> tuple[list[int], list[int]]:
-        """Prefill `prompts` (all for `adapter`) into free rows; (rows, first token of each)."""
+        """Prefill `prompts` into free rows, each with its adapter (`adapters`: one id per
+        prompt, or one id for all; 0 the base); (rows, first token of each)."""
         import torch
 
         if len(prompts) > len(self.free_rows):
             raise RuntimeError(f"{len(prompts)} rows asked, {len(self.free_rows)} free")
-        if adapter and adapter not in self.loras:
-            raise KeyError(f"adapter id {adapter} is not loaded")
+        if isinstance(adapters, int):
+            adapters = [adapters] * len(prompts)
+        if len(adapters) != len(prompts):
+            raise ValueError(f"{len(adapters)} adapter ids for {len(prompts)} prompts")
+        for adapter in adapters:
+            if adapter and adapter not in self.loras:
+                raise KeyError(f"adapter id {adapter} is not loaded")
         samplings = samplings or [Sampling() for _ in prompts]
         width = max(len(p) for p in prompts)
         if width >= self.max_len:
@@ -164,7 +165,7 @@ class ContinuousBatch:
         rows = [self.free_rows.pop(0) for _ in prompts]
         with torch.inference_mode():
             try:
-                logits = self._prefill(prompts, rows, adapter, width)
+                logits = self._prefill(prompts, rows, adapters, width)
             except Exception:  # the rows were never busy: back to the free list
                 self.free_rows[:0] = rows
                 raise
@@ -173,15 +174,11 @@ class ContinuousBatch:
             self.position[index] = lengths
             self.slot[index] = width
             self.active[index] = 1
-            self.row_adapter[index] = adapter
-            for row, sampling in zip(rows, samplings, strict=True):
-                gen = None
-                if sampling.temperature > 0:
-                    gen = torch.Generator(device=self.device)
-                    gen.manual_seed(sampling.seed if sampling.seed is not None
-                                    else int(time.time_ns() % 2**63))
-                self.rows[row] = _Row(adapter, sampling, gen, width)
-            tokens = self._choose(logits.float(), rows)
+            self.row_adapter[index] = torch.tensor(adapters, device=self.device)
+            for row, adapter, sampling in zip(rows, adapters, samplings, strict=True):
+                self.rows[row] = _Row(adapter, sampling, generator(sampling, self.device), width)
+            tokens = choose(logits.float(), [self.rows[row].sampling for row in rows],
+                            [self.rows[row].generator for row in rows])
             self.token[index] = tokens
             firsts = self._to_host(tokens)
         return rows, firsts
@@ -207,8 +204,10 @@ class ContinuousBatch:
 
     # ------------------------------------------------------------ prefill
 
-    def _prefill(self, prompts: list[list[int]], rows: list[int], adapter: int, width: int):
-        """Left-padded prompts written to cache slots [0, width) of `rows`; last logits."""
+    def _prefill(self, prompts: list[list[int]], rows: list[int], adapters: list[int],
+                 width: int):
+        """Left-padded prompts written to cache slots [0, width) of `rows`, each row with its
+        adapter; last logits."""
         import torch
         import torch.nn.functional as F  # noqa: N812
 
@@ -228,7 +227,7 @@ class ContinuousBatch:
         x = model.embed_tokens(ids)
         cos, sin = model.rotary_emb(x, positions)
         cos, sin = cos[:, None], sin[:, None]
-        lora = one_adapter(self.stack, self.columns, adapter)
+        lora, masks = self._prefill_lora(adapters)
         for i, w in enumerate(self.layers):
             def attend(q, k, v, i=i):
                 q = rotate(q.view(n, width, s.heads, s.head_dim).transpose(1, 2), cos, sin)
@@ -240,8 +239,20 @@ class ContinuousBatch:
                                                      enable_gqa=True)
                 return out.transpose(1, 2).reshape(n, width, s.heads * s.head_dim)
 
-            x = _layer(x, w, s, lora[i], {}, attend)
+            x = _layer(x, w, s, lora[i], masks, attend)
         return self._head(x[:, -1])
+
+    def _prefill_lora(self, adapters: list[int]) -> tuple[list[dict[str, Any]], dict]:
+        """(per layer factors, masks) for a prefill: one adapter's columns and no masks when
+        every row shares it, else the whole stack with each row's mask [n, 1, C] (broadcast
+        over the prompt's tokens)."""
+        import torch
+
+        if len(set(adapters)) == 1:
+            return one_adapter(self.stack, self.columns, adapters[0]), {}
+        ids = torch.tensor(adapters, device=self.device)
+        masks = row_masks(self.owners, ids, self.dtype)
+        return self.stack, {m: mask[:, None] for m, mask in masks.items()}
 
     def _head(self, x: Any) -> Any:
         import torch.nn.functional as F  # noqa: N812
@@ -303,8 +314,7 @@ class ContinuousBatch:
         s, rows = self.shape, self.max_rows
         self.valid.scatter_(1, self.slot[:, None], True)
         mask = additive_mask(self.valid[:, None, None, :length], self.dtype)
-        masks = {m: (owner[None] == self.row_adapter[:, None]).to(self.dtype)
-                 for m, owner in self.owners.items()}
+        masks = row_masks(self.owners, self.row_adapter, self.dtype)
         model = self.lm.model
         x = model.embed_tokens(self.token)
         cos, sin = model.rotary_emb(x[:, None], self.position[:, None])  # [rows, 1, dim]
@@ -359,28 +369,3 @@ class ContinuousBatch:
         entry["graph"] = graph
         self.stats["captures"] += 1
         self.stats["capture_seconds"] += time.perf_counter() - started
-
-    # ------------------------------------------------------------ sampling
-
-    def _choose(self, logits: Any, rows: list[int]) -> Any:
-        """The first token of new `rows` from their prefill logits [len(rows), vocab]:
-        argmax, or a draw with the row's temperature, top_p and generator."""
-        tokens = logits.argmax(-1)
-        for j, row in enumerate(rows):
-            sampling = self.rows[row].sampling
-            if sampling.temperature > 0:
-                tokens[j] = sample(logits[j], sampling, self.rows[row].generator)
-        return tokens
-
-
-def sample(logits: Any, sampling: Sampling, generator: Any) -> Any:
-    """One token from logits [vocab] with temperature and nucleus (top_p) filtering."""
-    import torch
-
-    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
-    if sampling.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        before = sorted_probs.cumsum(0) - sorted_probs  # mass of the tokens ranked above
-        sorted_probs[before >= sampling.top_p] = 0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator)[0]

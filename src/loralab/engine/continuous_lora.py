@@ -1,5 +1,5 @@
 """The loaded adapters' LoRA factors stacked along the rank, for rows of different adapters in
-one decode step (S-LoRA / Punica style, without their kernels).
+one decode step or one prefill (S-LoRA / Punica style, without their kernels).
 
 Per layer and projection group (fast_forward.GROUPS: qkv, o, gate_up, down) the adapters'
 factors are concatenated, A [C, in] and B [out, C] with the scale folded into B, and a per-row
@@ -97,6 +97,12 @@ def one_adapter(stack: list[dict[str, Any]], columns: dict[int, dict[int, slice]
             if ab is not None:
                 mine[group] = (ab[0][cols[len(names)]], ab[1][:, cols[len(names)]])
     return out
+
+
+def row_masks(owners: dict[int, Any], adapters: Any, dtype: Any) -> dict[int, Any]:
+    """{members: [rows, C] mask}: 1 on the columns of each row's adapter (`adapters` [rows],
+    0 the base: no column)."""
+    return {m: (owner[None] == adapters[:, None]).to(dtype) for m, owner in owners.items()}
 
 
 def masked_linear(x: Any, weight: Any, bias: Any, lora: Any, mask: Any) -> Any:

@@ -2,7 +2,8 @@
 
 Requests wait in a bounded queue (a full queue is a 429 before anything runs). Between decode
 steps the thread runs control work (adapter load/unload), drops cancelled and expired requests,
-admits waiting ones into free rows (one prefill per adapter and length group) and takes one
+admits waiting ones into free rows (one prefill per length group, its rows of any adapters and
+the base) and takes one
 decode step for every busy row; each step's tokens go back to the event loop in one call, where
 each request's handler turns them into text. A row leaves the batch as soon as its request
 stops, runs out of tokens, times out or its client goes away.
@@ -190,17 +191,13 @@ class Scheduler:
 
     def _admit(self, out: list) -> None:
         for group in prefill_groups(self._take(), self.batch.max_len):
-            adapter = group[0].adapter
-            if adapter and adapter not in self.batch.loras:
-                # unloaded between the request naming it and its submission (the unload ran
-                # on this thread then, and its queue sweep missed it): 409, as for the others
-                for req in group:
-                    out.append((req, ("error", 409, unloaded_message(req.model))))
-                    self.metrics.finished(req, "unloaded")
+            group = self._loaded(group, out)
+            if not group:
                 continue
             started = time.perf_counter()
             try:
-                rows, firsts = self.batch.add([r.prompt_ids for r in group], group[0].adapter,
+                rows, firsts = self.batch.add([r.prompt_ids for r in group],
+                                              [r.adapter for r in group],
                                               [r.sampling for r in group])
                 self.metrics.prefill(time.perf_counter() - started)
             except Exception as exc:  # this group fails with a 500; the others go on
@@ -215,7 +212,21 @@ class Scheduler:
                 req.first_token_at = now
                 self.metrics.first_token(req, now - req.arrived)
                 self._token(row, req, first, out)
-            self.metrics.tokens(group[0].model, len(group))
+            for model, n in collections.Counter(r.model for r in group).items():
+                self.metrics.tokens(model, n)
+
+    def _loaded(self, group: list[Request], out: list) -> list[Request]:
+        """The group's requests whose adapter is still loaded. The others were unloaded between
+        the request naming the adapter and its submission (the unload ran on this thread then,
+        and its queue sweep missed them): 409, as for the others."""
+        keep = []
+        for req in group:
+            if req.adapter and req.adapter not in self.batch.loras:
+                out.append((req, ("error", 409, unloaded_message(req.model))))
+                self.metrics.finished(req, "unloaded")
+            else:
+                keep.append(req)
+        return keep
 
     def _token(self, row: int, req: Request, token: int, out: list) -> None:
         """Pass a token on; finish the row on a stop token, max_tokens or a full cache row."""
@@ -285,23 +296,19 @@ def unloaded_message(model: str) -> str:
 
 
 def prefill_groups(requests: list[Request], max_len: int) -> list[list[Request]]:
-    """Requests grouped for one prefill each: same adapter, lengths within GROUP_SPREAD of the
-    group's shortest, and every row's tokens still fit the cache after padding."""
+    """Requests grouped for one prefill each, whatever their adapters (the engine masks each
+    row's own): lengths within GROUP_SPREAD of the group's shortest, and every row's tokens
+    still fit the cache after padding."""
     groups: list[list[Request]] = []
-    by_adapter: dict[int, list[Request]] = {}
-    for req in requests:
-        by_adapter.setdefault(req.adapter, []).append(req)
-    for reqs in by_adapter.values():
-        reqs.sort(key=lambda r: len(r.prompt_ids))
-        group: list[Request] = []
-        for req in reqs:
-            width = len(req.prompt_ids)
-            fits = group and width <= GROUP_SPREAD * len(group[0].prompt_ids) and all(
-                width + r.max_tokens <= max_len for r in [*group, req])
-            if group and not fits:
-                groups.append(group)
-                group = []
-            group.append(req)
-        if group:
+    group: list[Request] = []
+    for req in sorted(requests, key=lambda r: len(r.prompt_ids)):
+        width = len(req.prompt_ids)
+        fits = group and width <= GROUP_SPREAD * len(group[0].prompt_ids) and all(
+            width + r.max_tokens <= max_len for r in [*group, req])
+        if group and not fits:
             groups.append(group)
+            group = []
+        group.append(req)
+    if group:
+        groups.append(group)
     return groups

@@ -135,3 +135,39 @@ def test_cache_bytes_is_what_the_batch_allocates(lively_model):
     batch = ContinuousBatch(lively_model, max_rows=3, max_len=24)
     held = sum(t.nbytes for t in [*batch.keys, *batch.values, batch.logits])
     assert cache_bytes(lively_model, 3, 24) == held
+
+
+def test_one_prefill_mixing_adapters_and_the_base_gives_each_row_its_own_tokens(
+        lively_model, prompts, adapters):
+    """Rows of two adapters and the base prefilled together (stack + per-row masks): each
+    row's first token and next decode tokens are those of its prompt prefilled alone with its
+    adapter."""
+    batch = ContinuousBatch(lively_model, max_rows=5, max_len=40)
+    batch.set_adapters({1: adapters[0], 2: adapters[1]})
+    ids = [1, 0, 2, 1, 2]
+    rows, firsts = batch.add(prompts, ids)
+    got = {row: [first] for row, first in zip(rows, firsts, strict=True)}
+    for _ in range(NEW - 1):
+        for row, token in batch.step().items():
+            got[row].append(token)
+    loras = {0: None, 1: adapters[0], 2: adapters[1]}
+    for row, prompt, adapter in zip(rows, prompts, ids, strict=True):
+        assert got[row] == alone(lively_model, prompt, loras[adapter]), (prompt, adapter)
+        single = ContinuousBatch(lively_model, max_rows=1, max_len=40)
+        single.set_adapters({1: adapters[0], 2: adapters[1]})
+        assert single.add([prompt], adapter)[1] == [got[row][0]]
+    assert got[rows[0]] != alone(lively_model, prompts[0])  # the adapters change the tokens
+    assert [batch.rows[row].adapter for row in rows] == ids
+    assert batch.row_adapter[rows].tolist() == ids
+
+
+def test_add_checks_every_adapter_id_and_keeps_its_rows_free(lively_model, prompts, adapters):
+    batch = ContinuousBatch(lively_model, max_rows=3, max_len=40)
+    batch.set_adapters({1: adapters[0]})
+    with pytest.raises(KeyError):
+        batch.add(prompts[:2], [1, 2])
+    with pytest.raises(ValueError):
+        batch.add(prompts[:2], [1])
+    assert batch.free_rows == [0, 1, 2] and not batch.busy()
+    same = batch.add(prompts[:2], [1, 1])[1]  # one adapter for all: the one-adapter path
+    assert same == [alone(lively_model, p, adapters[0], new=1)[0] for p in prompts[:2]]
