@@ -2,10 +2,10 @@
 
 On CUDA: Qwen2.5-7B shapes with random bf16 weights (no download), 4 random r=8 adapters on the
 7 projections saved as PEFT folders, prompts of the eval set's length (250-330 tokens inside
-the chat frame), 60 new tokens per request. A client process (its own GIL) runs 16 and then 64
-concurrent streaming clients for --seconds each against the server in this process; tokens/s
-is the server's own count (/metrics) over the window, time to first token and per-token
-latency are measured by the clients. Then the same model behind `--engine naive` (HF generate
+the chat frame), 60 new tokens per request. Client processes (bench/serve_clients.py, 16
+clients each, their own GILs) run 16 and then 64 concurrent streaming clients for --seconds
+each against the server in this process; tokens/s and the engine's busy time are the server's
+own counters over the window, time to first token and per-token latency the clients'. Then the same model behind `--engine naive` (HF generate
 per request, one at a time) with 16 clients. Prints config, hardware, commit, date; writes JSON.
 
     PYTHONPATH=src python bench/serve_load.py --out $OUT          # ~5 min on one H200
@@ -18,91 +18,19 @@ answers to FILE's first --limit inputs (16 clients at once, greedy) against `lor
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import random
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from serve_clients import busy_line, run_clients
+
 HERE = Path(__file__).resolve().parent
-CLIENTS_PER_PROCESS = 16
 GOALS = {"one_adapter_64_clients_tokens_per_s": 4000, "four_over_one_64_clients": 0.9,
          "over_naive": 10}
-
-
-# ---------------------------------------------------------------- the client process
-
-
-def client_main(args: argparse.Namespace) -> None:
-    """Run this process's share of the streaming clients from --start-at for --seconds; print
-    one JSON line: every finished request's timings and the error counts."""
-    prompts = json.loads(Path(args.prompts).read_text())
-    print(json.dumps(asyncio.run(_clients(args, args.models.split(","), prompts))))
-
-
-async def _clients(args: argparse.Namespace, models: list[str], prompts: list) -> dict:
-    import httpx
-
-    rng = random.Random(args.first)
-    records, errors = [], {}
-    mine = len(range(args.first, args.clients, args.procs))  # clients first, first+procs, ...
-    limits = httpx.Limits(max_connections=mine + 4, max_keepalive_connections=mine + 4)
-    async with httpx.AsyncClient(base_url=args.url, timeout=600, limits=limits) as http:
-        await asyncio.sleep(max(0.0, args.start_at - time.time()))
-        deadline = time.perf_counter() + args.seconds
-
-        async def one(i: int) -> None:
-            body = {"model": models[i % len(models)], "prompt": rng.choice(prompts),
-                    "max_tokens": args.new, "temperature": 0, "stream": True,
-                    "stream_options": {"include_usage": True}}
-            sent, first, tokens = time.perf_counter(), None, 0
-            async with http.stream("POST", "/v1/completions", json=body) as response:
-                if response.status_code != 200:
-                    errors[response.status_code] = errors.get(response.status_code, 0) + 1
-                    await response.aread()
-                    return
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: {"):
-                        continue
-                    chunk = json.loads(line[6:])
-                    if chunk.get("choices") and first is None:
-                        first = time.perf_counter()
-                    tokens = chunk.get("usage", {}).get("completion_tokens", tokens)
-            done = time.perf_counter()
-            records.append({"ttft": (first or done) - sent, "seconds": done - sent,
-                            "tokens": tokens,
-                            "per_token": (done - first) / (tokens - 1) if first and tokens > 1
-                            else None})
-
-        async def worker(i: int) -> None:
-            while time.perf_counter() < deadline:
-                await one(i)
-                i += args.clients
-
-        tasks = [asyncio.create_task(worker(c)) for c in range(args.first, args.clients,
-                                                                 args.procs)]
-        await asyncio.sleep(max(0.0, deadline - time.perf_counter()))
-        _, pending = await asyncio.wait(tasks, timeout=5)  # late requests may finish...
-        for task in pending:  # ...or are dropped (the naive server's queue)
-            task.cancel()
-    return {"records": records, "errors": errors}
-
-
-def _latency(records: list[dict]) -> dict:
-    def pct(values, q):
-        values = sorted(v for v in values if v is not None)
-        return round(values[min(len(values) - 1, int(q * len(values)))], 4) if values else None
-
-    ttft = [r["ttft"] for r in records]
-    per_token = [r["per_token"] for r in records]
-    return {"ttft_p50_s": pct(ttft, 0.5), "ttft_p99_s": pct(ttft, 0.99),
-            "per_token_p50_s": pct(per_token, 0.5), "per_token_p99_s": pct(per_token, 0.99),
-            "mean_new_tokens": round(statistics.mean(r["tokens"] for r in records), 1)
-            if records else None}
 
 
 # ---------------------------------------------------------------- model, adapters, prompts
@@ -180,66 +108,6 @@ class IdsTokenizer:
 
 
 # ---------------------------------------------------------------- scenarios
-
-
-def run_clients(url: str, models: list[str], prompts_file: Path, clients: int, seconds: float,
-                new: int, metrics) -> dict:
-    """`clients` streaming clients for `seconds`, spread over client processes of at most
-    CLIENTS_PER_PROCESS each (one asyncio loop parsing 64 streams would itself be the
-    bottleneck). Tokens/s and the engine's busy time are the server's own counters over the
-    window; latencies are the clients'."""
-    procs = -(-clients // CLIENTS_PER_PROCESS)
-    start_at = time.time() + 3.0  # the client processes start and import httpx meanwhile
-    children = [subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), "--client", "--url", url,
-         "--models", ",".join(models), "--prompts", str(prompts_file), "--clients",
-         str(clients), "--procs", str(procs), "--first", str(k), "--start-at", str(start_at),
-         "--seconds", str(seconds), "--new", str(new)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(procs)]
-    time.sleep(max(0.0, start_at - time.time()))
-    before, started = engine_counters(metrics), time.perf_counter()
-    time.sleep(seconds)
-    after, window = engine_counters(metrics), time.perf_counter() - started
-    records, errors = [], {}
-    for child in children:
-        out, err = child.communicate(timeout=seconds + 300)
-        if child.returncode != 0:
-            raise RuntimeError(f"client process failed: {err[-2000:]}")
-        part = json.loads(out.strip().splitlines()[-1])
-        records += part["records"]
-        for code, n in part["errors"].items():
-            errors[code] = errors.get(code, 0) + n
-    delta = {k: after[k] - before[k] for k in after}
-    row = {"clients": clients, "client_processes": procs, "models": models,
-           "window_s": round(window, 2), "tokens_in_window": delta["tokens"],
-           "tokens_per_s": delta["tokens"] / window, "requests": len(records),
-           "errors": errors, **_latency(records)}
-    if delta["steps"]:  # the continuous engine's breakdown (the naive one has no steps)
-        row.update(engine_busy_fraction=round((delta["step_s"] + delta["prefill_s"]) / window, 3),
-                   decode_steps=delta["steps"],
-                   decode_ms_mean=round(1000 * delta["step_s"] / delta["steps"], 2),
-                   rows_per_step_mean=round(delta["step_tokens"] / delta["steps"], 1),
-                   prefills=delta["prefills"],
-                   prefill_ms_mean=round(1000 * delta["prefill_s"] / max(delta["prefills"], 1), 2))
-    return row
-
-
-def busy_line(row: dict) -> str:
-    if "engine_busy_fraction" not in row:
-        return ""
-    return (f"; engine busy {row['engine_busy_fraction']:.0%} of the window, decode step "
-            f"{row['decode_ms_mean']} ms at {row['rows_per_step_mean']} rows, "
-            f"{row['prefills']} prefills of {row['prefill_ms_mean']} ms")
-
-
-def engine_counters(metrics) -> dict:
-    """The server's counters now: tokens, decode steps and prefills with their seconds."""
-    with metrics.lock:
-        return {"tokens": sum(metrics.generated.values()), "steps": metrics.steps,
-                "step_s": metrics.step_seconds, "prefills": metrics.prefills,
-                "prefill_s": metrics.prefill_seconds,
-                # every prefilled row's first token counts once in ttft_count
-                "step_tokens": sum(metrics.generated.values()) - metrics.ttft_count}
 
 
 def serve_scenarios(model, tokenizer, engine: str, adapters: list[Path], prompts_file: Path,
@@ -347,18 +215,7 @@ def main() -> None:
                         help="compare a trained run's served answers with loralab predict")
     parser.add_argument("--input", type=Path, help="inputs for --predict-check")
     parser.add_argument("--limit", type=int, default=32, help="inputs for --predict-check")
-    parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--url", help=argparse.SUPPRESS)
-    parser.add_argument("--models", help=argparse.SUPPRESS)
-    parser.add_argument("--prompts", help=argparse.SUPPRESS)
-    parser.add_argument("--clients", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--procs", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--first", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--start-at", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.client:
-        client_main(args)
-        return
     sys.path.insert(0, str(HERE))
     from record import write_run
 
