@@ -24,12 +24,13 @@ import sys
 import time
 from pathlib import Path
 
+from loralab.scoring.tag_scores import HEADLINE  # the eval report's headline metrics
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CONFIG = HERE / "configs" / "rank_study_05b.yaml"
 DATA = HERE / "data" / "records1447.json"
 EVAL_DATA = ROOT / "src" / "loralab" / "resources" / "data" / "tag_scores_eval.json"
-HEADLINE = ("weighted_accuracy", "f1", "weighted_error", "valid_rate")
 WARM_STEPS = 5  # steps left out of the steady-state median (compilation, allocator warm-up)
 
 

@@ -75,9 +75,9 @@ def enable_fast_lora(peft_model: nn.Module) -> int:
     for module in peft_model.modules():
         if type(module) is LoraLinear and _plain_lora(module):
             module.__class__ = fast_class(LoraLinear)
-            weight = module.lora_A[module.active_adapters[0]].weight
-            scale = torch.tensor(float(module.scaling[module.active_adapters[0]]),
-                                 dtype=torch.float32, device=weight.device)
+            adapter = module.active_adapters[0]
+            scale = torch.tensor(float(module.scaling[adapter]), dtype=torch.float32,
+                                 device=module.lora_A[adapter].weight.device)
             module.register_buffer(SCALE, scale, persistent=False)  # not in the saved adapter
             swapped += 1
     return swapped
