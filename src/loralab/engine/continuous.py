@@ -16,31 +16,30 @@ the same way; one whose rows all share an adapter takes just that adapter's colu
 
 Sampling (greedy, or temperature / top_p with a per-request seed; continuous_sampling.py) runs
 on the logits after the step, outside the graph.
+
+A row joins either prefilled whole (add: left-padded prompts in one forward) or prefilling
+(begin: its prompt from slot 0, fed in chunks by the next steps). While any row is prefilling,
+step() is a mixed step (continuous_mixed.py): the decoding rows' tokens and chunks of the
+prompts in one eager forward, so decode rides along the prefill's weight reads.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from loralab.engine.continuous_lora import masked_linear, one_adapter, row_masks, stack_loras
+from loralab.engine.continuous_lora import masked_layer, one_adapter, row_masks, stack_loras
+from loralab.engine.continuous_mixed import mixed_step
 from loralab.engine.continuous_sampling import Sampling, choose, generator, sample
-from loralab.engine.fast_forward import (
-    Layer,
-    Shape,
-    build_layers,
-    model_shape,
-    rms,
-    rotate,
-    why_not,
-)
+from loralab.engine.fast_forward import build_layers, model_shape, rms, rotate, why_not
 from loralab.engine.kv_cache import additive_mask
 from loralab.errors import UserError
 
 __all__ = ["ContinuousBatch", "Sampling", "cache_bytes", "sample"]
 
 MIN_BUCKET = 128  # the shortest attention length a decode graph is captured for
+PREFILL_CHUNK = 512  # prompt tokens a mixed step feeds at most, unless step() is told
 
 
 @dataclass
@@ -49,22 +48,7 @@ class _Row:
     sampling: Sampling
     generator: Any  # torch.Generator of a sampling row, else None
     next_slot: int  # host copy of the row's next cache slot (picks the attention bucket)
-
-
-def _layer(x: Any, w: Layer, s: Shape, lora: dict, masks: dict, attend: Any) -> Any:
-    """One decoder layer over x [..., hidden]; `attend(q, k, v)` does the attention part
-    (q/k/v shaped [..., heads·dim]) and returns [..., heads·dim]."""
-    import torch.nn.functional as F  # noqa: N812
-
-    def lin(h, group, members):
-        return masked_linear(h, getattr(w, group), getattr(w, f"{group}_bias"),
-                             lora.get(group), masks.get(members))
-
-    q_size, kv_size = s.heads * s.head_dim, s.kv_heads * s.head_dim
-    q, k, v = lin(rms(x, w.input_norm, s.eps), "qkv", 3).split((q_size, kv_size, kv_size), -1)
-    x = x + lin(attend(q, k, v), "o", 1)
-    gate, up = lin(rms(x, w.post_norm, s.eps), "gate_up", 2).chunk(2, dim=-1)
-    return x + lin(F.silu(gate) * up, "down", 1)
+    pending: list[int] = field(default_factory=list)  # prompt tokens still to feed (begin)
 
 
 def cache_bytes(lm: Any, max_rows: int, max_len: int) -> int:
@@ -79,8 +63,9 @@ def cache_bytes(lm: Any, max_rows: int, max_len: int) -> int:
 class ContinuousBatch:
     """A decode batch of up to `max_rows` rows over one base model and the loaded adapters.
 
-    add(prompts, adapters, samplings) -> (rows, first tokens); step() -> {row: token} for
-    every busy row; free(row). Not thread-safe: one thread drives it (the server's scheduler).
+    add(prompts, adapters, samplings) -> (rows, first tokens); begin(prompt, adapter, sampling)
+    -> row (prefilling: its first token comes from a later step); step() -> {row: token} for
+    every decoding row and every row whose prompt it finished; free(row). Not thread-safe: one thread drives it (the server's scheduler).
     """
 
     def __init__(self, lm: Any, max_rows: int = 64, max_len: int = 2048,
@@ -177,11 +162,44 @@ class ContinuousBatch:
             self.row_adapter[index] = torch.tensor(adapters, device=self.device)
             for row, adapter, sampling in zip(rows, adapters, samplings, strict=True):
                 self.rows[row] = _Row(adapter, sampling, generator(sampling, self.device), width)
-            tokens = choose(logits.float(), [self.rows[row].sampling for row in rows],
+            self.logits[index] = logits.float()  # each row's last logits, as after a step
+            tokens = choose(self.logits[index], [self.rows[row].sampling for row in rows],
                             [self.rows[row].generator for row in rows])
             self.token[index] = tokens
             firsts = self._to_host(tokens)
         return rows, firsts
+
+    def begin(self, prompt: list[int], adapter: int = 0,
+              sampling: Sampling | None = None) -> int:
+        """Take a free row for `prompt` without running anything: the next steps feed it to
+        the cache from slot 0, a chunk at a time, and the one that feeds its last token gives
+        its first token. The row."""
+        import torch
+
+        if not self.free_rows:
+            raise RuntimeError("1 row asked, 0 free")
+        if adapter and adapter not in self.loras:
+            raise KeyError(f"adapter id {adapter} is not loaded")
+        if not 0 < len(prompt) < self.max_len:
+            raise ValueError(f"a prompt of {len(prompt)} tokens does not fit "
+                             f"{self.max_len} slots")
+        sampling = sampling or Sampling()
+        row = self.free_rows.pop(0)
+        with torch.inference_mode():
+            self.valid[row] = False  # the slots of the row's last request
+            self.active[row] = 0  # the decode step leaves it alone until its prompt is in
+            self.row_adapter[row] = adapter
+        self.rows[row] = _Row(adapter, sampling, generator(sampling, self.device), 0,
+                              list(prompt))
+        return row
+
+    def prefilling(self) -> list[int]:
+        """Rows with prompt tokens still to feed, in the order they began."""
+        return [row for row, r in self.rows.items() if r.pending]
+
+    def pending_tokens(self) -> int:
+        """Prompt tokens still to feed, all rows together."""
+        return sum(len(r.pending) for r in self.rows.values())
 
     def free(self, row: int) -> None:
         """The row leaves the batch; its slots are reused by the next add."""
@@ -239,7 +257,7 @@ class ContinuousBatch:
                                                      enable_gqa=True)
                 return out.transpose(1, 2).reshape(n, width, s.heads * s.head_dim)
 
-            x = _layer(x, w, s, lora[i], masks, attend)
+            x = masked_layer(x, w, s, lora[i], masks, attend)
         return self._head(x[:, -1])
 
     def _prefill_lora(self, adapters: list[int]) -> tuple[list[dict[str, Any]], dict]:
@@ -263,12 +281,17 @@ class ContinuousBatch:
 
     # ------------------------------------------------------------ decode
 
-    def step(self) -> dict[int, int]:
-        """One new token for every busy row: {row: token}."""
+    def step(self, prefill_tokens: int = PREFILL_CHUNK) -> dict[int, int]:
+        """One new token for every decoding row: {row: token}. While rows are prefilling, a
+        mixed step that also feeds up to `prefill_tokens` of their prompts (continuous_mixed)
+        and gives the first token of each row whose prompt it finishes."""
         import torch
 
         if not self.rows:
             return {}
+        if self.prefilling():  # never the decode graph: it would write into their slots
+            with torch.inference_mode():
+                return mixed_step(self, prefill_tokens)
         need = max(r.next_slot for r in self.rows.values()) + 1
         if need > self.max_len:
             raise RuntimeError("a row ran past the cache: free it before its room runs out")
@@ -330,7 +353,7 @@ class ContinuousBatch:
                     attn_mask=mask, scale=s.scaling, enable_gqa=True)
                 return out.reshape(rows, -1)
 
-            x = _layer(x, w, s, self.stack[i], masks, attend)
+            x = masked_layer(x, w, s, self.stack[i], masks, attend)
         self.logits.copy_(self._head(x))
         self.token.copy_(self.logits.argmax(-1))
         self.slot.add_(self.active)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from loralab.engine.fast_forward import GROUPS
+from loralab.engine.fast_forward import GROUPS, Layer, Shape, rms
 from loralab.engine.lora_batch import fill_adapter
 
 
@@ -115,3 +115,20 @@ def masked_linear(x: Any, weight: Any, bias: Any, lora: Any, mask: Any) -> Any:
     a, b = lora
     h = x @ a.T
     return y + (h if mask is None else h * mask) @ b.T
+
+
+def masked_layer(x: Any, w: Layer, s: Shape, lora: dict, masks: dict, attend: Any) -> Any:
+    """One decoder layer over x [..., hidden], each token with its row's adapter (`lora`: the
+    layer's {group: (A, B)}, `masks`: {members: mask [.., C]}); `attend(q, k, v)` does the
+    attention part (q/k/v shaped [..., heads·dim]) and returns [..., heads·dim]."""
+    import torch.nn.functional as F  # noqa: N812
+
+    def lin(h, group, members):
+        return masked_linear(h, getattr(w, group), getattr(w, f"{group}_bias"),
+                             lora.get(group), masks.get(members))
+
+    q_size, kv_size = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    q, k, v = lin(rms(x, w.input_norm, s.eps), "qkv", 3).split((q_size, kv_size, kv_size), -1)
+    x = x + lin(attend(q, k, v), "o", 1)
+    gate, up = lin(rms(x, w.post_norm, s.eps), "gate_up", 2).chunk(2, dim=-1)
+    return x + lin(F.silu(gate) * up, "down", 1)
