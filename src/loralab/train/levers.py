@@ -248,9 +248,13 @@ def compile_layers(model: torch.nn.Module, backend: Any = "inductor") -> Callabl
 
     Norms, RoPE, SiLU·mul and the LoRA casts/adds fuse into few kernels. The packed attention
     call is left out of the graph (torch.compiler.disable), so row lengths and boundaries do
-    not cause recompiles; shapes are marked dynamic after the first change. Under a sweep's
-    reuse settings (parameter shapes may be dynamic: sweep/compile_reuse.py) the LoRA ranks
-    are symbolic from the start, so the trials of a sweep share one graph.
+    not cause recompiles. The token (and batch) dimensions are symbolic from the first step
+    (dynamic=True): every step has another length, and dynamo's default (static first, dynamic
+    after the first change) compiled every graph twice, ~22 s on a 0.5B model. The frozen
+    weights and buffers are marked static, so hidden sizes stay constants in the kernels; only
+    activations and the trainable LoRA factors are dynamic. Under a sweep's reuse settings
+    (parameter shapes may be dynamic: sweep/compile_reuse.py) the LoRA ranks are symbolic from
+    the start, so the trials of a sweep share one graph.
     """
     import torch._dynamo as dynamo
 
@@ -261,7 +265,9 @@ def compile_layers(model: torch.nn.Module, backend: Any = "inductor") -> Callabl
         mark_ranks_dynamic(model)
     layers = decoder_layers(model)
     for layer in layers:
-        layer.compile(backend=backend)
+        for tensor in [*layer.buffers(), *(p for p in layer.parameters() if not p.requires_grad)]:
+            dynamo.mark_static(tensor)
+        layer.compile(backend=backend, dynamic=True)
 
     def uncompile() -> None:
         for layer in layers:
