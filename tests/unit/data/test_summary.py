@@ -112,3 +112,33 @@ def test_inference_prompt_matches_training_prompt(qwen_tokenizer, seed_like_file
     record = read_records(cfg.path)[0]
     ids = [t for t, lab in zip(examples[0].input_ids, examples[0].labels, strict=True) if lab == IGNORE_INDEX]
     assert qwen_tokenizer.decode(ids) == render_prompt(qwen_tokenizer, "P", record.messages)
+
+
+def test_records_are_encoded_once_per_tokenizer_and_length(qwen_tokenizer, seed_like_file,
+                                                           monkeypatch):
+    """A sweep builds each trial's dataset from the same records: the second build encodes
+    nothing, gives the same examples, and a new max_length, record or tokenizer re-encodes."""
+    import copy
+
+    from loralab.data import summary as summary_module
+
+    calls = []
+    real = summary_module.encode_record
+    monkeypatch.setattr(summary_module, "encode_record",
+                        lambda tok, record, n: calls.append(record.index) or real(tok, record, n))
+    monkeypatch.setattr(summary_module, "_ENCODED", summary_module._EncodeCache())
+    path = seed_like_file(n=6, input_chars=700)
+    first, _ = build_dataset(DataConfig(path=str(path), max_length=256), qwen_tokenizer, seed=0)
+    assert len(calls) == 6
+    again, _ = build_dataset(DataConfig(path=str(path), max_length=256, limit=4),
+                             qwen_tokenizer, seed=1)
+    assert len(calls) == 6 and again == first[:4]
+    build_dataset(DataConfig(path=str(path), max_length=128), qwen_tokenizer, seed=0)
+    assert len(calls) == 12  # another length: other truncation
+    records = json.loads(path.read_text())
+    records[0]["output"] = records[0]["output"] + " changed"
+    path.write_text(json.dumps(records))
+    changed, _ = build_dataset(DataConfig(path=str(path), max_length=256), qwen_tokenizer, seed=0)
+    assert len(calls) == 13 and changed[0] != first[0] and changed[1:] == first[1:]
+    build_dataset(DataConfig(path=str(path), max_length=256), copy.deepcopy(qwen_tokenizer), seed=0)
+    assert len(calls) == 19  # another tokenizer object: everything again
