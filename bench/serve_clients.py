@@ -53,14 +53,25 @@ def run_clients(url: str, models: list[str], prompts_file: Path, clients: int, s
            "window_s": round(window, 2), "tokens_in_window": delta["tokens"],
            "tokens_per_s": delta["tokens"] / window, "requests": len(records),
            "errors": errors, **latency(records)}
-    if delta["steps"]:  # the continuous engine's breakdown (the naive one has no steps)
-        row.update(engine_busy_fraction=round((delta["step_s"] + delta["prefill_s"]) / window, 3),
-                   decode_steps=delta["steps"],
-                   decode_ms_mean=round(1000 * delta["step_s"] / delta["steps"], 2),
-                   rows_per_step_mean=round(delta["step_tokens"] / delta["steps"], 1),
-                   prefills=delta["prefills"],
-                   prefill_ms_mean=round(1000 * delta["prefill_s"] / max(delta["prefills"], 1), 2))
+    if delta["steps"] or delta["mixed"]:  # the continuous engine's (the naive one has none)
+        row.update(engine_breakdown(delta, window))
     return row
+
+
+def engine_breakdown(delta: dict, window: float) -> dict:
+    """Busy fraction, decode steps, whole prefills and mixed steps over the window."""
+    busy = delta["step_s"] + delta["prefill_s"] + delta["mixed_s"]
+    mixed = max(delta["mixed"], 1)
+    return {"engine_busy_fraction": round(busy / window, 3),
+            "decode_steps": delta["steps"],
+            "decode_ms_mean": round(1000 * delta["step_s"] / max(delta["steps"], 1), 2),
+            "rows_per_step_mean": round(delta["step_rows"] / max(delta["steps"], 1), 1),
+            "prefills": delta["prefills"],
+            "prefill_ms_mean": round(1000 * delta["prefill_s"] / max(delta["prefills"], 1), 2),
+            "mixed_steps": delta["mixed"],
+            "mixed_ms_mean": round(1000 * delta["mixed_s"] / mixed, 2),
+            "mixed_prompt_tokens_mean": round(delta["mixed_prompt"] / mixed, 1),
+            "mixed_decode_rows_mean": round(delta["mixed_rows"] / mixed, 1)}
 
 
 def busy_line(row: dict) -> str:
@@ -68,17 +79,22 @@ def busy_line(row: dict) -> str:
         return ""
     return (f"; engine busy {row['engine_busy_fraction']:.0%} of the window, decode step "
             f"{row['decode_ms_mean']} ms at {row['rows_per_step_mean']} rows, "
-            f"{row['prefills']} prefills of {row['prefill_ms_mean']} ms")
+            f"{row['prefills']} prefills of {row['prefill_ms_mean']} ms, "
+            f"{row['mixed_steps']} mixed steps of {row['mixed_ms_mean']} ms "
+            f"({row['mixed_prompt_tokens_mean']} prompt tokens + "
+            f"{row['mixed_decode_rows_mean']} rows)")
 
 
 def engine_counters(metrics) -> dict:
-    """The server's counters now: tokens, decode steps and prefills with their seconds."""
+    """The server's counters now: tokens, decode steps, whole prefills and mixed steps with
+    their seconds."""
     with metrics.lock:
         return {"tokens": sum(metrics.generated.values()), "steps": metrics.steps,
-                "step_s": metrics.step_seconds, "prefills": metrics.prefills,
-                "prefill_s": metrics.prefill_seconds,
-                # every prefilled row's first token counts once in ttft_count
-                "step_tokens": sum(metrics.generated.values()) - metrics.ttft_count}
+                "step_s": metrics.step_seconds, "step_rows": metrics.step_rows,
+                "prefills": metrics.prefills, "prefill_s": metrics.prefill_seconds,
+                "mixed": metrics.mixed_steps, "mixed_s": metrics.mixed_seconds,
+                "mixed_prompt": metrics.mixed_prompt_tokens,
+                "mixed_rows": metrics.mixed_decode_rows}
 
 
 def client_main(args: argparse.Namespace) -> None:

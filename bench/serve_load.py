@@ -7,6 +7,8 @@ clients each, their own GILs) run 16 and then 64 concurrent streaming clients fo
 each against the server in this process; tokens/s and the engine's busy time are the server's
 own counters over the window, time to first token and per-token latency the clients'. Then the same model behind `--engine naive` (HF generate
 per request, one at a time) with 16 clients. Prints config, hardware, commit, date; writes JSON.
+`--prefill-chunk 0` serves with whole prefills between decode steps instead of mixed steps
+(the server's option of the same name; default 512).
 
     PYTHONPATH=src python bench/serve_load.py --out $OUT          # ~5 min on one H200
     PYTHONPATH=src python bench/serve_load.py --smoke --out /tmp   # CPU, < 1 min
@@ -116,7 +118,8 @@ def serve_scenarios(model, tokenizer, engine: str, adapters: list[Path], prompts
     from loralab.serve.server import RunningServer, ServeOptions, build_state
 
     opts = ServeOptions(engine=engine, max_rows=args.max_rows, max_len=args.max_len,
-                        max_queue=4096, timeout_s=3600, default_max_tokens=args.new)
+                        max_queue=4096, timeout_s=3600, default_max_tokens=args.new,
+                        prefill_chunk=args.prefill_chunk)
     specs = [(f"a{k}", path) for k, path in enumerate(adapters)]
     state = build_state(model, tokenizer, "base", "", specs, opts)
     state.stop_ids, state.scheduler.stop_ids = [], set()  # random weights: always `new` tokens
@@ -138,7 +141,9 @@ def serve_scenarios(model, tokenizer, engine: str, adapters: list[Path], prompts
         m = state.metrics
         stats = {"engine": engine, "decode_steps": m.steps, "prefills": m.prefills,
                  "mean_step_ms": 1000 * m.step_seconds / max(m.steps, 1),
-                 "mean_prefill_ms": 1000 * m.prefill_seconds / max(m.prefills, 1)}
+                 "mean_prefill_ms": 1000 * m.prefill_seconds / max(m.prefills, 1),
+                 "mixed_steps": m.mixed_steps,
+                 "mean_mixed_ms": 1000 * m.mixed_seconds / max(m.mixed_steps, 1)}
         if engine == "continuous":
             stats.update(state.scheduler.batch.stats)
         print(f"{engine}: {stats}", flush=True)
@@ -210,6 +215,9 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=60, help="new tokens per request")
     parser.add_argument("--max-rows", type=int, default=64)
     parser.add_argument("--max-len", type=int, default=512)
+    parser.add_argument("--prefill-chunk", type=int, default=512,
+                        help="the server's --prefill-chunk: prompt tokens per mixed step; 0: "
+                        "whole prefills between decode steps (the A/B)")
     parser.add_argument("--no-naive", action="store_true")
     parser.add_argument("--predict-check", type=Path, metavar="RUN",
                         help="compare a trained run's served answers with loralab predict")
@@ -258,7 +266,8 @@ def load_runs(args: argparse.Namespace) -> tuple[dict, list[dict], dict]:
     config = {"model": "tiny" if args.smoke else "qwen2.5-7b-shapes random bf16",
               "device": str(device), "adapters": "4 × r=8, 7 projections",
               "prompt_tokens": [low, high], "new_tokens": args.new, "max_rows": args.max_rows,
-              "max_len": args.max_len, "seconds": seconds, "naive_seconds": naive_seconds,
+              "max_len": args.max_len, "prefill_chunk": args.prefill_chunk,
+              "seconds": seconds, "naive_seconds": naive_seconds,
               "tokenizer": tokenizer_kind}
     stats = [r["engine_stats"] for r in rows if "engine_stats" in r]
     rows = [r for r in rows if "engine_stats" not in r]

@@ -66,6 +66,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default=None)
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="decode eagerly on CUDA (debugging)")
+    p.add_argument("--prefill-chunk", type=int, default=512, metavar="TOKENS",
+                   help="prompt tokens fed per step beside the decoding rows (chunked prefill: "
+                   "running requests keep decoding while new prompts go in); 0: prefill new "
+                   "prompts whole between decode steps")
     p.set_defaults(func=cmd_serve)
 
 
@@ -80,7 +84,8 @@ def check_args(args: argparse.Namespace) -> None:
                         "pip install 'loralab[serve]' (fastapi, uvicorn, sse-starlette)")
     for flag, value, low in (("--max-rows", args.max_rows, 1), ("--max-len", args.max_len, 16),
                              ("--max-queue", args.max_queue, 1), ("--max-tokens", args.max_tokens, 1),
-                             ("--max-adapters", args.max_adapters, 0), ("--port", args.port, 0)):
+                             ("--max-adapters", args.max_adapters, 0), ("--port", args.port, 0),
+                             ("--prefill-chunk", args.prefill_chunk, 0)):
         if value < low:
             raise UserError(f"{flag} must be at least {low}")
     if args.port > 65535:
@@ -180,7 +185,7 @@ def load_state(args: argparse.Namespace, specs: list[tuple[str | None, Path]]) -
     model, tokenizer = load_base_model(cfg.model, args.device, args.dtype)
     opts = ServeOptions(args.engine, args.max_rows, args.max_len, args.max_queue, args.timeout,
                         args.max_tokens, args.max_adapters, int(args.adapter_memory_gb * 2**30),
-                        args.api_key, not args.no_cuda_graph)
+                        args.api_key, not args.no_cuda_graph, args.prefill_chunk)
     return build_state(model, tokenizer, args.name or cfg.model.path, cfg.model.path, specs,
                        opts)
 

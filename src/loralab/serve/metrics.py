@@ -1,5 +1,7 @@
 """Server counters in Prometheus' text format (GET /metrics): requests by model and outcome,
-tokens, tokens/s over the last few seconds, queue length, batch size, time to first token."""
+tokens, tokens/s over the last few seconds, queue length, batch size, time to first token, and
+the engine's steps: decode steps, whole prefills and mixed steps (chunked prefill), each with
+its time."""
 
 from __future__ import annotations
 
@@ -20,8 +22,10 @@ class Metrics:
         self.requests: collections.Counter[tuple[str, str]] = collections.Counter()
         self.generated: collections.Counter[str] = collections.Counter()
         self.prompt_tokens: collections.Counter[str] = collections.Counter()
-        self.steps = 0
-        self.step_seconds = 0.0
+        self.steps, self.step_seconds, self.step_rows = 0, 0.0, 0  # decode steps
+        # mixed steps: prompt tokens fed, decode rows that rode along (first tokens not counted)
+        self.mixed_steps, self.mixed_seconds = 0, 0.0
+        self.mixed_prompt_tokens, self.mixed_decode_rows = 0, 0
         self.prefills, self.prefill_seconds = 0, 0.0
         self.last_batch = 0
         self.ttft_sum, self.ttft_count = 0.0, 0
@@ -57,10 +61,21 @@ class Metrics:
             self.prefill_seconds += seconds
 
     def step(self, rows: int, seconds: float) -> None:
+        """A decode step of `rows` rows."""
         with self.lock:
             self.steps += 1
             self.step_seconds += seconds
+            self.step_rows += rows
             self.last_batch = rows
+
+    def mixed_step(self, prompt_tokens: int, decode_rows: int, seconds: float) -> None:
+        """A mixed step: `prompt_tokens` fed beside `decode_rows` decoding rows' tokens."""
+        with self.lock:
+            self.mixed_steps += 1
+            self.mixed_seconds += seconds
+            self.mixed_prompt_tokens += prompt_tokens
+            self.mixed_decode_rows += decode_rows
+            self.last_batch = decode_rows
 
     def tokens_per_s(self) -> float:
         now = time.monotonic()
@@ -88,9 +103,19 @@ class Metrics:
             metric("prompt_tokens_total", "counter", "Prompt tokens by model.",
                    [(f'{{model="{_esc(m)}"}}', n)
                     for m, n in sorted(self.prompt_tokens.items())])
-            metric("decode_steps_total", "counter", "Decode steps taken.", [("", self.steps)])
+            metric("decode_steps_total", "counter", "Decode steps taken (no prompt tokens).",
+                   [("", self.steps)])
             metric("decode_step_seconds_total", "counter", "Time in decode steps.",
                    [("", self.step_seconds)])
+            metric("mixed_steps_total", "counter",
+                   "Mixed steps: chunks of prompts beside the decoding rows' tokens.",
+                   [("", self.mixed_steps)])
+            metric("mixed_step_seconds_total", "counter", "Time in mixed steps.",
+                   [("", self.mixed_seconds)])
+            metric("mixed_step_prompt_tokens_total", "counter",
+                   "Prompt tokens fed by mixed steps.", [("", self.mixed_prompt_tokens)])
+            metric("mixed_step_decode_rows_total", "counter",
+                   "Decoding rows' tokens in mixed steps.", [("", self.mixed_decode_rows)])
             metric("prefills_total", "counter", "Prefill calls (a group of new rows each).",
                    [("", self.prefills)])
             metric("prefill_seconds_total", "counter", "Time in prefills.",
@@ -99,7 +124,7 @@ class Metrics:
                    "Sum of times from arrival to first token.", [("", self.ttft_sum)])
             metric("time_to_first_token_seconds_count", "counter",
                    "Requests that got a first token.", [("", self.ttft_count)])
-            metric("batch_size", "gauge", "Rows in the last decode step.",
+            metric("batch_size", "gauge", "Decoding rows in the last step.",
                    [("", self.last_batch)])
         metric("generation_tokens_per_second", "gauge",
                f"New tokens per second over the last {WINDOW_S:g} s.", [("", rate)])

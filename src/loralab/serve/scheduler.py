@@ -1,12 +1,17 @@
 """The scheduler: one thread drives the continuous batch while requests are queued or running.
 
-Requests wait in a bounded queue (a full queue is a 429 before anything runs). Between decode
-steps the thread runs control work (adapter load/unload), drops cancelled and expired requests,
-admits waiting ones into free rows (one prefill per length group, its rows of any adapters and
-the base) and takes one
-decode step for every busy row; each step's tokens go back to the event loop in one call, where
-each request's handler turns them into text. A row leaves the batch as soon as its request
-stops, runs out of tokens, times out or its client goes away.
+Requests wait in a bounded queue (a full queue is a 429 before anything runs). Between steps
+the thread runs control work (adapter load/unload), drops cancelled and expired requests, admits
+waiting ones into free rows and takes one step; each step's tokens go back to the event loop in
+one call, where each request's handler turns them into text. A row leaves the batch as soon as
+its request stops, runs out of tokens, times out or its client goes away.
+
+Admission, by `prefill_chunk`: above 0 (the default) an admitted request's row is prefilling,
+and while any row is, each step is a mixed step that feeds up to `prefill_chunk` prompt tokens
+beside every decoding row's token (the engine's continuous_mixed.py); a row's first token comes
+from the step that feeds its prompt's last token. At 0, the waiting requests are prefilled
+whole before the step (one prefill per length group, its rows of any adapters and the base),
+and no row decodes meanwhile.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from typing import Any
 
 from loralab.engine.continuous import Sampling
 
-PREFILL_TOKENS = 8192  # prompt tokens admitted per step at most: decode keeps its pace
+PREFILL_TOKENS = 8192  # prompt tokens prefilled whole per step at most: decode keeps its pace
+PREFILL_CHUNK = 512  # prompt tokens a mixed step feeds at most (0: whole prefills instead)
 SWITCH_INTERVAL_S = 0.0005  # the process's GIL switch interval while serving
 GROUP_SPREAD = 1.5  # prompts prefilled together pad to at most this × the shortest
 
@@ -57,9 +63,11 @@ def emit(batch: list[tuple[Request, tuple]]) -> None:
 class Scheduler:
     """Drives a ContinuousBatch from one background thread."""
 
-    def __init__(self, batch: Any, stop_ids: list[int], max_queue: int, metrics: Any) -> None:
+    def __init__(self, batch: Any, stop_ids: list[int], max_queue: int, metrics: Any,
+                 prefill_chunk: int = PREFILL_CHUNK) -> None:
         self.batch, self.stop_ids = batch, set(stop_ids)
         self.max_queue, self.metrics = max_queue, metrics
+        self.prefill_chunk = prefill_chunk
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: dict[int, Request] = {}
         self.control: collections.deque[tuple[Any, Future]] = collections.deque()
@@ -178,18 +186,22 @@ class Scheduler:
         self.metrics.finished(req, reason or ("stop" if req.stopped_by_text else "cancelled"))
 
     def _take(self) -> list[Request]:
-        """Waiting requests that fit the free rows and this step's prefill budget."""
+        """Waiting requests that fit the free rows (and, prefilled whole, this step's prefill
+        budget: chunked rows are fed by the steps' own budget)."""
         taken, tokens = [], 0
         with self.wake:
             while self.waiting and len(taken) < len(self.batch.free_rows):
                 n = len(self.waiting[0].prompt_ids)
-                if taken and tokens + n > PREFILL_TOKENS:
+                if taken and not self.prefill_chunk and tokens + n > PREFILL_TOKENS:
                     break
                 taken.append(self.waiting.popleft())
                 tokens += n
         return taken
 
     def _admit(self, out: list) -> None:
+        if self.prefill_chunk:
+            self._begin(out)
+            return
         for group in prefill_groups(self._take(), self.batch.max_len):
             group = self._loaded(group, out)
             if not group:
@@ -214,6 +226,18 @@ class Scheduler:
                 self._token(row, req, first, out)
             for model, n in collections.Counter(r.model for r in group).items():
                 self.metrics.tokens(model, n)
+
+    def _begin(self, out: list) -> None:
+        """Admitted requests become prefilling rows: nothing runs until the next step."""
+        for req in self._loaded(self._take(), out):
+            try:
+                row = self.batch.begin(req.prompt_ids, req.adapter, req.sampling)
+            except Exception as exc:  # this request fails with a 500; the others go on
+                out.append((req, ("error", 500, f"engine error: {type(exc).__name__}: "
+                                                f"{exc}"[:300])))
+                self.metrics.finished(req, "error")
+                continue
+            self.running[row] = req
 
     def _loaded(self, group: list[Request], out: list) -> list[Request]:
         """The group's requests whose adapter is still loaded. The others were unloaded between
@@ -242,9 +266,9 @@ class Scheduler:
     def _step(self, out: list) -> None:
         if not self.running:
             return
-        started = time.perf_counter()
+        pending, started = self.batch.pending_tokens(), time.perf_counter()
         try:
-            tokens = self.batch.step()
+            tokens = self.batch.step(self.prefill_chunk or 1)
         except Exception as exc:  # fail the running requests with a 500, keep serving
             message = f"engine error: {type(exc).__name__}: {exc}"[:300]
             for row, req in list(self.running.items()):
@@ -253,13 +277,22 @@ class Scheduler:
                 out.append((req, ("error", 500, message)))
                 self.metrics.finished(req, "error")
             return
-        self.metrics.step(len(tokens), time.perf_counter() - started)
+        seconds, now = time.perf_counter() - started, time.monotonic()
+        mine = {row: (self.running[row], token) for row, token in tokens.items()
+                if row in self.running}
+        firsts = {row for row, (req, _) in mine.items() if req.first_token_at is None}
+        if pending:  # a mixed step: the prompt tokens it fed, the decode rows that rode along
+            self.metrics.mixed_step(pending - self.batch.pending_tokens(),
+                                    len(tokens) - len(firsts), seconds)
+        else:
+            self.metrics.step(len(tokens), seconds)
         per_model: collections.Counter[str] = collections.Counter()
-        for row, token in tokens.items():
-            req = self.running.get(row)
-            if req is not None:
-                per_model[req.model] += 1
-                self._token(row, req, token, out)
+        for row, (req, token) in mine.items():
+            if row in firsts:  # the step fed its prompt's last chunk
+                req.first_token_at = now
+                self.metrics.first_token(req, now - req.arrived)
+            per_model[req.model] += 1
+            self._token(row, req, token, out)
         for model, n in per_model.items():
             self.metrics.tokens(model, n)
 

@@ -22,6 +22,7 @@ class ServeOptions:
     adapter_memory_bytes: int = 4 << 30
     api_key: str | None = None
     cuda_graph: bool = True
+    prefill_chunk: int = 512  # prompt tokens a mixed step feeds; 0: whole prefills (scheduler)
 
 
 def build_state(model: Any, tokenizer: Any, base_name: str, base_path: str,
@@ -46,7 +47,7 @@ def build_state(model: Any, tokenizer: Any, base_name: str, base_path: str,
 
         batch = make_batch(model, opts)
         backend = BatchAdapters(batch)
-        scheduler = Scheduler(batch, stop_ids, opts.max_queue, metrics)
+        scheduler = Scheduler(batch, stop_ids, opts.max_queue, metrics, opts.prefill_chunk)
     registry = Registry(base_name, base_path, backend, scheduler, opts.max_adapters,
                         opts.adapter_memory_bytes)
     for name, folder in adapters:

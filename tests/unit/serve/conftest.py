@@ -1,5 +1,5 @@
-"""A tiny random Qwen2 (lively: its greedy tokens vary), two PEFT adapters of it, and servers
-on 127.0.0.1 built around them in-process."""
+"""A tiny random Qwen2 (lively: its greedy tokens vary), two PEFT adapters of it, servers on
+127.0.0.1 built around them in-process, and schedulers driven by hand."""
 
 from __future__ import annotations
 
@@ -57,5 +57,23 @@ def client_for():
 
         return OpenAI(base_url=server.url + "/v1", api_key=kwargs.pop("api_key", "none"),
                       max_retries=0, timeout=60, **kwargs)
+
+    return make
+
+
+@pytest.fixture()
+def scheduler_for(serve_model, adapter_dirs):
+    """scheduler_for(loaded, prefill_chunk=0) -> a Scheduler (not started) over a fresh batch
+    with adapters {id: name} loaded; its _admit and _step are driven by hand."""
+    from loralab.engine.continuous import ContinuousBatch
+    from loralab.engine.lora_weights import read_lora
+    from loralab.serve.metrics import Metrics
+    from loralab.serve.scheduler import Scheduler
+
+    def make(loaded, prefill_chunk=0):
+        batch = ContinuousBatch(serve_model, max_rows=6, max_len=48)
+        batch.set_adapters({k: read_lora(adapter_dirs[name], serve_model)[0]
+                            for k, name in loaded.items()})
+        return Scheduler(batch, [-1], 8, Metrics(), prefill_chunk)
 
     return make

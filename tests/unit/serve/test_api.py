@@ -153,11 +153,11 @@ def test_an_engine_error_fails_that_request_and_the_server_goes_on(make_server, 
     batch = server.state.scheduler.batch
     real, calls = batch.step, []
 
-    def broken():
+    def broken(*args):
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("boom")
-        return real()
+        return real(*args)
 
     batch.step = broken
     client = client_for(server)
@@ -176,11 +176,13 @@ def test_timeout_is_a_504(make_server, client_for):
     assert exc.value.status_code == 504
 
 
-def test_a_failing_prefill_or_scheduler_bug_is_a_500_and_serving_goes_on(make_server,
-                                                                          client_for):
-    server = make_server()
+@pytest.mark.parametrize(("prefill_chunk", "admit"), [(0, "add"), (512, "begin")])
+def test_a_failing_prefill_or_scheduler_bug_is_a_500_and_serving_goes_on(
+        make_server, client_for, prefill_chunk, admit):
+    """Whole prefills (add) or chunked rows (begin): the admission that fails is a 500."""
+    server = make_server(prefill_chunk=prefill_chunk)
     scheduler, client = server.state.scheduler, client_for(server)
-    real_add, real_drop = scheduler.batch.add, scheduler._drop_finished
+    real_add, real_drop = getattr(scheduler.batch, admit), scheduler._drop_finished
     broken = {"add": 1, "drop": 0}
 
     def add(*args, **kwargs):
@@ -195,7 +197,8 @@ def test_a_failing_prefill_or_scheduler_bug_is_a_500_and_serving_goes_on(make_se
             raise KeyError("bug")
         real_drop(out)
 
-    scheduler.batch.add, scheduler._drop_finished = add, drop
+    setattr(scheduler.batch, admit, add)
+    scheduler._drop_finished = drop
     with pytest.raises(openai.InternalServerError) as exc:
         client.completions.create(model="base", prompt="hi", max_tokens=4)
     assert "prefill broke" in exc.value.body["message"]

@@ -1,30 +1,11 @@
 """The scheduler prefills rows of different adapters and the base together (grouped by length
-only), and an adapter unloaded before admission fails only its own requests."""
+only), and an adapter unloaded before admission fails only its own requests. These are the
+whole-prefill path's (prefill_chunk 0); test_chunked_prefill.py has the mixed steps'."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-
-import pytest
-
-
-@pytest.fixture()
-def scheduler_for(serve_model, adapter_dirs):
-    """scheduler_for(loaded) -> a Scheduler (not started) over a fresh batch with adapters
-    {id: name} loaded; its _admit and _step are driven by hand."""
-    from loralab.engine.continuous import ContinuousBatch
-    from loralab.engine.lora_weights import read_lora
-    from loralab.serve.metrics import Metrics
-    from loralab.serve.scheduler import Scheduler
-
-    def make(loaded):
-        batch = ContinuousBatch(serve_model, max_rows=6, max_len=48)
-        batch.set_adapters({k: read_lora(adapter_dirs[name], serve_model)[0]
-                            for k, name in loaded.items()})
-        return Scheduler(batch, [-1], 8, Metrics())
-
-    return make
 
 
 def request(prompt, model, adapter, loop, max_tokens=4):
