@@ -202,7 +202,8 @@ class ContinuousBatch:
         return sum(len(r.pending) for r in self.rows.values())
 
     def free(self, row: int) -> None:
-        """The row leaves the batch; its slots are reused by the next add."""
+        """The row leaves the batch (decoding or still prefilling); the next add or begin
+        reuses it."""
         import torch
 
         if self.rows.pop(row, None) is None:
