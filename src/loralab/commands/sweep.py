@@ -93,10 +93,10 @@ def mode_line(spec: SweepSpec, gpu_gib: float | None = None) -> str:
     from loralab.sweep.mode import choose, combined_config, unpackable
 
     cuda = torch.cuda.is_available()
-    planned = None
+    planned, params = None, None
     if spec.mode != "sequential" and not unpackable(spec.trials):
-        planned = _plan_packed(combined_config(spec.trials), gpu_gib)
-    choice = choose(spec.mode, spec.trials, cuda or planned is not None, planned)
+        planned, params = _plan_packed(combined_config(spec.trials), gpu_gib)
+    choice = choose(spec.mode, spec.trials, cuda or planned is not None, planned, params)
     where = "" if cuda else " (no GPU here: what a GPU would do; on the CPU auto is sequential)"
     if choice.mode == "sequential":
         return f"mode: sequential, one trial at a time ({choice.reason}){where}"
@@ -105,21 +105,22 @@ def mode_line(spec: SweepSpec, gpu_gib: float | None = None) -> str:
             f"micro-batch(es) per step{peak} ({choice.reason}){where}")
 
 
-def _plan_packed(cfg: Any, gpu_gib: float | None) -> Any:
-    """levers.plan of the combined step on a GPU (the model's config.json only)."""
+def _plan_packed(cfg: Any, gpu_gib: float | None) -> tuple[Any, int | None]:
+    """(levers.plan of the combined step on a GPU, the base's parameter count), from the
+    model's config.json only."""
     from loralab.train.estimate import data_lengths, gpu_plans, model_shape
 
     try:
         shape = model_shape(cfg)
         lengths, labelled, _ = data_lengths(cfg)
     except Exception:  # unreadable model or data: the run itself will say so
-        return None
+        return None, None
     import torch
 
     card = gpu_gib or (torch.cuda.get_device_properties(0).total_memory / 2**30
                        if torch.cuda.is_available() else 80.0)
     given, auto, _ = gpu_plans(cfg, shape, lengths, labelled, card)
-    return auto if cfg.train.memory == "auto" else given
+    return (auto if cfg.train.memory == "auto" else given), shape.params
 
 
 _TOKENIZERS: dict[str, Any] = {}

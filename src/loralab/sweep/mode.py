@@ -15,6 +15,10 @@ from typing import Any
 from loralab.sweep.spec import MODES, Trial, base_key
 
 __all__ = ["MODES", "ModeChoice", "choose", "combined_config", "unpackable"]
+# auto packs bases up to this size. Measured on one H200, 8 trials at effective batch 16
+# (docs/packed_sweeps.md): packed took 0.53x the sequential time on Qwen2.5-0.5B shapes and
+# 0.71x on 1.5B, but 1.08x on 7B, whose one-trial step already keeps the card busy.
+PACK_MAX_PARAMS = 4_000_000_000
 # Levers of the base's pass: one value for every packed trial.
 SHARED_TRAIN_KEYS = ("precision", "packing", "attention", "pack_multiple", "compile",
                      "labelled_logits", "loss_chunk", "memory", "gradient_checkpointing",
@@ -75,9 +79,11 @@ def micro_batches(trials: list[Trial], planned: Any | None) -> int:
     return max(t.config.train.grad_accum for t in trials)
 
 
-def choose(mode: str, trials: list[Trial], cuda: bool, planned: Any | None = None) -> ModeChoice:
+def choose(mode: str, trials: list[Trial], cuda: bool, planned: Any | None = None,
+           base_params: int | None = None) -> ModeChoice:
     """The mode for these (unfinished) trials. `planned`: the combined step's FastPath on a
-    GPU (levers.plan of `combined_config`), for auto's memory rule."""
+    GPU (levers.plan of `combined_config`), for auto's memory rule; `base_params`: the base
+    model's parameter count, for auto's size rule (PACK_MAX_PARAMS)."""
     why = unpackable(trials)
     gib = planned.predicted_gib["total"] if planned is not None and planned.predicted_gib else None
     if mode == "sequential" or (mode == "auto" and why):
@@ -92,6 +98,9 @@ def choose(mode: str, trials: list[Trial], cuda: bool, planned: Any | None = Non
                           micro_batches(trials, planned))
     if not cuda:
         return ModeChoice("sequential", 1, "auto on CPU: packing pays on a GPU (launch overhead)")
+    if base_params is not None and base_params > PACK_MAX_PARAMS:
+        return ModeChoice("sequential", 1, f"auto: a {base_params / 1e9:.1f}B base is busy with one "
+                          "trial's step already (packing measured slower on 7B)", gib)
     parts = micro_batches(trials, planned)
     rows_per_micro = math.ceil(sum(t.config.train.batch_size * t.config.train.grad_accum
                                    for t in trials) / parts)

@@ -220,7 +220,8 @@ def _run_maybe_packed(spec: SweepSpec, manifest: dict, todo: list[Trial], show_p
         return
     if base.device.type == "cuda" and not unpackable(todo):
         planned = _plan_combined(combined_config(todo), base)
-    choice = choose(spec.mode, todo, base.device.type == "cuda", planned)
+    choice = choose(spec.mode, todo, base.device.type == "cuda", planned,
+                    sum(p.numel() for p in base.model.parameters()))
     console.print(f"sweep mode {choice.mode} ({choice.reason})"
                   + (f": {choice.together} trials together" if choice.mode == "packed" else ""))
     if choice.mode == "sequential":

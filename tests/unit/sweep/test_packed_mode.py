@@ -55,6 +55,10 @@ def test_auto_rule(write_sweep):
     assert choose("auto", trials, cuda=True, planned=tight).mode == "sequential"
     assert choose("packed", trials, cuda=False).mode == "packed"
     assert choose("sequential", trials, cuda=True, planned=fits).mode == "sequential"
+    assert choose("auto", trials, cuda=True, planned=fits, base_params=1_540_000_000).mode == "packed"
+    big = choose("auto", trials, cuda=True, planned=fits, base_params=7_620_000_000)
+    assert big.mode == "sequential" and "7.6B" in big.reason
+    assert choose("packed", trials, cuda=True, planned=fits, base_params=7_620_000_000).mode == "packed"
 
 
 def test_dry_run_says_the_mode(write_sweep, capsys):
