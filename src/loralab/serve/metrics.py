@@ -12,6 +12,19 @@ from typing import Any
 
 WINDOW_S = 10.0  # tokens/s is measured over this many seconds
 
+# Engine counters exposed as unlabelled Prometheus counters: (name, help, attribute).
+SCALAR_COUNTERS = (
+    ("decode_steps_total", "Decode steps taken (no prompt tokens).", "steps"),
+    ("decode_step_seconds_total", "Time in decode steps.", "step_seconds"),
+    ("mixed_steps_total", "Mixed steps: chunks of prompts beside the decoding rows' tokens.",
+     "mixed_steps"),
+    ("mixed_step_seconds_total", "Time in mixed steps.", "mixed_seconds"),
+    ("mixed_step_prompt_tokens_total", "Prompt tokens fed by mixed steps.", "mixed_prompt_tokens"),
+    ("mixed_step_decode_rows_total", "Decoding rows' tokens in mixed steps.", "mixed_decode_rows"),
+    ("prefills_total", "Prefill calls (a group of new rows each).", "prefills"),
+    ("prefill_seconds_total", "Time in prefills.", "prefill_seconds"),
+)
+
 
 class Metrics:
     """Thread-safe counters: the scheduler thread writes, the event loop reads."""
@@ -103,23 +116,8 @@ class Metrics:
             metric("prompt_tokens_total", "counter", "Prompt tokens by model.",
                    [(f'{{model="{_esc(m)}"}}', n)
                     for m, n in sorted(self.prompt_tokens.items())])
-            metric("decode_steps_total", "counter", "Decode steps taken (no prompt tokens).",
-                   [("", self.steps)])
-            metric("decode_step_seconds_total", "counter", "Time in decode steps.",
-                   [("", self.step_seconds)])
-            metric("mixed_steps_total", "counter",
-                   "Mixed steps: chunks of prompts beside the decoding rows' tokens.",
-                   [("", self.mixed_steps)])
-            metric("mixed_step_seconds_total", "counter", "Time in mixed steps.",
-                   [("", self.mixed_seconds)])
-            metric("mixed_step_prompt_tokens_total", "counter",
-                   "Prompt tokens fed by mixed steps.", [("", self.mixed_prompt_tokens)])
-            metric("mixed_step_decode_rows_total", "counter",
-                   "Decoding rows' tokens in mixed steps.", [("", self.mixed_decode_rows)])
-            metric("prefills_total", "counter", "Prefill calls (a group of new rows each).",
-                   [("", self.prefills)])
-            metric("prefill_seconds_total", "counter", "Time in prefills.",
-                   [("", self.prefill_seconds)])
+            for name, help_text, attr in SCALAR_COUNTERS:
+                metric(name, "counter", help_text, [("", getattr(self, attr))])
             metric("time_to_first_token_seconds_sum", "counter",
                    "Sum of times from arrival to first token.", [("", self.ttft_sum)])
             metric("time_to_first_token_seconds_count", "counter",
