@@ -7,7 +7,9 @@ while others decode joins at the next step, and a finished row leaves at once. H
 preallocated per layer as [max_rows, kv_heads, max_len, head_dim] and every row carries its own
 next slot, position id and which slots it may attend (`valid`), all device tensors, so one
 decode step is the same code whichever rows are busy (on CUDA it is replayed as a CUDA graph
-per attention-length bucket; idle rows compute garbage nobody reads).
+per attention-length bucket, continuous_graphs.py; idle rows compute garbage nobody reads). One
+more cache row than `max_rows`, the scratch row, takes the K/V of the mixed step's slots that
+hold no real token; no real token attends it.
 
 Several adapters share each step (S-LoRA / Punica style, without their kernels): their
 factors are stacked along the rank (continuous_lora.py) and each row keeps its own adapter's
@@ -20,15 +22,16 @@ on the logits after the step, outside the graph.
 A row joins either prefilled whole (add: left-padded prompts in one forward) or prefilling
 (begin: its prompt from slot 0, fed in chunks by the next steps). While any row is prefilling,
 step() is a mixed step (continuous_mixed.py): the decoding rows' tokens and chunks of the
-prompts in one eager forward, so decode rides along the prefill's weight reads.
+prompts in one forward of fixed shapes (a graph per bucket on CUDA too), so decode rides along
+the prefill's weight reads.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from loralab.engine.continuous_graphs import drop_graphs, run_step
 from loralab.engine.continuous_lora import masked_layer, one_adapter, row_masks, stack_loras
 from loralab.engine.continuous_mixed import mixed_step
 from loralab.engine.continuous_sampling import Sampling, choose, generator, sample
@@ -53,10 +56,11 @@ class _Row:
 
 def cache_bytes(lm: Any, max_rows: int, max_len: int) -> int:
     """Bytes of the KV cache ContinuousBatch(lm, max_rows, max_len) allocates (keys and values
-    of every layer), plus its float32 logits: known before allocating any of it."""
+    of every layer, its scratch row included), plus its float32 logits: known before allocating
+    any of it."""
     s = model_shape(lm)
     itemsize = lm.lm_head.weight.element_size()
-    kv = 2 * len(lm.model.layers) * max_rows * s.kv_heads * max_len * s.head_dim
+    kv = 2 * len(lm.model.layers) * (max_rows + 1) * s.kv_heads * max_len * s.head_dim
     return kv * itemsize + max_rows * lm.config.vocab_size * 4
 
 
@@ -83,14 +87,15 @@ class ContinuousBatch:
         self.shape = model_shape(lm)
         with torch.inference_mode():
             self.layers = build_layers(lm)
-        kv = (max_rows, self.shape.kv_heads, max_len, self.shape.head_dim)
+        # one row more: the scratch row (index max_rows), for the mixed step's unused slots
+        kv = (max_rows + 1, self.shape.kv_heads, max_len, self.shape.head_dim)
         zeros = dict(dtype=self.dtype, device=self.device)
         self.keys = [torch.zeros(kv, **zeros) for _ in self.layers]
         self.values = [torch.zeros(kv, **zeros) for _ in self.layers]
         # per row: input token, its position id, the cache slot it goes to, busy or not, adapter
         self.token, self.position, self.slot, self.active, self.row_adapter = (
             torch.zeros(max_rows, dtype=torch.long, device=self.device) for _ in range(5))
-        self.valid = torch.zeros(max_rows, max_len, dtype=torch.bool, device=self.device)
+        self.valid = torch.zeros(max_rows + 1, max_len, dtype=torch.bool, device=self.device)
         self.logits = torch.zeros(max_rows, cfg.vocab_size, dtype=torch.float32,
                                   device=self.device)
         self.rows: dict[int, _Row] = {}
@@ -103,7 +108,8 @@ class ContinuousBatch:
         if self.device.type == "cuda":
             self.host_tokens = torch.zeros(max_rows, dtype=torch.long, pin_memory=True)
             self.ready = torch.cuda.Event()
-        self.graphs: dict[int, dict[str, Any]] = {}
+        self.graphs: dict[tuple[str, int], dict[str, Any]] = {}  # (kind, bucket) -> graph
+        self.mixed_inputs: Any = None  # continuous_mixed.StepInputs, made by the first one
         self.stats = {"graph_error": None, "captures": 0, "capture_seconds": 0.0}
 
     # ------------------------------------------------------------ adapters
@@ -120,7 +126,7 @@ class ContinuousBatch:
             else:
                 self.stack, self.owners, self.columns = [{} for _ in self.layers], {}, {}
         self.loras = dict(loras)
-        self.graphs.clear()  # captured graphs point at the old factors
+        drop_graphs(self)  # captured graphs (decode and mixed) point at the old factors
 
     def adapter_bytes(self) -> int:
         """Bytes the stacked factors take on the device."""
@@ -299,7 +305,8 @@ class ContinuousBatch:
         bucket = self._bucket(need)
         rows = sorted(self.rows)
         with torch.inference_mode():
-            self._run(bucket)  # leaves every row's argmax in self.token
+            # leaves every row's argmax in self.token
+            run_step(self, ("decode", bucket), lambda: self._decode(bucket))
             for row in rows:
                 sampling = self.rows[row].sampling
                 if sampling.temperature > 0:
@@ -337,7 +344,7 @@ class ContinuousBatch:
 
         s, rows = self.shape, self.max_rows
         self.valid.scatter_(1, self.slot[:, None], True)
-        mask = additive_mask(self.valid[:, None, None, :length], self.dtype)
+        mask = additive_mask(self.valid[:rows, None, None, :length], self.dtype)
         masks = row_masks(self.owners, self.row_adapter, self.dtype)
         model = self.lm.model
         x = model.embed_tokens(self.token)
@@ -350,7 +357,8 @@ class ContinuousBatch:
                 self.keys[i].scatter_(2, where, k[:, :, None].to(self.dtype))
                 self.values[i].scatter_(2, where, v.view(rows, s.kv_heads, 1, s.head_dim))
                 out = F.scaled_dot_product_attention(
-                    q[:, :, None], self.keys[i][:, :, :length], self.values[i][:, :, :length],
+                    q[:, :, None], self.keys[i][:rows, :, :length],
+                    self.values[i][:rows, :, :length],
                     attn_mask=mask, scale=s.scaling, enable_gqa=True)
                 return out.reshape(rows, -1)
 
@@ -359,37 +367,3 @@ class ContinuousBatch:
         self.token.copy_(self.logits.argmax(-1))
         self.slot.add_(self.active)
         self.position.add_(self.active)
-
-    def _run(self, length: int) -> None:
-        """_decode(length) eagerly, or on CUDA: two eager warm-up steps (real steps), then a
-        graph captured for this length and replayed from then on."""
-        import torch
-
-        if not self.use_graph:
-            self._decode(length)
-            return
-        entry = self.graphs.setdefault(length, {"n": 0, "graph": None})
-        if entry["graph"] is not None:
-            entry["graph"].replay()
-            return
-        entry["n"] += 1
-        stream = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(stream)
-        with torch.cuda.stream(side):
-            self._decode(length)
-        stream.wait_stream(side)
-        if entry["n"] < 2:
-            return
-        graph, started = torch.cuda.CUDAGraph(), time.perf_counter()
-        try:
-            # capture records without running: the eager call above was this step
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self._decode(length)
-        except Exception as exc:  # an op that cannot be captured: stay eager for this length
-            self.stats["graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
-            entry["n"] = -(10**9)
-            return
-        entry["graph"] = graph
-        self.stats["captures"] += 1
-        self.stats["capture_seconds"] += time.perf_counter() - started

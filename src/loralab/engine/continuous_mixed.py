@@ -3,19 +3,29 @@ row's next token and chunks of the prompts still to prefill.
 
 Alone, a prefill is compute-bound and a decode step memory-bound (it reads every weight for one
 token per row), and while a prefill runs no row decodes. In a mixed step the decode tokens ride
-along the prompt tokens' GEMMs: the step's tokens are flattened to [N, hidden] for the linear
-layers (each token with its row's adapter columns, continuous_lora.masked_layer), each token's
-K/V goes to its row's cache slot, and attention is two SDPA calls per layer:
+along the prompt tokens' GEMMs. Its token layout is fixed, so on CUDA it is one graph per
+attention-length bucket (continuous_graphs.py), like the decode step:
 
-- decode tokens over their rows' valid slots, every row of the cache at once as the decode
-  step does (a view of the cache, no copy; the other rows' outputs are dropped);
-- chunk tokens, padded to the longest chunk, over their row's slots up to their own (earlier
-  chunks' K/V and causally within the chunk): a mask [chunks, 1, width, longest row].
+- `max_rows` decode slots, one per cache row, exactly the decode step's inputs (the batch's
+  token/position/slot tensors); a row that is not decoding (idle, or prefilling) writes its K/V
+  into the scratch cache row (index max_rows, never attended by a real token) and its output
+  is dropped;
+- `budget` prompt slots: the chunks' tokens, then padding that writes into the scratch row too.
 
-A chunked row's prompt starts at slot 0 (no left padding), so its position is its slot. A long
-prompt is spread over several steps, `budget` prompt tokens a step at most (rows in the order
-they began); the step that feeds a row's last prompt token gives its first token from its
-logits, and the row decodes from the next step. Mixed steps run eagerly (no CUDA graph).
+Every token's K/V goes to its (row, slot) before attention. Decode tokens attend as in the
+decode step (every cache row at once, masked by `valid`). Prompt tokens attend in *lanes*:
+a lane is up to `width` consecutive tokens of one chunk, its row's keys gathered up to the
+bucket length [lanes, kv_heads, L, head_dim] and a mask [lanes, 1, width, L] letting a token at
+slot p see slots 0..p (its prompt starts at slot 0, so every earlier slot is its own, and this
+step's slots are already written: causality within the chunk comes from the mask). Lanes cost
+lanes × width × L attention and gather `lanes` cache rows, not one per prompt token.
+
+All per-step inputs (prompt ids, rows, slots, adapters, lanes, which outputs to take) are
+copied into one preallocated device buffer (StepInputs) before the step; the step's body
+(`forward`) reads only the batch's tensors and never syncs with the host. Sampling runs after
+it, outside the graph. A long prompt is spread over several steps, `budget` prompt tokens and
+MAX_CHUNKS prompts a step at most (rows in the order they began); the step that feeds a row's
+last prompt token gives its first token, and the row decodes from the next step.
 """
 
 from __future__ import annotations
@@ -23,13 +33,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from loralab.engine.continuous_lora import masked_layer, one_adapter, row_masks
-from loralab.engine.continuous_sampling import choose
+from loralab.engine.continuous_graphs import drop_graphs, run_step
+from loralab.engine.continuous_lora import masked_layer, row_masks
+from loralab.engine.continuous_sampling import sample
 from loralab.engine.fast_forward import rotate
 from loralab.engine.kv_cache import additive_mask
 
 if TYPE_CHECKING:
     from loralab.engine.continuous import ContinuousBatch
+
+LANE_WIDTH = 64  # prompt tokens one attention lane holds at most
+MAX_CHUNKS = 4  # prompts one mixed step feeds at most (each may leave one lane part-filled)
 
 
 @dataclass
@@ -44,20 +58,28 @@ class Chunk:
 
 @dataclass
 class Plan:
-    """One mixed step: the flat token list is the decode tokens (one per decoding row, in
-    `decode` order), then each chunk's tokens in `chunks` order."""
+    """One mixed step: the decoding rows (sorted) and the chunks, in prompt-slot order."""
 
     decode: list[int]
     chunks: list[Chunk]
 
 
+def lane_shape(budget: int) -> tuple[int, int]:
+    """(lanes, width) for `budget` prompt slots: enough lanes for any plan_step plan, since
+    chunks of n_c ≤ width·k tokens need Σ ceil(n_c / width) ≤ ceil(budget / width) +
+    MAX_CHUNKS - 1 lanes."""
+    width = max(1, min(budget, LANE_WIDTH))
+    return -(-budget // width) + MAX_CHUNKS - 1, width
+
+
 def plan_step(batch: ContinuousBatch, budget: int) -> Plan:
     """Every decoding row, and chunks of the prefilling rows (first begun first) up to
-    `budget` prompt tokens (at least one token, so a step always moves a prompt on)."""
+    `budget` prompt tokens and MAX_CHUNKS chunks (at least one token, so a step always moves a
+    prompt on)."""
     decode = sorted(row for row, r in batch.rows.items() if not r.pending)
     chunks, left = [], max(budget, 1)
     for row in batch.prefilling():
-        if left <= 0:
+        if left <= 0 or len(chunks) == MAX_CHUNKS:
             break
         r = batch.rows[row]
         take = r.pending[:left]
@@ -69,184 +91,186 @@ def plan_step(batch: ContinuousBatch, budget: int) -> Plan:
 def mixed_step(batch: ContinuousBatch, budget: int) -> dict[int, int]:
     """Run one mixed step (inside inference_mode): {row: token} for every decoding row and
     every row whose prompt this step finishes."""
-    import torch
-
     plan = plan_step(batch, budget)
-    if plan.decode and max(batch.rows[r].next_slot for r in plan.decode) + 1 > batch.max_len:
+    need = max([batch.rows[r].next_slot + 1 for r in plan.decode]
+               + [c.start + len(c.tokens) for c in plan.chunks])
+    if need > batch.max_len:
         raise RuntimeError("a row ran past the cache: free it before its room runs out")
-    layout = _Layout(batch, plan)
-    x = _forward(batch, layout)
-    picked = torch.cat([layout.decode_tokens, layout.last_tokens])
-    logits = batch._head(x[picked]).float()
+    length = batch._bucket(need)
+    inputs = step_inputs(batch, max(budget, 1))
+    inputs.load(batch, plan)
+    run_step(batch, ("mixed", length), lambda: forward(batch, inputs, length))
     rows = plan.decode + [c.row for c in plan.chunks if c.last]
-    tokens = choose(logits, [batch.rows[r].sampling for r in rows],
-                    [batch.rows[r].generator for r in rows])
-    _advance(batch, plan, layout, rows, tokens, logits)
-    return dict(zip(rows, batch._to_host(tokens), strict=True))
+    for row in rows:  # the step left every row's argmax in batch.token
+        r = batch.rows[row]
+        if r.sampling.temperature > 0:
+            batch.token[row] = sample(batch.logits[row], r.sampling, r.generator)
+    tokens = batch._to_host(batch.token)
+    _advance(batch, plan)
+    return {row: tokens[row] for row in rows}
 
 
-class _Layout:
-    """The step's index tensors, built once on the host (no device sync inside the layers)."""
+def step_inputs(batch: ContinuousBatch, budget: int) -> StepInputs:
+    """The batch's mixed-step buffers for `budget` prompt slots; new ones (and no mixed graphs:
+    they read the old) when the budget changed."""
+    if batch.mixed_inputs is None or batch.mixed_inputs.budget != budget:
+        drop_graphs(batch, "mixed")
+        batch.mixed_inputs = StepInputs(batch, budget)
+    return batch.mixed_inputs
 
-    def __init__(self, batch: ContinuousBatch, plan: Plan) -> None:
+
+class StepInputs:
+    """A mixed step's inputs in one device int64 buffer, loaded by one copy from its pinned host
+    twin: per prompt slot `ids`, `row`, `slot` (= position), `adapter`, `out` (its output's
+    index among the lanes' outputs); per cache row `pick` (the step token whose logits it
+    takes) and `done` (its prompt length if this step finishes its prompt, else 0); per lane
+    `lane_row`, `lane_start` (slot of its first token), `lane_first` (prompt slot of it)."""
+
+    def __init__(self, batch: ContinuousBatch, budget: int) -> None:
         import torch
 
-        dev, n_decode = batch.device, len(plan.decode)
-        longest = max(len(c.tokens) for c in plan.chunks)
-        self.n_decode, self.n_chunks, self.width = n_decode, len(plan.chunks), longest
-        self.decode_rows = _longs(plan.decode, dev)
-        self.chunk_rows = _longs([c.row for c in plan.chunks], dev)
-        ids, slots, rows, adapters = [], [], [], [batch.rows[r].adapter for r in plan.decode]
-        gather, scatter, last = [], [], []  # flat <-> [chunks, width] padded layout
-        for j, c in enumerate(plan.chunks):
-            first = n_decode + len(ids)
-            ids += c.tokens
-            slots += range(c.start, c.start + len(c.tokens))
-            rows += [c.row] * len(c.tokens)
-            adapters += [batch.rows[c.row].adapter] * len(c.tokens)
-            # a pad repeats the chunk's last token: finite, and its output is dropped
-            gather += [first + min(t, len(c.tokens) - 1) for t in range(longest)]
-            scatter += [j * longest + t for t in range(len(c.tokens))]
+        rows, scratch = batch.max_rows, batch.max_rows
+        self.budget, (self.lanes, self.width) = budget, lane_shape(budget)
+        self.pads = {"ids": [0] * budget, "row": [scratch] * budget, "slot": [0] * budget,
+                     "adapter": [0] * budget, "out": [0] * budget,
+                     "pick": list(range(rows)), "done": [0] * rows,
+                     "lane_row": [scratch] * self.lanes, "lane_start": [0] * self.lanes,
+                     "lane_first": [0] * self.lanes}
+        total = sum(map(len, self.pads.values()))
+        self.host = torch.zeros(total, dtype=torch.long,
+                                pin_memory=batch.device.type == "cuda")
+        self.device = torch.zeros(total, dtype=torch.long, device=batch.device)
+        start = 0
+        for name, pad in self.pads.items():  # self.ids, self.row, ...: views of self.device
+            setattr(self, name, self.device[start:start + len(pad)])
+            start += len(pad)
+
+    def load(self, batch: ContinuousBatch, plan: Plan) -> None:
+        """Write the plan's inputs into the device buffer (asynchronously on CUDA: the host
+        twin is not touched again before the step's tokens come back)."""
+        import torch
+
+        f = {name: list(pad) for name, pad in self.pads.items()}
+        at, lane, width = 0, 0, self.width
+        for c in plan.chunks:
+            n = len(c.tokens)
+            f["ids"][at:at + n] = c.tokens
+            f["row"][at:at + n] = [c.row] * n
+            f["slot"][at:at + n] = range(c.start, c.start + n)
+            f["adapter"][at:at + n] = [batch.rows[c.row].adapter] * n
+            for first in range(0, n, width):  # the chunk's lanes
+                f["lane_row"][lane], f["lane_start"][lane] = c.row, c.start + first
+                f["lane_first"][lane] = at + first
+                count = min(width, n - first)
+                f["out"][at + first:at + first + count] = range(lane * width,
+                                                                lane * width + count)
+                lane += 1
             if c.last:
-                last.append(first + len(c.tokens) - 1)
-        self.adapters = adapters
-        self.decode_tokens = torch.arange(n_decode, device=dev)
-        self.last_tokens = _longs(last, dev)
-        self.gather = _longs(gather, dev)
-        self.scatter = _longs(scatter, dev)
-        chunk_ids = _longs(ids, dev)
-        chunk_slots = _longs(slots, dev)
-        # decode tokens' inputs are the batch's own device tensors (the last step's choice)
-        self.ids = torch.cat([batch.token[self.decode_rows], chunk_ids])
-        self.positions = torch.cat([batch.position[self.decode_rows], chunk_slots])
-        self.slots = torch.cat([batch.slot[self.decode_rows], chunk_slots])
-        self.rows = torch.cat([self.decode_rows, _longs(rows, dev)])
-        self.decode_length = 1 + max((batch.rows[r].next_slot for r in plan.decode), default=0)
-        self.chunk_length = max(c.start + len(c.tokens) for c in plan.chunks)
-        self.chunk_mask = _chunk_mask(plan.chunks, longest, self.chunk_length, batch)
-
-    def decode_mask(self, batch: ContinuousBatch) -> Any:
-        """[rows, 1, 1, length]: each decoding row's valid slots (this step's included); the
-        other rows attend slot 0 alone, only to stay finite."""
-        import torch
-
-        allowed = torch.zeros(batch.max_rows, self.decode_length, dtype=torch.bool,
-                              device=batch.device)
-        allowed[:, 0] = True
-        allowed[self.decode_rows] = batch.valid[self.decode_rows, : self.decode_length]
-        return additive_mask(allowed[:, None, None], batch.dtype)
+                f["pick"][c.row] = batch.max_rows + at + n - 1
+                f["done"][c.row] = c.start + n
+            at += n
+        self.host.copy_(torch.tensor([v for values in f.values() for v in values]))
+        self.device.copy_(self.host, non_blocking=True)
 
 
-def _longs(values: list[int], device: Any) -> Any:
-    """An int64 tensor on `device` (an empty list too: it indexes)."""
+def forward(batch: ContinuousBatch, inputs: StepInputs, length: int) -> None:
+    """The mixed step's body (what a graph captures): every cache row's decode token and the
+    `budget` prompt slots through every layer, K/V written, each row's picked logits and argmax
+    left in batch.logits / batch.token, decoding and finishing rows moved on. Fixed shapes,
+    reads only the batch's tensors, never syncs with the host."""
     import torch
 
-    return torch.tensor(values, dtype=torch.long, device=device)
-
-
-def _chunk_mask(chunks: list[Chunk], width: int, length: int, batch: ContinuousBatch) -> Any:
-    """[chunks, 1, width, length]: a chunk token at slot p attends slots 0..p of its row (its
-    prompt starts at slot 0, so every earlier slot is its own); a pad as the chunk's last."""
-    import torch
-
-    dev = batch.device
-    start = torch.tensor([c.start for c in chunks], device=dev)[:, None]
-    count = torch.tensor([len(c.tokens) for c in chunks], device=dev)[:, None]
-    offset = torch.minimum(torch.arange(width, device=dev)[None], count - 1)
-    query_slot = start + offset  # [chunks, width]
-    allowed = torch.arange(length, device=dev)[None, None] <= query_slot[:, :, None]
-    return additive_mask(allowed[:, None], batch.dtype)
-
-
-def _forward(batch: ContinuousBatch, layout: _Layout) -> Any:
-    """The step's tokens through every layer, their K/V written to the cache: x [N, hidden]."""
-    import torch
-
-    s, n = batch.shape, len(layout.ids)
-    batch.valid[layout.rows, layout.slots] = True  # this step's slots, for this and later steps
-    decode_mask = layout.decode_mask(batch) if layout.n_decode else None
+    s, rows, dev = batch.shape, batch.max_rows, batch.device
+    # a row that is not decoding writes its decode slot's K/V into the scratch row
+    decode_rows = torch.where(batch.active > 0, torch.arange(rows, device=dev), rows)
+    where = (torch.cat([decode_rows, inputs.row]), torch.cat([batch.slot, inputs.slot]))
+    n = len(where[0])
+    batch.valid.index_put_(where, torch.ones((), dtype=torch.bool, device=dev))
+    decode_mask = additive_mask(batch.valid[:rows, None, None, :length], batch.dtype)
+    lanes = _Lanes(batch, inputs, length)
+    masks = row_masks(batch.owners, torch.cat([batch.row_adapter, inputs.adapter]), batch.dtype)
     model = batch.lm.model
-    x = model.embed_tokens(layout.ids)
-    cos, sin = model.rotary_emb(x[:, None], layout.positions[:, None])  # [N, 1, dim]
-    lora, masks = _token_lora(batch, layout.adapters)
+    x = model.embed_tokens(torch.cat([batch.token, inputs.ids]))
+    positions = torch.cat([batch.position, inputs.slot])
+    cos, sin = model.rotary_emb(x[:, None], positions[:, None])  # [N, 1, dim]
     for i, w in enumerate(batch.layers):
         def attend(q, k, v, i=i):
             q = rotate(q.view(n, s.heads, s.head_dim), cos, sin)
             k = rotate(k.view(n, s.kv_heads, s.head_dim), cos, sin)
             keys, values = batch.keys[i], batch.values[i]
-            where = (layout.rows, layout.slots)
             keys.transpose(1, 2).index_put_(where, k.to(batch.dtype))
             values.transpose(1, 2).index_put_(where, v.view(n, s.kv_heads, s.head_dim)
                                               .to(batch.dtype))
-            parts = []
-            if layout.n_decode:
-                parts.append(_attend_decode(batch, layout, q[: layout.n_decode], keys, values,
-                                            decode_mask))
-            parts.append(_attend_chunks(batch, layout, q, keys, values))
-            return parts[0] if len(parts) == 1 else torch.cat(parts)
+            decode = _attend_decode(batch, q[:rows], keys, values, decode_mask, length)
+            return torch.cat([decode, lanes.attend(q, keys, values)])
 
-        x = masked_layer(x, w, s, lora[i], masks, attend)
-    return x
+        x = masked_layer(x, w, s, batch.stack[i], masks, attend)
+    batch.logits.copy_(batch._head(x[inputs.pick]))
+    batch.token.copy_(batch.logits.argmax(-1))
+    _move_rows_on(batch, inputs)
 
 
-def _attend_decode(batch: ContinuousBatch, layout: _Layout, q: Any, keys: Any, values: Any,
-                   mask: Any) -> Any:
-    """The decode tokens' attention [decode, heads·dim]: every cache row at once (a view, as
-    the decode step does), the decoding rows' outputs kept."""
+def _attend_decode(batch: ContinuousBatch, q: Any, keys: Any, values: Any, mask: Any,
+                   length: int) -> Any:
+    """The decode slots' attention [rows, heads·dim]: every cache row at once, as the decode
+    step does (a view of the cache, no copy)."""
     import torch.nn.functional as F  # noqa: N812
 
-    s, length = batch.shape, layout.decode_length
-    full = q.new_zeros(batch.max_rows, s.heads, 1, s.head_dim)
-    full[layout.decode_rows] = q[:, :, None]
-    out = F.scaled_dot_product_attention(full, keys[:, :, :length], values[:, :, :length],
-                                         attn_mask=mask, scale=s.scaling, enable_gqa=True)
-    return out[layout.decode_rows].reshape(layout.n_decode, s.heads * s.head_dim)
+    s, rows = batch.shape, batch.max_rows
+    out = F.scaled_dot_product_attention(
+        q[:, :, None], keys[:rows, :, :length], values[:rows, :, :length], attn_mask=mask,
+        scale=s.scaling, enable_gqa=True)
+    return out.reshape(rows, s.heads * s.head_dim)
 
 
-def _attend_chunks(batch: ContinuousBatch, layout: _Layout, q: Any, keys: Any,
-                   values: Any) -> Any:
-    """The chunk tokens' attention [chunk tokens, heads·dim], chunks padded to one width."""
-    import torch.nn.functional as F  # noqa: N812
+class _Lanes:
+    """The prompt slots' attention in lanes (see the module's docstring), its index and mask
+    tensors built once per step on the device."""
 
-    s, chunks, width = batch.shape, layout.n_chunks, layout.width
-    length = layout.chunk_length
-    qc = q[layout.gather].view(chunks, width, s.heads, s.head_dim).transpose(1, 2)
-    kc = keys[layout.chunk_rows, :, :length]
-    vc = values[layout.chunk_rows, :, :length]
-    out = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=layout.chunk_mask,
-                                         scale=s.scaling, enable_gqa=True)
-    return out.transpose(1, 2).reshape(chunks * width, -1)[layout.scatter]
+    def __init__(self, batch: ContinuousBatch, inputs: StepInputs, length: int) -> None:
+        import torch
+
+        dev, width = batch.device, inputs.width
+        self.batch, self.inputs, self.length = batch, inputs, length
+        offset = torch.arange(width, device=dev)[None]
+        # each lane position's step token (past the lane's own tokens: later ones, dropped)
+        within = (inputs.lane_first[:, None] + offset).clamp(max=inputs.budget - 1)
+        self.tokens = batch.max_rows + within.reshape(-1)
+        query_slot = inputs.lane_start[:, None] + offset  # [lanes, width]
+        allowed = torch.arange(length, device=dev)[None, None] <= query_slot[:, :, None]
+        self.mask = additive_mask(allowed[:, None], batch.dtype)  # [lanes, 1, width, L]
+
+    def attend(self, q: Any, keys: Any, values: Any) -> Any:
+        """q [N, heads, dim] of every step token -> the prompt slots' outputs [budget,
+        heads·dim]."""
+        import torch.nn.functional as F  # noqa: N812
+
+        s, inputs, length = self.batch.shape, self.inputs, self.length
+        lanes, width = inputs.lanes, inputs.width
+        ql = q[self.tokens].view(lanes, width, s.heads, s.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            ql, keys[inputs.lane_row, :, :length], values[inputs.lane_row, :, :length],
+            attn_mask=self.mask, scale=s.scaling, enable_gqa=True)
+        return out.transpose(1, 2).reshape(lanes * width, -1)[inputs.out]
 
 
-def _token_lora(batch: ContinuousBatch, adapters: list[int]) -> tuple[list[dict], dict]:
-    """(per layer factors, masks [N, C]) for the step's tokens: one adapter's columns and no
-    masks when every token shares it, else the whole stack with each token's row's mask."""
+def _move_rows_on(batch: ContinuousBatch, inputs: StepInputs) -> None:
+    """On the device: decoding rows one slot on; rows whose prompt this step finished decode
+    from its end."""
     import torch
 
-    if len(set(adapters)) == 1:
-        return one_adapter(batch.stack, batch.columns, adapters[0]), {}
-    ids = torch.tensor(adapters, device=batch.device)
-    return batch.stack, row_masks(batch.owners, ids, batch.dtype)
+    finishing = inputs.done > 0
+    batch.slot.copy_(torch.where(finishing, inputs.done, batch.slot + batch.active))
+    batch.position.copy_(torch.where(finishing, inputs.done, batch.position + batch.active))
+    batch.active.bitwise_or_(finishing.long())
 
 
-def _advance(batch: ContinuousBatch, plan: Plan, layout: _Layout, rows: list[int],
-             tokens: Any, logits: Any) -> None:
-    """The batch after the step: picked rows hold their next input token and logits; decode
-    rows move one slot on; rows whose prompt ended become decoding rows at its end."""
-
-    picked = _longs(rows, batch.device)
-    batch.token[picked] = tokens
-    batch.logits[picked] = logits
-    if plan.decode:
-        batch.slot[layout.decode_rows] += 1
-        batch.position[layout.decode_rows] += 1
+def _advance(batch: ContinuousBatch, plan: Plan) -> None:
+    """The host's copy of the step: decoding rows one slot on, chunks off the pending
+    prompts."""
     for row in plan.decode:
         batch.rows[row].next_slot += 1
     for c in plan.chunks:
         r = batch.rows[c.row]
         r.pending = r.pending[len(c.tokens):]
         r.next_slot += len(c.tokens)
-        if c.last:
-            batch.position[c.row] = r.next_slot
-            batch.slot[c.row] = r.next_slot
-            batch.active[c.row] = 1

@@ -10,7 +10,8 @@ Admission, by `prefill_chunk`: above 0 an admitted request's row is prefilling,
 and while any row is, each step is a mixed step that feeds up to `prefill_chunk` prompt tokens
 beside every decoding row's token (the engine's continuous_mixed.py); a row's first token comes
 from the step that feeds its prompt's last token. At 0 (the default: on the H200 the mixed
-steps, run eagerly, measured 2.3x slower, docs/serve.md), the waiting requests are prefilled
+steps, then eager, measured 2.3x slower, docs/serve.md; they are graph-replayed now, not yet
+measured), the waiting requests are prefilled
 whole before the step (one prefill per length group, its rows of any adapters and the base),
 and no row decodes meanwhile.
 """

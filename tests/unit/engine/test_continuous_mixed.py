@@ -163,3 +163,144 @@ def test_begin_checks_its_request_and_keeps_the_row_free(lively_model, loras, pr
     batch.begin(prompts[0], 0, Sampling(temperature=0.7, seed=3))
     with pytest.raises(RuntimeError):
         batch.begin(prompts[0])
+
+
+def real_cells(batch, plan):
+    """{(row, slot)} of the cache cells a mixed step's real tokens write: each decoding row's
+    next slot and each chunk's slots."""
+    cells = {(row, batch.rows[row].next_slot) for row in plan.decode}
+    return cells | {(c.row, c.start + t) for c in plan.chunks for t in range(len(c.tokens))}
+
+
+@pytest.mark.parametrize("budget", [60, 10])
+def test_padding_slots_never_touch_a_real_row(lively_model, loras, prompts, budget):
+    """Budget 60, far above the waiting prompts (most prompt slots padding), or 10 (prompts of
+    17 and 12 tokens mid-prompt over steps); rows idle or prefilling in the decode slots.
+    Across every mixed step the only cache cells of the real rows that change are those its
+    real tokens write, and every row's tokens are those of budget 3."""
+    schedule = {0: [(0, prompts[3], 1, "add"), (1, prompts[4], 2, "begin")],
+                1: [(2, prompts[1], 0, "begin")]}
+    batch = new_batch(lively_model, loras, rows=4)
+    got, owner, step, mixed = {}, {}, 0, 0
+    while step < 2 or batch.busy():
+        for key, prompt, adapter, how in schedule.get(step, []):
+            if how == "add":
+                rows, first = batch.add([prompt], adapter)
+                owner[rows[0]], got[key] = key, first
+            else:
+                owner[batch.begin(prompt, adapter)], got[key] = key, []
+        step += 1
+        if not batch.prefilling():  # a decode step: idle rows write their slot 0, as ever
+            before = None
+        else:
+            mixed += 1
+            cells = real_cells(batch, plan_step(batch, budget))
+            before = [t[: batch.max_rows].clone() for t in [*batch.keys, *batch.values]]
+            valid = batch.valid[: batch.max_rows].clone()
+        for row, token in batch.step(budget).items():
+            got[owner[row]].append(token)
+            if len(got[owner[row]]) == NEW:
+                batch.free(row)
+        if before is None:
+            continue
+        for old, new in zip(before, [*batch.keys, *batch.values], strict=True):
+            changed = (new[: batch.max_rows] != old).any(-1).any(1).nonzero().tolist()
+            assert {tuple(cell) for cell in changed} <= cells
+        flipped = (batch.valid[: batch.max_rows] != valid).nonzero().tolist()
+        assert {tuple(cell) for cell in flipped} <= cells
+    assert mixed >= 2
+    expected, _ = drive(new_batch(lively_model, loras, rows=4), schedule, budget=3)
+    assert got == expected
+
+
+SYNCS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+
+
+def test_the_step_bodies_never_sync_with_the_host(lively_model, loras, prompts, monkeypatch):
+    """While the mixed and decode steps' bodies (what a CUDA graph captures) run, every way a
+    tensor's value reaches Python raises; the steps still finish with the right tokens."""
+    from loralab.engine import continuous_mixed
+
+    def forbid(*args, **kwargs):
+        raise AssertionError("a host sync inside the step body")
+
+    ran = []
+
+    def no_syncs(body, kind):
+        def run(*args, **kwargs):
+            with monkeypatch.context() as patch:
+                for name in SYNCS:
+                    patch.setattr(torch.Tensor, name, forbid)
+                with pytest.raises(AssertionError):
+                    bool(torch.ones(1))  # the patch holds
+                body(*args, **kwargs)
+            ran.append(kind)
+
+        return run
+
+    monkeypatch.setattr(continuous_mixed, "forward",
+                        no_syncs(continuous_mixed.forward, "mixed"))
+    batch = new_batch(lively_model, loras)
+    monkeypatch.setattr(batch, "_decode", no_syncs(batch._decode, "decode"))
+    plan = {0: [(0, prompts[0], 1, "add"), (1, prompts[1], 2, "begin")],
+            2: [(2, prompts[4], 0, "begin")]}
+    got, _ = drive(batch, plan, budget=4)
+    assert got[1] == whole(lively_model, loras, prompts[1], 2)[0]
+    assert got[2] == whole(lively_model, loras, prompts[4], 0)[0]
+    assert {"mixed", "decode"} <= set(ran)
+
+
+def test_mixed_steps_of_different_plans_run_the_same_shapes(lively_model, loras, prompts,
+                                                            monkeypatch):
+    """Steps with 1 or 2 decoding rows and 1 to 3 chunks of 1-8 prompt tokens: at one attention
+    length (the bucket forced to max_len, as a graph would attend) every linear and attention
+    call inside the body gets the same shapes, so one captured graph serves them all; and the
+    tokens stay those of each prompt alone."""
+    from loralab.engine import continuous_mixed
+
+    F = torch.nn.functional  # noqa: N806
+    steps, calls = [], None
+
+    def recording(name, fn):
+        def call(*args, **kwargs):
+            if calls is not None:
+                calls.append((name, [tuple(a.shape) for a in args if torch.is_tensor(a)]))
+            return fn(*args, **kwargs)
+
+        return call
+
+    def forward(*args, **kwargs):
+        nonlocal calls
+        calls = []
+        continuous_mixed_forward(*args, **kwargs)
+        steps.append(calls)
+        calls = None
+
+    continuous_mixed_forward = continuous_mixed.forward
+    monkeypatch.setattr(continuous_mixed, "forward", forward)
+    for name in ("linear", "scaled_dot_product_attention"):
+        monkeypatch.setattr(F, name, recording(name, getattr(F, name)))
+    batch = new_batch(lively_model, loras)
+    batch._bucket = lambda need: batch.max_len
+    plan = {0: [(0, prompts[0], 1, "add"), (1, prompts[2], 2, "begin")],
+            1: [(2, prompts[1], 0, "begin"), (3, prompts[5], 1, "begin"),
+                (4, prompts[3], 2, "begin")]}
+    jobs = {key: (p, a) for joining in plan.values() for key, p, a, _ in joining}
+    got, _ = drive(batch, plan, budget=8)
+    assert len(steps) > 3 and steps[0]
+    assert all(step == steps[0] for step in steps)
+    for key, (prompt, adapter) in jobs.items():
+        assert got[key] == whole(lively_model, loras, prompt, adapter)[0], key
+
+
+def test_new_adapters_or_budget_drop_the_graphs_that_read_the_old(lively_model, loras):
+    from loralab.engine.continuous_mixed import step_inputs
+
+    batch = new_batch(lively_model, loras, rows=2)
+    inputs = step_inputs(batch, 8)
+    assert step_inputs(batch, 8) is inputs and inputs.ids.shape == (8,)
+    batch.graphs = {("decode", 128): {}, ("mixed", 128): {}}
+    assert step_inputs(batch, 16) is not inputs and list(batch.graphs) == [("decode", 128)]
+    batch.graphs[("mixed", 256)] = {}
+    batch.set_adapters({1: loras[1]})
+    assert batch.graphs == {}
