@@ -7,8 +7,8 @@ clients each, their own GILs) run 16 and then 64 concurrent streaming clients fo
 each against the server in this process; tokens/s and the engine's busy time are the server's
 own counters over the window, time to first token and per-token latency the clients'. Then the same model behind `--engine naive` (HF generate
 per request, one at a time) with 16 clients. Prints config, hardware, commit, date; writes JSON.
-`--prefill-chunk 512` serves with mixed steps (chunked prefill) instead of whole prefills
-between decode steps (the server's option of the same name; default 0).
+`--prefill-chunk 0` serves with whole prefills between decode steps instead of mixed steps
+(chunked prefill; the server's option of the same name; default 256).
 
     PYTHONPATH=src python bench/serve_load.py --out $OUT          # ~5 min on one H200
     PYTHONPATH=src python bench/serve_load.py --smoke --out /tmp   # CPU, < 1 min
@@ -215,7 +215,7 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=60, help="new tokens per request")
     parser.add_argument("--max-rows", type=int, default=64)
     parser.add_argument("--max-len", type=int, default=512)
-    parser.add_argument("--prefill-chunk", type=int, default=0,
+    parser.add_argument("--prefill-chunk", type=int, default=256,
                         help="the server's --prefill-chunk: prompt tokens per mixed step; 0: "
                         "whole prefills between decode steps (the A/B)")
     parser.add_argument("--no-naive", action="store_true")

@@ -6,14 +6,13 @@ waiting ones into free rows and takes one step; each step's tokens go back to th
 one call, where each request's handler turns them into text. A row leaves the batch as soon as
 its request stops, runs out of tokens, times out or its client goes away.
 
-Admission, by `prefill_chunk`: above 0 an admitted request's row is prefilling,
-and while any row is, each step is a mixed step that feeds up to `prefill_chunk` prompt tokens
-beside every decoding row's token (the engine's continuous_mixed.py); a row's first token comes
-from the step that feeds its prompt's last token. At 0 (the default: on the H200 the mixed
-steps, then eager, measured 2.3x slower, docs/serve.md; they are graph-replayed now, not yet
-measured), the waiting requests are prefilled
-whole before the step (one prefill per length group, its rows of any adapters and the base),
-and no row decodes meanwhile.
+Admission, by `prefill_chunk`: above 0 (the default, 256) an admitted request's row is
+prefilling, and while any row is, each step is a mixed step that feeds up to `prefill_chunk`
+prompt tokens beside every decoding row's token (the engine's continuous_mixed.py, replayed as
+a CUDA graph); a row's first token comes from the step that feeds its prompt's last token. At
+0 the waiting requests are prefilled whole before the step (one prefill per length group, its
+rows of any adapters and the base), and no row decodes meanwhile. On the H200 both give the
+same tokens/s at 64 clients; mixed steps halve the median time to first token (docs/serve.md).
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from typing import Any
 from loralab.engine.continuous import Sampling
 
 PREFILL_TOKENS = 8192  # prompt tokens prefilled whole per step at most: decode keeps its pace
-PREFILL_CHUNK = 0  # prompt tokens a mixed step feeds at most (0: whole prefills instead)
+PREFILL_CHUNK = 256  # prompt tokens a mixed step feeds at most (0: whole prefills instead)
 SWITCH_INTERVAL_S = 0.0005  # the process's GIL switch interval while serving
 GROUP_SPREAD = 1.5  # prompts prefilled together pad to at most this × the shortest
 
