@@ -33,7 +33,7 @@ from typing import Any
 
 from loralab.engine.continuous_graphs import drop_graphs, run_step
 from loralab.engine.continuous_lora import masked_layer, one_adapter, row_masks, stack_loras
-from loralab.engine.continuous_mixed import mixed_step
+from loralab.engine.continuous_mixed import attend_decode, decode_attention_mask, mixed_step
 from loralab.engine.continuous_sampling import Sampling, choose, generator, sample
 from loralab.engine.fast_forward import build_layers, model_shape, rms, rotate, why_not
 from loralab.engine.kv_cache import additive_mask
@@ -305,17 +305,21 @@ class ContinuousBatch:
         bucket = self._bucket(need)
         rows = sorted(self.rows)
         with torch.inference_mode():
-            # leaves every row's argmax in self.token
             run_step(self, ("decode", bucket), lambda: self._decode(bucket))
-            for row in rows:
-                sampling = self.rows[row].sampling
-                if sampling.temperature > 0:
-                    self.token[row] = sample(self.logits[row], sampling,
-                                             self.rows[row].generator)
-            tokens = self._to_host(self.token)
+            tokens = self._sampled_tokens(rows)
         for row in rows:
             self.rows[row].next_slot += 1
         return {row: tokens[row] for row in rows}
+
+    def _sampled_tokens(self, rows: list[int]) -> list[int]:
+        """Every cache row's token after a step (host list): the step left each row's argmax
+        in self.token; the sampling ones among `rows` draw theirs from their logits here,
+        outside any graph."""
+        for row in rows:
+            r = self.rows[row]
+            if r.sampling.temperature > 0:
+                self.token[row] = sample(self.logits[row], r.sampling, r.generator)
+        return self._to_host(self.token)
 
     def _to_host(self, tokens: Any) -> list[int]:
         """tokens.tolist(), on CUDA waiting on an event: that wait lets go of the GIL (a
@@ -340,11 +344,9 @@ class ContinuousBatch:
 
     def _decode(self, length: int) -> None:
         """The step every row takes; reads and writes only tensors the batch holds."""
-        import torch.nn.functional as F  # noqa: N812
-
         s, rows = self.shape, self.max_rows
         self.valid.scatter_(1, self.slot[:, None], True)
-        mask = additive_mask(self.valid[:rows, None, None, :length], self.dtype)
+        mask = decode_attention_mask(self, length)
         masks = row_masks(self.owners, self.row_adapter, self.dtype)
         model = self.lm.model
         x = model.embed_tokens(self.token)
@@ -356,11 +358,7 @@ class ContinuousBatch:
                 k = rotate(k.view(rows, s.kv_heads, s.head_dim), cos, sin)
                 self.keys[i].scatter_(2, where, k[:, :, None].to(self.dtype))
                 self.values[i].scatter_(2, where, v.view(rows, s.kv_heads, 1, s.head_dim))
-                out = F.scaled_dot_product_attention(
-                    q[:, :, None], self.keys[i][:rows, :, :length],
-                    self.values[i][:rows, :, :length],
-                    attn_mask=mask, scale=s.scaling, enable_gqa=True)
-                return out.reshape(rows, -1)
+                return attend_decode(self, q, self.keys[i], self.values[i], mask, length)
 
             x = masked_layer(x, w, s, self.stack[i], masks, attend)
         self.logits.copy_(self._head(x))

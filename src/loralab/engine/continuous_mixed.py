@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any
 
 from loralab.engine.continuous_graphs import drop_graphs, run_step
 from loralab.engine.continuous_lora import masked_layer, row_masks
-from loralab.engine.continuous_sampling import sample
 from loralab.engine.fast_forward import rotate
 from loralab.engine.kv_cache import additive_mask
 
@@ -101,11 +100,7 @@ def mixed_step(batch: ContinuousBatch, budget: int) -> dict[int, int]:
     inputs.load(batch, plan)
     run_step(batch, ("mixed", length), lambda: forward(batch, inputs, length))
     rows = plan.decode + [c.row for c in plan.chunks if c.last]
-    for row in rows:  # the step left every row's argmax in batch.token
-        r = batch.rows[row]
-        if r.sampling.temperature > 0:
-            batch.token[row] = sample(batch.logits[row], r.sampling, r.generator)
-    tokens = batch._to_host(batch.token)
+    tokens = batch._sampled_tokens(rows)
     _advance(batch, plan)
     return {row: tokens[row] for row in rows}
 
@@ -186,7 +181,7 @@ def forward(batch: ContinuousBatch, inputs: StepInputs, length: int) -> None:
     where = (torch.cat([decode_rows, inputs.row]), torch.cat([batch.slot, inputs.slot]))
     n = len(where[0])
     batch.valid.index_put_(where, torch.ones((), dtype=torch.bool, device=dev))
-    decode_mask = additive_mask(batch.valid[:rows, None, None, :length], batch.dtype)
+    decode_mask = decode_attention_mask(batch, length)
     lanes = _Lanes(batch, inputs, length)
     masks = row_masks(batch.owners, torch.cat([batch.row_adapter, inputs.adapter]), batch.dtype)
     model = batch.lm.model
@@ -201,7 +196,7 @@ def forward(batch: ContinuousBatch, inputs: StepInputs, length: int) -> None:
             keys.transpose(1, 2).index_put_(where, k.to(batch.dtype))
             values.transpose(1, 2).index_put_(where, v.view(n, s.kv_heads, s.head_dim)
                                               .to(batch.dtype))
-            decode = _attend_decode(batch, q[:rows], keys, values, decode_mask, length)
+            decode = attend_decode(batch, q[:rows], keys, values, decode_mask, length)
             return torch.cat([decode, lanes.attend(q, keys, values)])
 
         x = masked_layer(x, w, s, batch.stack[i], masks, attend)
@@ -210,10 +205,16 @@ def forward(batch: ContinuousBatch, inputs: StepInputs, length: int) -> None:
     _move_rows_on(batch, inputs)
 
 
-def _attend_decode(batch: ContinuousBatch, q: Any, keys: Any, values: Any, mask: Any,
-                   length: int) -> Any:
-    """The decode slots' attention [rows, heads·dim]: every cache row at once, as the decode
-    step does (a view of the cache, no copy)."""
+def decode_attention_mask(batch: ContinuousBatch, length: int) -> Any:
+    """[rows, 1, 1, length]: each cache row's valid slots (this step's included), additive."""
+    return additive_mask(batch.valid[:batch.max_rows, None, None, :length], batch.dtype)
+
+
+def attend_decode(batch: ContinuousBatch, q: Any, keys: Any, values: Any, mask: Any,
+                  length: int) -> Any:
+    """One query per cache row [rows, heads, dim] -> its attention [rows, heads·dim] over its
+    row's slots: every cache row at once (a view of the cache, no copy). The decode step's
+    attention, and the decode slots' of a mixed step."""
     import torch.nn.functional as F  # noqa: N812
 
     s, rows = batch.shape, batch.max_rows
