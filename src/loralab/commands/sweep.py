@@ -124,7 +124,6 @@ def _plan_packed(cfg: Any, gpu_gib: float | None) -> tuple[Any, int | None]:
 
 
 _TOKENIZERS: dict[str, Any] = {}
-_DATASETS: dict[tuple, dict[str, Any]] = {}
 
 
 def estimate_work(trial: Trial) -> dict[str, int]:
@@ -132,11 +131,8 @@ def estimate_work(trial: Trial) -> dict[str, int]:
     from loralab.data.summary import build_dataset
 
     cfg = trial.config
-    key = (cfg.model.path, str(cfg.data.path), cfg.data.system_prompt, cfg.data.limit, cfg.data.sample,
-           cfg.data.max_length, cfg.train.seed)
-    if key not in _DATASETS:
-        _, _DATASETS[key] = build_dataset(cfg.data, _tokenizer(cfg), cfg.train.seed)
-    summary = _DATASETS[key]
+    # trials share the tokenizer object, so build_dataset encodes each record once
+    _, summary = build_dataset(cfg.data, _tokenizer(cfg), cfg.train.seed)
     kept, mean = summary["kept"], summary["tokens"]["mean"]
     per_step = cfg.train.batch_size * cfg.train.grad_accum
     steps_per_epoch = max(1, math.ceil(kept / per_step))
