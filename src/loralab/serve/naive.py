@@ -13,7 +13,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from loralab.serve.scheduler import Request, Scheduler, unloaded_message
+from loralab.serve.scheduler import Request, Scheduler, engine_error, unloaded_message
 
 
 class _NoBatch:
@@ -149,7 +149,7 @@ class NaiveScheduler(Scheduler):
                                **kwargs)
         except Exception as exc:  # this request fails; the server goes on
             self.metrics.finished(job, "error")
-            return [(job, ("error", 500, f"engine error: {type(exc).__name__}: {exc}"[:300]))]
+            return [(job, engine_error(exc))]
         return self._ending(job)
 
     def _on_token(self, job: Request, token: int) -> None:

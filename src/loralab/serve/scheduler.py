@@ -215,15 +215,12 @@ class Scheduler:
                 self.metrics.prefill(time.perf_counter() - started)
             except Exception as exc:  # this group fails with a 500; the others go on
                 for req in group:
-                    out.append((req, ("error", 500, f"engine error: {type(exc).__name__}: "
-                                                    f"{exc}"[:300])))
-                    self.metrics.finished(req, "error")
+                    self._engine_failed(req, exc, out)
                 continue
             now = time.monotonic()
             for row, first, req in zip(rows, firsts, group, strict=True):
                 self.running[row] = req
-                req.first_token_at = now
-                self.metrics.first_token(req, now - req.arrived)
+                self._first_token(req, now)
                 self._token(row, req, first, out)
             for model, n in collections.Counter(r.model for r in group).items():
                 self.metrics.tokens(model, n)
@@ -234,9 +231,7 @@ class Scheduler:
             try:
                 row = self.batch.begin(req.prompt_ids, req.adapter, req.sampling)
             except Exception as exc:  # this request fails with a 500; the others go on
-                out.append((req, ("error", 500, f"engine error: {type(exc).__name__}: "
-                                                f"{exc}"[:300])))
-                self.metrics.finished(req, "error")
+                self._engine_failed(req, exc, out)
                 continue
             self.running[row] = req
 
@@ -253,15 +248,22 @@ class Scheduler:
                 keep.append(req)
         return keep
 
+    def _engine_failed(self, req: Request, exc: Exception, out: list) -> None:
+        """The request fails with a 500 naming the engine's error (it holds no row)."""
+        out.append((req, engine_error(exc)))
+        self.metrics.finished(req, "error")
+
+    def _first_token(self, req: Request, now: float) -> None:
+        req.first_token_at = now
+        self.metrics.first_token(req, now - req.arrived)
+
     def _token(self, row: int, req: Request, token: int, out: list) -> None:
         """Pass a token on; finish the row on a stop token, max_tokens or a full cache row."""
         req.generated += 1
-        if token in self.stop_ids:
-            out.append((req, ("tokens", [token])))
-            self._finish(row, req, out, "stop")
-            return
         out.append((req, ("tokens", [token])))
-        if req.generated >= req.max_tokens or self.batch.room(row) <= 0:
+        if token in self.stop_ids:
+            self._finish(row, req, out, "stop")
+        elif req.generated >= req.max_tokens or self.batch.room(row) <= 0:
             self._finish(row, req, out, "length")
 
     def _step(self, out: list) -> None:
@@ -271,12 +273,10 @@ class Scheduler:
         try:
             tokens = self.batch.step(self.prefill_chunk or 1)
         except Exception as exc:  # fail the running requests with a 500, keep serving
-            message = f"engine error: {type(exc).__name__}: {exc}"[:300]
             for row, req in list(self.running.items()):
                 self.batch.free(row)
                 del self.running[row]
-                out.append((req, ("error", 500, message)))
-                self.metrics.finished(req, "error")
+                self._engine_failed(req, exc, out)
             return
         seconds, now = time.perf_counter() - started, time.monotonic()
         mine = {row: (self.running[row], token) for row, token in tokens.items()
@@ -290,8 +290,7 @@ class Scheduler:
         per_model: collections.Counter[str] = collections.Counter()
         for row, (req, token) in mine.items():
             if row in firsts:  # the step fed its prompt's last chunk
-                req.first_token_at = now
-                self.metrics.first_token(req, now - req.arrived)
+                self._first_token(req, now)
             per_model[req.model] += 1
             self._token(row, req, token, out)
         for model, n in per_model.items():
@@ -323,6 +322,11 @@ class Scheduler:
             out += [(req, ("error", status, message)) for req in self.waiting]
             self.waiting.clear()
         self._send(out)
+
+
+def engine_error(exc: Exception) -> tuple:
+    """The event that fails a request with a 500 for an error of the engine."""
+    return ("error", 500, f"engine error: {type(exc).__name__}: {exc}"[:300])
 
 
 def unloaded_message(model: str) -> str:
