@@ -1,0 +1,258 @@
+"""The continuous engine alone, without HTTP: how many new tokens/s its rows give when every
+finished request is replaced at once (the server's steady state under load, minus the server),
+and where one mixed step's time goes.
+
+    PYTHONPATH=src:bench python bench/serve_step.py --out $OUT --commit SHA   # one H200, ~2 min
+    PYTHONPATH=src:bench python bench/serve_step.py --smoke                   # CPU, tiny model
+
+Qwen2.5-7B shapes (random bf16), 4 random r=8 adapters loaded on the 7 projections, every
+request on adapter 1, prompts of serve_load.py (eval-set length, 250-330 tokens), 60 new tokens,
+greedy. Per prefill budget (`--budgets`): a steady window with every row busy, then an eager
+profile of mixed steps (GPU kernel time by kind), then the time of the step's matrix products
+alone (x·Wᵀ of every layer for the step's tokens, no LoRA, no attention): the floor a step of
+that many tokens could reach.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+KINDS = (("gemm", ("gemm", "nvjet", "cutlass", "xmma", "splitk")),
+         ("attention", ("fmha", "flash", "attention", "efficient")),
+         ("index", ("index", "scatter", "gather")),
+         ("copy", ("copy", "memcpy", "cat")))
+
+
+def random_loras(lm, count: int, rank: int = 8) -> dict[int, dict]:
+    """{id: {module: (A, B, scale)}}: `count` adapters of `rank` on every projection."""
+    import torch
+
+    from loralab.engine.fast_forward import GROUPS
+
+    gen = torch.Generator(device=lm.device).manual_seed(0)
+    loras = {}
+    for k in range(1, count + 1):
+        lora = {}
+        for i, layer in enumerate(lm.model.layers):
+            for _, owner, names in GROUPS:
+                for name in names:
+                    linear = getattr(getattr(layer, owner), name)
+                    a = torch.randn(rank, linear.in_features, generator=gen, device=lm.device,
+                                    dtype=lm.dtype) * 0.01
+                    b = torch.randn(linear.out_features, rank, generator=gen, device=lm.device,
+                                    dtype=lm.dtype) * 0.01
+                    lora[f"model.layers.{i}.{owner}.{name}"] = (a, b, 2.0)
+        loras[k] = lora
+    return loras
+
+
+class Timed:
+    """Wraps the engine's run_step: CUDA events around each step's GPU work (graph replay or
+    eager body), so GPU-busy time can be set against the wall time of the loop."""
+
+    def __init__(self, cuda: bool) -> None:
+        import loralab.engine.continuous as continuous
+        import loralab.engine.continuous_mixed as mixed
+
+        self.cuda, self.pairs = cuda, []
+        self.modules, self.original = (continuous, mixed), continuous.run_step
+        for module in self.modules:
+            module.run_step = self.run_step
+
+    def run_step(self, batch, key, body) -> None:
+        import torch
+
+        if not self.cuda:
+            self.original(batch, key, body)
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        self.original(batch, key, body)
+        end.record()
+        self.pairs.append((key[0], start, end))
+
+    def take(self) -> dict[str, float]:
+        """{kind: GPU seconds} of the steps since the last take (waits for them)."""
+        import torch
+
+        out: dict[str, float] = {}
+        if self.cuda:
+            torch.cuda.synchronize()
+        for kind, start, end in self.pairs:
+            out[kind] = out.get(kind, 0.0) + start.elapsed_time(end) / 1000
+        self.pairs = []
+        return out
+
+
+def steady(batch, prompts: list[list[int]], budget: int, new: int, seconds: float,
+           timed: Timed, warmup: float) -> dict:
+    """Every row busy; a row that has its `new` tokens leaves and the next prompt begins in
+    its place before the next step. New tokens/s over `seconds` after `warmup`."""
+    for row in list(batch.rows):
+        batch.free(row)
+    made, nxt = {}, 0
+
+    def refill() -> None:
+        nonlocal nxt
+        while batch.free_rows:
+            made[batch.begin(prompts[nxt % len(prompts)], adapter=1)] = 0
+            nxt += 1
+
+    refill()
+    end_warm = time.perf_counter() + warmup
+    counts = {"steps": 0, "mixed": 0, "tokens": 0, "decode_rows": 0, "prompt_tokens": 0}
+    started = None
+    while True:
+        now = time.perf_counter()
+        if started is None and now >= end_warm:
+            started, counts = now, dict.fromkeys(counts, 0)
+            timed.take()
+        if started is not None and now - started >= seconds:
+            break
+        pending, firsts = batch.pending_tokens(), len(batch.prefilling())
+        tokens = batch.step(budget)
+        counts["steps"] += 1
+        counts["tokens"] += len(tokens)
+        if pending:
+            counts["mixed"] += 1
+            counts["prompt_tokens"] += pending - batch.pending_tokens()
+            counts["decode_rows"] += len(tokens) - (firsts - len(batch.prefilling()))
+        for row in tokens:
+            made[row] += 1
+            if made[row] >= new:
+                batch.free(row)
+                del made[row]
+        refill()
+    wall = time.perf_counter() - started
+    gpu = timed.take()
+    mixed = max(counts["mixed"], 1)
+    return {"budget": budget, "rows": batch.max_rows, "seconds": round(wall, 2),
+            "new_tokens_per_s": round(counts["tokens"] / wall, 1), "steps": counts["steps"],
+            "mixed_steps": counts["mixed"],
+            "mean_step_ms": round(1000 * wall / max(counts["steps"], 1), 2),
+            "gpu_busy": round(sum(gpu.values()) / wall, 3),
+            "gpu_ms_per_step": {k: round(1000 * v / max(counts["steps"], 1), 2)
+                                for k, v in gpu.items()},
+            "mixed_prompt_tokens": round(counts["prompt_tokens"] / mixed, 1),
+            "mixed_decode_rows": round(counts["decode_rows"] / mixed, 1),
+            "captures": batch.stats["captures"], "graph_error": batch.stats["graph_error"]}
+
+
+def profile_mixed(batch, budget: int, steps: int = 3) -> dict:
+    """GPU kernel time of `steps` eager mixed steps by kind (gemm, attention, index, copy,
+    other), per step, and the 12 costliest kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    use_graph, batch.use_graph = batch.use_graph, False
+    try:
+        for _ in range(2):
+            batch.step(budget)  # warm
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                if not batch.prefilling():
+                    return {"budget": budget, "error": "no row left prefilling"}
+                batch.step(budget)
+            torch.cuda.synchronize()
+    finally:
+        batch.use_graph = use_graph
+    kinds: dict[str, float] = {}
+    kernels = []
+    for event in prof.key_averages():
+        us = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
+        if not us or event.key.startswith("cuda") or event.key.startswith("aten::"):
+            continue
+        name = event.key.lower()
+        kind = next((k for k, words in KINDS if any(w in name for w in words)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + us / 1000 / steps
+        kernels.append((us / 1000 / steps, event.count // steps, event.key[:90]))
+    kernels.sort(reverse=True)
+    return {"budget": budget, "eager_gpu_ms_per_step": round(sum(kinds.values()), 2),
+            "by_kind_ms": {k: round(v, 2) for k, v in sorted(kinds.items())},
+            "top_kernels": [{"ms": round(ms, 3), "calls": n, "name": name}
+                            for ms, n, name in kernels[:12]]}
+
+
+def gemm_floor(batch, tokens: int, repeat: int = 5) -> float:
+    """Milliseconds of every layer's four x·Wᵀ for `tokens` tokens (plus the head for the
+    rows): the matrix products of a step and nothing else."""
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+
+    x = torch.randn(tokens, batch.layers[0].qkv.shape[1], device=batch.device, dtype=batch.dtype)
+    mid = torch.randn(tokens, batch.layers[0].down.shape[1], device=batch.device,
+                      dtype=batch.dtype)
+    rows = x[: batch.max_rows]
+
+    def once() -> None:
+        for w in batch.layers:
+            F.linear(x, w.qkv)
+            F.linear(x, w.o)
+            F.linear(x, w.gate_up)
+            F.linear(mid, w.down)
+        F.linear(rows, batch.lm.lm_head.weight)
+
+    once()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeat):
+        once()
+    end.record()
+    torch.cuda.synchronize()
+    return round(start.elapsed_time(end) / repeat, 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--commit")
+    parser.add_argument("--budgets", default="256,384,512")
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--rows", type=int, default=64)
+    parser.add_argument("--new", type=int, default=60)
+    parser.add_argument("--no-profile", action="store_true")
+    args = parser.parse_args()
+    sys.path.insert(0, str(HERE))
+    import torch
+    from record import write_run
+    from serve_load import build, make_prompts
+
+    from loralab.engine.continuous import ContinuousBatch
+
+    model, device = build(args.smoke)
+    low, high = (20, 60) if args.smoke else (250, 330)
+    if args.smoke:
+        args.seconds, args.rows, args.new = 1.0, 8, 8
+    prompts = make_prompts(256, low, high)
+    batch = ContinuousBatch(model, max_rows=args.rows, max_len=512)
+    batch.set_adapters(random_loras(model, 4))
+    timed = Timed(device.type == "cuda")
+    rows = []
+    for budget in [int(b) for b in args.budgets.split(",")]:
+        with torch.inference_mode():
+            row = steady(batch, prompts, budget, args.new, args.seconds, timed,
+                         warmup=1.0 if args.smoke else 4.0)
+            if device.type == "cuda":
+                row["gemm_floor_ms"] = gemm_floor(batch, args.rows + budget)
+                if not args.no_profile:
+                    row["profile"] = profile_mixed(batch, budget)
+        rows.append(row)
+        print({k: v for k, v in row.items() if k != "profile"}, flush=True)
+        if "profile" in row:
+            print(row["profile"], flush=True)
+    config = {"model": "tiny" if args.smoke else "qwen2.5-7b-shapes random bf16",
+              "adapters": "4 × r=8 loaded, every request on adapter 1",
+              "prompt_tokens": [low, high], "new_tokens": args.new, "rows": args.rows,
+              "seconds": args.seconds}
+    if args.out:
+        print("→", write_run(args.out, "serve_step", config=config, rows=rows,
+                             commit=args.commit))
+
+
+if __name__ == "__main__":
+    main()
