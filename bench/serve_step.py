@@ -144,7 +144,7 @@ def steady(batch, prompts: list[list[int]], budget: int, new: int, seconds: floa
 
 def profile_mixed(batch, budget: int, steps: int = 3) -> dict:
     """GPU kernel time of `steps` eager mixed steps by kind (gemm, attention, index, copy,
-    other), per step, and the 12 costliest kernels."""
+    other), per step, and the 30 costliest kernels."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -174,7 +174,7 @@ def profile_mixed(batch, budget: int, steps: int = 3) -> dict:
     return {"budget": budget, "eager_gpu_ms_per_step": round(sum(kinds.values()), 2),
             "by_kind_ms": {k: round(v, 2) for k, v in sorted(kinds.items())},
             "top_kernels": [{"ms": round(ms, 3), "calls": n, "name": name}
-                            for ms, n, name in kernels[:12]]}
+                            for ms, n, name in kernels[:30]]}
 
 
 def gemm_floor(batch, tokens: int, repeat: int = 5) -> float:

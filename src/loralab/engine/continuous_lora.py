@@ -105,30 +105,45 @@ def row_masks(owners: dict[int, Any], adapters: Any, dtype: Any) -> dict[int, An
     return {m: (owner[None] == adapters[:, None]).to(dtype) for m, owner in owners.items()}
 
 
-def masked_linear(x: Any, weight: Any, bias: Any, lora: Any, mask: Any) -> Any:
-    """x·Wᵀ + b plus the rows' own adapters: lora (A [C, in], B [out, C]); mask [.., C]."""
-    import torch.nn.functional as F  # noqa: N812
+def masked_linear(x: Any, weight: Any, bias: Any, lora: Any, mask: Any,
+                  residual: Any = None) -> Any:
+    """residual + x·Wᵀ + b plus the rows' own adapters: lora (A [C, in], B [out, C]); mask
+    [.., C] (broadcast over x's leading dimensions).
 
-    y = F.linear(x, weight, bias)
-    if lora is None:
-        return y
-    a, b = lora
-    h = x @ a.T
-    return y + (h if mask is None else h * mask) @ b.T
+    The sums ride in the matrix products' epilogues (addmm with beta 1: the GEMM reads the
+    term it adds), instead of a GEMM and then an elementwise add over [tokens, out] per term:
+    on an H200 7B mixed step of 320 tokens those adds were ~224 kernels and ~0.9 ms of 14.3.
+    One rounding per GEMM instead of one per add."""
+    import torch
+
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    base = bias if residual is None else residual.reshape(-1, weight.shape[0])
+    if residual is not None and bias is not None:
+        base = base + bias
+    y = x2 @ weight.T if base is None else torch.addmm(base, x2, weight.T)
+    if lora is not None:
+        a, b = lora
+        h = x2 @ a.T
+        if mask is not None:
+            h = (h.view(*shape[:-1], -1) * mask).reshape(h.shape)
+        y = y.addmm_(h, b.T)
+    return y.view(*shape[:-1], weight.shape[0])
 
 
 def masked_layer(x: Any, w: Layer, s: Shape, lora: dict, masks: dict, attend: Any) -> Any:
     """One decoder layer over x [..., hidden], each token with its row's adapter (`lora`: the
     layer's {group: (A, B)}, `masks`: {members: mask [.., C]}); `attend(q, k, v)` does the
-    attention part (q/k/v shaped [..., heads·dim]) and returns [..., heads·dim]."""
+    attention part (q/k/v shaped [..., heads·dim]) and returns [..., heads·dim]. The residual
+    adds happen inside the o and down GEMMs (masked_linear)."""
     import torch.nn.functional as F  # noqa: N812
 
-    def lin(h, group, members):
+    def lin(h, group, members, residual=None):
         return masked_linear(h, getattr(w, group), getattr(w, f"{group}_bias"),
-                             lora.get(group), masks.get(members))
+                             lora.get(group), masks.get(members), residual)
 
     q_size, kv_size = s.heads * s.head_dim, s.kv_heads * s.head_dim
     q, k, v = lin(rms(x, w.input_norm, s.eps), "qkv", 3).split((q_size, kv_size, kv_size), -1)
-    x = x + lin(attend(q, k, v), "o", 1)
+    x = lin(attend(q, k, v), "o", 1, residual=x)
     gate, up = lin(rms(x, w.post_norm, s.eps), "gate_up", 2).chunk(2, dim=-1)
-    return x + lin(F.silu(gate) * up, "down", 1)
+    return lin(F.silu(gate) * up, "down", 1, residual=x)
