@@ -216,6 +216,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--new", type=int, default=60)
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--compile-forward", action="store_true",
+                        help="experiment: the mixed step's body through torch.compile (one "
+                        "graph per bucket, all layers unrolled) before the CUDA graph")
     args = parser.parse_args()
     sys.path.insert(0, str(HERE))
     import torch
@@ -232,9 +235,16 @@ def main() -> None:
     batch = ContinuousBatch(model, max_rows=args.rows, max_len=512)
     batch.set_adapters(random_loras(model, 4))
     timed = Timed(device.type == "cuda")
+    if args.compile_forward:
+        import loralab.engine.continuous_mixed as mixed
+
+        torch._dynamo.config.cache_size_limit = 64
+        mixed.forward = torch.compile(mixed.forward, dynamic=False)
     rows = []
     for budget in [int(b) for b in args.budgets.split(",")]:
         with torch.inference_mode():
+            if args.compile_forward:  # its compilations, one per bucket, out of the window
+                steady(batch, prompts, budget, args.new, 2.0, timed, warmup=0.0)
             row = steady(batch, prompts, budget, args.new, args.seconds, timed,
                          warmup=1.0 if args.smoke else 4.0)
             if device.type == "cuda":
@@ -248,7 +258,7 @@ def main() -> None:
     config = {"model": "tiny" if args.smoke else "qwen2.5-7b-shapes random bf16",
               "adapters": "4 × r=8 loaded, every request on adapter 1",
               "prompt_tokens": [low, high], "new_tokens": args.new, "rows": args.rows,
-              "seconds": args.seconds}
+              "seconds": args.seconds, "compile_forward": args.compile_forward}
     if args.out:
         print("→", write_run(args.out, "serve_step", config=config, rows=rows,
                              commit=args.commit))
