@@ -24,6 +24,10 @@ A row joins either prefilled whole (add: left-padded prompts in one forward) or 
 step() is a mixed step (continuous_mixed.py): the decoding rows' tokens and chunks of the
 prompts in one forward of fixed shapes (a graph per bucket on CUDA too), so decode rides along
 the prefill's weight reads.
+
+A step is launched and collected in two calls (launch() -> Pending, collect(pending) -> tokens;
+continuous_step.py), so a server can launch the next step before it reads this one's tokens and
+the GPU never waits for the host in between; step() does both.
 """
 
 from __future__ import annotations
@@ -31,15 +35,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from loralab.engine import continuous_step
 from loralab.engine.continuous_graphs import drop_graphs, run_step
+from loralab.engine.continuous_host import HostRing
 from loralab.engine.continuous_lora import masked_layer, one_adapter, row_masks, stack_loras
-from loralab.engine.continuous_mixed import attend_decode, decode_attention_mask, mixed_step
 from loralab.engine.continuous_sampling import Sampling, choose, generator, sample
+from loralab.engine.continuous_step import Pending
 from loralab.engine.fast_forward import build_layers, model_shape, rms, rotate, why_not
 from loralab.engine.kv_cache import additive_mask
 from loralab.errors import UserError
 
-__all__ = ["ContinuousBatch", "Sampling", "cache_bytes", "sample"]
+__all__ = ["ContinuousBatch", "Pending", "Sampling", "cache_bytes", "sample"]
 
 MIN_BUCKET = 128  # the shortest attention length a decode graph is captured for
 PREFILL_CHUNK = 256  # prompt tokens a mixed step feeds at most, unless step() is told
@@ -69,7 +75,9 @@ class ContinuousBatch:
 
     add(prompts, adapters, samplings) -> (rows, first tokens); begin(prompt, adapter, sampling)
     -> row (prefilling: its first token comes from a later step); step() -> {row: token} for
-    every decoding row and every row whose prompt it finished; free(row). Not thread-safe: one thread drives it (the server's scheduler).
+    every decoding row and every row whose prompt it finished, or launch() -> Pending and
+    collect(pending) -> the same, in two calls; free(row). Not thread-safe: one thread drives
+    it (the server's scheduler).
     """
 
     def __init__(self, lm: Any, max_rows: int = 64, max_len: int = 2048,
@@ -105,9 +113,10 @@ class ContinuousBatch:
         self.owners: dict[int, Any] = {}
         self.columns: dict[int, dict[int, slice]] = {}
         self.use_graph = cuda_graph and self.device.type == "cuda"
-        if self.device.type == "cuda":
+        if self.device.type == "cuda":  # add()'s first tokens, read at once
             self.host_tokens = torch.zeros(max_rows, dtype=torch.long, pin_memory=True)
             self.ready = torch.cuda.Event()
+        self.token_ring = HostRing(max_rows, self.device)  # each launched step's tokens
         self.graphs: dict[tuple[str, int], dict[str, Any]] = {}  # (kind, bucket) -> graph
         self.mixed_inputs: Any = None  # continuous_mixed.StepInputs, made by the first one
         self.stats = {"graph_error": None, "captures": 0, "capture_seconds": 0.0}
@@ -292,34 +301,18 @@ class ContinuousBatch:
         """One new token for every decoding row: {row: token}. While rows are prefilling, a
         mixed step that also feeds up to `prefill_tokens` of their prompts (continuous_mixed)
         and gives the first token of each row whose prompt it finishes."""
-        import torch
+        return self.collect(self.launch(prefill_tokens))
 
-        if not self.rows:
-            return {}
-        if self.prefilling():  # never the decode graph: it would write into their slots
-            with torch.inference_mode():
-                return mixed_step(self, prefill_tokens)
-        need = max(r.next_slot for r in self.rows.values()) + 1
-        if need > self.max_len:
-            raise RuntimeError("a row ran past the cache: free it before its room runs out")
-        bucket = self._bucket(need)
-        rows = sorted(self.rows)
-        with torch.inference_mode():
-            run_step(self, ("decode", bucket), lambda: self._decode(bucket))
-            tokens = self._sampled_tokens(rows)
-        for row in rows:
-            self.rows[row].next_slot += 1
-        return {row: tokens[row] for row in rows}
+    def launch(self, prefill_tokens: int = PREFILL_CHUNK) -> Pending:
+        """step()'s first half: the step is planned, the rows' host state moved on, and the
+        step queued on the device; its tokens are not waited for. At most two launched steps
+        may be left uncollected (their host buffers come in pairs)."""
+        return continuous_step.launch(self, prefill_tokens)
 
-    def _sampled_tokens(self, rows: list[int]) -> list[int]:
-        """Every cache row's token after a step (host list): the step left each row's argmax
-        in self.token; the sampling ones among `rows` draw theirs from their logits here,
-        outside any graph."""
-        for row in rows:
-            r = self.rows[row]
-            if r.sampling.temperature > 0:
-                self.token[row] = sample(self.logits[row], r.sampling, r.generator)
-        return self._to_host(self.token)
+    def collect(self, pending: Pending) -> dict[int, int]:
+        """step()'s second half: {row: token} of a launched step, once they are on the host. A
+        row freed since the launch still has its token here (its old request's)."""
+        return continuous_step.collect(self, pending)
 
     def _to_host(self, tokens: Any) -> list[int]:
         """tokens.tolist(), on CUDA waiting on an event: that wait lets go of the GIL (a
@@ -342,26 +335,20 @@ class ContinuousBatch:
             bucket *= 2
         return min(bucket, self.max_len)
 
-    def _decode(self, length: int) -> None:
-        """The step every row takes; reads and writes only tensors the batch holds."""
-        s, rows = self.shape, self.max_rows
-        self.valid.scatter_(1, self.slot[:, None], True)
-        mask = decode_attention_mask(self, length)
-        masks = row_masks(self.owners, self.row_adapter, self.dtype)
-        model = self.lm.model
-        x = model.embed_tokens(self.token)
-        cos, sin = model.rotary_emb(x[:, None], self.position[:, None])  # [rows, 1, dim]
-        where = self.slot[:, None, None, None].expand(rows, s.kv_heads, 1, s.head_dim)
-        for i, w in enumerate(self.layers):
-            def attend(q, k, v, i=i):
-                q = rotate(q.view(rows, s.heads, s.head_dim), cos, sin)
-                k = rotate(k.view(rows, s.kv_heads, s.head_dim), cos, sin)
-                self.keys[i].scatter_(2, where, k[:, :, None].to(self.dtype))
-                self.values[i].scatter_(2, where, v.view(rows, s.kv_heads, 1, s.head_dim))
-                return attend_decode(self, q, self.keys[i], self.values[i], mask, length)
+    def _decode_step(self) -> list[int]:
+        """Launch a decode step (inside inference_mode): every busy row one token on; its rows.
+        Here, not in continuous_step, so that run_step is looked up in this module (the bench
+        wraps it here and in continuous_mixed to time the steps)."""
+        need = max(r.next_slot for r in self.rows.values()) + 1
+        if need > self.max_len:
+            raise RuntimeError("a row ran past the cache: free it before its room runs out")
+        bucket = self._bucket(need)
+        run_step(self, ("decode", bucket), lambda: self._decode(bucket))
+        rows = sorted(self.rows)
+        for row in rows:
+            self.rows[row].next_slot += 1
+        return rows
 
-            x = masked_layer(x, w, s, self.stack[i], masks, attend)
-        self.logits.copy_(self._head(x))
-        self.token.copy_(self.logits.argmax(-1))
-        self.slot.add_(self.active)
-        self.position.add_(self.active)
+    def _decode(self, length: int) -> None:
+        """The decode step's body (continuous_step.decode); a method, so tests can wrap it."""
+        continuous_step.decode(self, length)

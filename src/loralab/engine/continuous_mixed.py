@@ -21,11 +21,13 @@ step's slots are already written: causality within the chunk comes from the mask
 lanes × width × L attention and gather `lanes` cache rows, not one per prompt token.
 
 All per-step inputs (prompt ids, rows, slots, adapters, lanes, which outputs to take) are
-copied into one preallocated device buffer (StepInputs) before the step; the step's body
-(`forward`) reads only the batch's tensors and never syncs with the host. Sampling runs after
-it, outside the graph. A long prompt is spread over several steps, `budget` prompt tokens and
-MAX_CHUNKS prompts a step at most (rows in the order they began); the step that feeds a row's
-last prompt token gives its first token, and the row decodes from the next step.
+copied into one preallocated device buffer (StepInputs) before the step, through pinned host
+twins used in turn (continuous_host.py: the next step's launch must not rewrite what this
+step's copy has yet to read); the step's body (`forward`) reads only the batch's tensors and
+never syncs with the host. Sampling runs after it, outside the graph. A long prompt is spread
+over several steps, `budget` prompt tokens and MAX_CHUNKS prompts a step at most (rows in the
+order they began); the step that feeds a row's last prompt token gives its first token, and
+the row decodes from the next step.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from loralab.engine.continuous_graphs import drop_graphs, run_step
+from loralab.engine.continuous_host import HostRing
 from loralab.engine.continuous_lora import masked_layer, row_masks
 from loralab.engine.fast_forward import rotate
 from loralab.engine.kv_cache import additive_mask
@@ -87,9 +90,10 @@ def plan_step(batch: ContinuousBatch, budget: int) -> Plan:
     return Plan(decode, chunks)
 
 
-def mixed_step(batch: ContinuousBatch, budget: int) -> dict[int, int]:
-    """Run one mixed step (inside inference_mode): {row: token} for every decoding row and
-    every row whose prompt this step finishes."""
+def mixed_step(batch: ContinuousBatch, budget: int) -> tuple[list[int], int]:
+    """Launch one mixed step (inside inference_mode) and move the host's bookkeeping on:
+    (the rows it gives a token: every decoding row and every row whose prompt it finishes,
+    the prompt tokens it feeds). Nothing here waits for the device (continuous_step.py)."""
     plan = plan_step(batch, budget)
     need = max([batch.rows[r].next_slot + 1 for r in plan.decode]
                + [c.start + len(c.tokens) for c in plan.chunks])
@@ -99,10 +103,9 @@ def mixed_step(batch: ContinuousBatch, budget: int) -> dict[int, int]:
     inputs = step_inputs(batch, max(budget, 1))
     inputs.load(batch, plan)
     run_step(batch, ("mixed", length), lambda: forward(batch, inputs, length))
-    rows = plan.decode + [c.row for c in plan.chunks if c.last]
-    tokens = batch._sampled_tokens(rows)
     _advance(batch, plan)
-    return {row: tokens[row] for row in rows}
+    return (plan.decode + [c.row for c in plan.chunks if c.last],
+            sum(len(c.tokens) for c in plan.chunks))
 
 
 def step_inputs(batch: ContinuousBatch, budget: int) -> StepInputs:
@@ -115,11 +118,12 @@ def step_inputs(batch: ContinuousBatch, budget: int) -> StepInputs:
 
 
 class StepInputs:
-    """A mixed step's inputs in one device int64 buffer, loaded by one copy from its pinned host
-    twin: per prompt slot `ids`, `row`, `slot` (= position), `adapter`, `out` (its output's
-    index among the lanes' outputs); per cache row `pick` (the step token whose logits it
-    takes) and `done` (its prompt length if this step finishes its prompt, else 0); per lane
-    `lane_row`, `lane_start` (slot of its first token), `lane_first` (prompt slot of it)."""
+    """A mixed step's inputs in one device int64 buffer, loaded by one copy from one of its
+    pinned host twins (`twins`, taken in turn): per prompt slot `ids`, `row`, `slot`
+    (= position), `adapter`, `out` (its output's index among the lanes' outputs); per cache
+    row `pick` (the step token whose logits it takes) and `done` (its prompt length if this
+    step finishes its prompt, else 0); per lane `lane_row`, `lane_start` (slot of its first
+    token), `lane_first` (prompt slot of it)."""
 
     def __init__(self, batch: ContinuousBatch, budget: int) -> None:
         import torch
@@ -132,8 +136,7 @@ class StepInputs:
                      "lane_row": [scratch] * self.lanes, "lane_start": [0] * self.lanes,
                      "lane_first": [0] * self.lanes}
         total = sum(map(len, self.pads.values()))
-        self.host = torch.zeros(total, dtype=torch.long,
-                                pin_memory=batch.device.type == "cuda")
+        self.twins = HostRing(total, batch.device)
         self.device = torch.zeros(total, dtype=torch.long, device=batch.device)
         start = 0
         for name, pad in self.pads.items():  # self.ids, self.row, ...: views of self.device
@@ -141,10 +144,8 @@ class StepInputs:
             start += len(pad)
 
     def load(self, batch: ContinuousBatch, plan: Plan) -> None:
-        """Write the plan's inputs into the device buffer (asynchronously on CUDA: the host
-        twin is not touched again before the step's tokens come back)."""
-        import torch
-
+        """Write the plan's inputs into the device buffer (asynchronously on CUDA: the twin
+        it goes through is not written again before that copy is done)."""
         f = {name: list(pad) for name, pad in self.pads.items()}
         at, lane, width = 0, 0, self.width
         for c in plan.chunks:
@@ -164,8 +165,7 @@ class StepInputs:
                 f["pick"][c.row] = batch.max_rows + at + n - 1
                 f["done"][c.row] = c.start + n
             at += n
-        self.host.copy_(torch.tensor([v for values in f.values() for v in values]))
-        self.device.copy_(self.host, non_blocking=True)
+        self.twins.upload([v for values in f.values() for v in values], self.device)
 
 
 def forward(batch: ContinuousBatch, inputs: StepInputs, length: int) -> None:
