@@ -1,7 +1,13 @@
 """Server counters in Prometheus' text format (GET /metrics): requests by model and outcome,
 tokens, tokens/s over the last few seconds, queue length, batch size, time to first token, and
 the engine's steps: decode steps, whole prefills and mixed steps (chunked prefill), each with
-its time."""
+its time.
+
+A step's time is wall time on the scheduler thread, from the step's launch (or the previous
+step's collect, if later: the scheduler launches a step before it collects the one before) to
+its collect. With steps back to back that is the time between two collects, what a step costs
+the loop; it is not the GPU's time (it includes any wait of the GPU for the host), so the
+steps' time over a window is the time a step was in flight, not the GPU's busy time."""
 
 from __future__ import annotations
 
@@ -15,10 +21,12 @@ WINDOW_S = 10.0  # tokens/s is measured over this many seconds
 # Engine counters exposed as unlabelled Prometheus counters: (name, help, attribute).
 SCALAR_COUNTERS = (
     ("decode_steps_total", "Decode steps taken (no prompt tokens).", "steps"),
-    ("decode_step_seconds_total", "Time in decode steps.", "step_seconds"),
+    ("decode_step_seconds_total", "Wall time of decode steps, each from its launch (or the "
+     "previous step's collect, if later) to its collect.", "step_seconds"),
     ("mixed_steps_total", "Mixed steps: chunks of prompts beside the decoding rows' tokens.",
      "mixed_steps"),
-    ("mixed_step_seconds_total", "Time in mixed steps.", "mixed_seconds"),
+    ("mixed_step_seconds_total", "Wall time of mixed steps, each from its launch (or the "
+     "previous step's collect, if later) to its collect.", "mixed_seconds"),
     ("mixed_step_prompt_tokens_total", "Prompt tokens fed by mixed steps.", "mixed_prompt_tokens"),
     ("mixed_step_decode_rows_total", "Decoding rows' tokens in mixed steps.", "mixed_decode_rows"),
     ("prefills_total", "Prefill calls (a group of new rows each).", "prefills"),
@@ -74,7 +82,8 @@ class Metrics:
             self.prefill_seconds += seconds
 
     def step(self, rows: int, seconds: float) -> None:
-        """A decode step of `rows` rows."""
+        """A decode step that gave `rows` requests a token (tokens dropped for requests that
+        ended while it ran not counted), `seconds` as in the module's docstring."""
         with self.lock:
             self.steps += 1
             self.step_seconds += seconds
@@ -82,7 +91,8 @@ class Metrics:
             self.last_batch = rows
 
     def mixed_step(self, prompt_tokens: int, decode_rows: int, seconds: float) -> None:
-        """A mixed step: `prompt_tokens` fed beside `decode_rows` decoding rows' tokens."""
+        """A mixed step: `prompt_tokens` fed beside `decode_rows` decoding rows' tokens (as in
+        step(), tokens dropped not counted)."""
         with self.lock:
             self.mixed_steps += 1
             self.mixed_seconds += seconds

@@ -6,6 +6,17 @@ waiting ones into free rows and takes one step; each step's tokens go back to th
 one call, where each request's handler turns them into text. A row leaves the batch as soon as
 its request stops, runs out of tokens, times out or its client goes away.
 
+Steps overlap the host's work (async scheduling, as vLLM does it): each turn launches step k+1
+(the engine's launch(): planned and queued on the GPU, not waited for) before it collects step
+k's tokens and hands them out, so the GPU runs step k+1 while the host works on step k's
+tokens and the next turn's admissions. So the host decides what step k+1 runs before it has
+seen step k's tokens. A request whose last token (max_tokens, or its row's cache is full) is in
+step k leaves the batch before step k+1 is launched, and gets that token when step k is
+collected. One that stops on a stop token in step k was already in step k+1: that step's token
+for it is dropped (the row may hold a new request by then: each launched step remembers whose
+its rows were). At most one step is left in flight between turns; control work and whole
+prefills (add(), which waits for the GPU anyway) collect it first.
+
 Admission, by `prefill_chunk`: above 0 (the default, 256) an admitted request's row is
 prefilling, and while any row is, each step is a mixed step that feeds up to `prefill_chunk`
 prompt tokens beside every decoding row's token (the engine's continuous_mixed.py, replayed as
@@ -17,48 +28,33 @@ same tokens/s at 64 clients; mixed steps halve the median time to first token (d
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import contextlib
 import sys
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from loralab.engine.continuous import Sampling
+from loralab.serve.request import Request, emit, engine_error, prefill_groups, unloaded_message
+
+__all__ = ["Flight", "Request", "Scheduler", "emit", "engine_error", "prefill_groups",
+           "unloaded_message"]
 
 PREFILL_TOKENS = 8192  # prompt tokens prefilled whole per step at most: decode keeps its pace
 PREFILL_CHUNK = 256  # prompt tokens a mixed step feeds at most (0: whole prefills instead)
 SWITCH_INTERVAL_S = 0.0005  # the process's GIL switch interval while serving
-GROUP_SPREAD = 1.5  # prompts prefilled together pad to at most this × the shortest
 
 
 @dataclass
-class Request:
-    """One generation: what to run, where its events go, and how it ended."""
+class Flight:
+    """A launched step not collected yet: the engine's handle, and each of its rows' request
+    at the launch (by the collect, a row may hold another one)."""
 
-    prompt_ids: list[int]
-    model: str  # the base model's name or an adapter's
-    adapter: int  # adapter id in the engine, 0 for the base
-    max_tokens: int
-    sampling: Sampling
-    deadline: float  # time.monotonic() after which it fails with a timeout
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: bool = False
-    stopped_by_text: bool = False  # cancelled because its text reached a `stop` string
-    arrived: float = field(default_factory=time.monotonic)
-    first_token_at: float | None = None
-    generated: int = 0
-    last_token: int | None = None
-
-
-def emit(batch: list[tuple[Request, tuple]]) -> None:
-    """Deliver (request, event) pairs; runs in the event loop."""
-    for req, event in batch:
-        req.events.put_nowait(event)
+    pending: Any
+    owners: dict[int, Request]
+    launched: float  # time.perf_counter() at the launch
 
 
 class Scheduler:
@@ -70,7 +66,9 @@ class Scheduler:
         self.max_queue, self.metrics = max_queue, metrics
         self.prefill_chunk = prefill_chunk
         self.waiting: collections.deque[Request] = collections.deque()
-        self.running: dict[int, Request] = {}
+        self.running: dict[int, Request] = {}  # the batch's busy rows
+        self.flights: list[Flight] = []  # launched steps not collected yet, oldest first
+        self.last_collect = 0.0
         self.control: collections.deque[tuple[Any, Future]] = collections.deque()
         self.wake = threading.Condition()
         self.stopped = False
@@ -120,7 +118,8 @@ class Scheduler:
 
     def _next_work(self, busy: bool) -> bool:
         """Wait until there is work (or, when `busy`, go on at once) and run the waiting
-        control calls; False once the server stops."""
+        control calls, once no step is in flight (an adapter swap drops the graphs a launched
+        step replays); False once the server stops."""
         with self.wake:
             while not (self.stopped or self.waiting or self.control or busy):
                 self.wake.wait()
@@ -128,6 +127,8 @@ class Scheduler:
                 return False
             control = list(self.control)
             self.control.clear()
+        if control and self.flights:
+            self._guarded(self._drain)
         for fn, future in control:
             try:
                 future.set_result(fn())
@@ -136,19 +137,44 @@ class Scheduler:
         return True
 
     def _loop(self) -> None:
-        while self._next_work(busy=bool(self.running)):
-            out: list[tuple[Request, tuple]] = []
-            try:
-                self._drop_finished(out)
-                self._admit(out)
-                self._step(out)
-            except Exception as exc:  # a bug of ours: fail what is in flight, keep serving
-                self._send(out)
-                self._fail_all(f"internal error: {type(exc).__name__}: {exc}"[:300], 500)
-                continue
-            if out:
-                self._send(out)
+        while self._next_work(busy=bool(self.running or self.flights)):
+            self._guarded(self._turn)
         self._fail_all("the server is shutting down", 503)
+
+    def _guarded(self, work: Any) -> None:
+        """work(out), then its events sent."""
+        out: list[tuple[Request, tuple]] = []
+        try:
+            work(out)
+        except Exception as exc:  # a bug of ours: fail what is in flight, keep serving
+            self._send(out)
+            self._fail_all(f"internal error: {type(exc).__name__}: {exc}"[:300], 500)
+            return
+        if out:
+            self._send(out)
+
+    def _turn(self, out: list) -> None:
+        """One turn of the loop: drop, admit, launch the next step, then collect the one that
+        was in flight, so the GPU runs the new step while the host hands out the old one's
+        tokens (and, next turn, admits and plans)."""
+        self._drop_finished(out)
+        self._admit(out)
+        in_flight = len(self.flights)
+        self._launch(out)
+        for _ in range(in_flight):  # fewer when the launch failed: it forgot them all
+            self._collect(out)
+
+    def _step(self, out: list) -> None:
+        """One step from launch to its tokens handed out, nothing left in flight (the loop's
+        turn without the overlap)."""
+        self._drain(out)
+        self._launch(out)
+        self._drain(out)
+
+    def _drain(self, out: list) -> None:
+        """Collect every step in flight."""
+        while self.flights:
+            self._collect(out)
 
     def _send(self, out: list[tuple[Request, tuple]]) -> None:
         loops: dict[Any, list] = {}
@@ -177,9 +203,12 @@ class Scheduler:
             self.waiting = keep
 
     def _finish(self, row: int, req: Request, out: list, reason: str | None) -> None:
-        """The row leaves; reason None: cancelled (nobody to tell), else the finish event."""
-        self.batch.free(row)
-        del self.running[row]
+        """The request ends and its row leaves (unless it left already: see _retire); reason
+        None: cancelled (nobody to tell), else the finish event."""
+        if self.running.get(row) is req:
+            self.batch.free(row)
+            del self.running[row]
+        req.finished = True
         if reason == "timeout":
             out.append((req, ("error", 504, "the request timed out")))
         elif reason is not None:
@@ -203,7 +232,10 @@ class Scheduler:
         if self.prefill_chunk:
             self._begin(out)
             return
-        for group in prefill_groups(self._take(), self.batch.max_len):
+        taken = self._take()
+        if taken:  # add() waits for the GPU anyway: the step in flight is collected first
+            self._drain(out)
+        for group in prefill_groups(taken, self.batch.max_len):
             group = self._loaded(group, out)
             if not group:
                 continue
@@ -250,43 +282,99 @@ class Scheduler:
 
     def _engine_failed(self, req: Request, exc: Exception, out: list) -> None:
         """The request fails with a 500 naming the engine's error (it holds no row)."""
+        req.finished = True
         out.append((req, engine_error(exc)))
         self.metrics.finished(req, "error")
+
+    def _engine_down(self, exc: Exception, out: list) -> None:
+        """A step failed to launch or collect: every request with a row or a token in flight
+        fails with a 500, their rows are freed and the launched steps forgotten; the server
+        goes on."""
+        for req in self._forget_all():
+            self._engine_failed(req, exc, out)
+
+    def _forget_all(self) -> list[Request]:
+        """Free every row, forget the steps in flight; the unfinished requests that had a row
+        or a token in flight, each once."""
+        reqs = {id(r): r for f in self.flights for r in f.owners.values()}
+        reqs.update((id(r), r) for r in self.running.values())
+        for row in list(self.running):
+            self.batch.free(row)
+        self.running.clear()
+        self.flights.clear()
+        return [r for r in reqs.values() if not r.finished]
 
     def _first_token(self, req: Request, now: float) -> None:
         req.first_token_at = now
         self.metrics.first_token(req, now - req.arrived)
 
     def _token(self, row: int, req: Request, token: int, out: list) -> None:
-        """Pass a token on; finish the row on a stop token, max_tokens or a full cache row."""
+        """Pass a token on; finish the row on a stop token, max_tokens or a full cache row
+        (counted when none of its tokens is in flight; else _retire sees to it), or when the
+        row left already because this was its last token."""
         req.generated += 1
         out.append((req, ("tokens", [token])))
         if token in self.stop_ids:
             self._finish(row, req, out, "stop")
-        elif req.generated >= req.max_tokens or self.batch.room(row) <= 0:
+        elif (req.generated >= req.max_tokens or self.running.get(row) is not req
+              or (not req.in_flight and self.batch.room(row) <= 0)):
             self._finish(row, req, out, "length")
 
-    def _step(self, out: list) -> None:
-        if not self.running:
-            return
-        pending, started = self.batch.pending_tokens(), time.perf_counter()
-        try:
-            tokens = self.batch.step(self.prefill_chunk or 1)
-        except Exception as exc:  # fail the running requests with a 500, keep serving
-            for row, req in list(self.running.items()):
+    def _retire(self, out: list) -> None:
+        """Before a launch: a row whose request has its last token in flight already
+        (max_tokens) or whose cache row is full leaves the batch, so the step does not run it
+        past either; its request ends when that token is collected (now, if none is)."""
+        for row, req in list(self.running.items()):
+            if (req.generated + req.in_flight >= req.max_tokens
+                    or self.batch.room(row) <= 0):
                 self.batch.free(row)
                 del self.running[row]
-                self._engine_failed(req, exc, out)
+                if not req.in_flight:
+                    self._finish(row, req, out, "length")
+
+    def _launch(self, out: list) -> None:
+        """Launch the next step of the running rows (none: nothing to do); not waited for."""
+        self._retire(out)
+        if not self.running:
             return
-        seconds, now = time.perf_counter() - started, time.monotonic()
-        mine = {row: (self.running[row], token) for row, token in tokens.items()
-                if row in self.running}
+        try:
+            pending = self.batch.launch(self.prefill_chunk or 1)
+        except Exception as exc:  # fail what is in flight with a 500, keep serving
+            self._engine_down(exc, out)
+            return
+        owners = {row: self.running[row] for row in pending.rows}
+        for req in owners.values():
+            req.in_flight += 1
+        self.flights.append(Flight(pending, owners, time.perf_counter()))
+
+    def _collect(self, out: list) -> None:
+        """Collect the oldest step in flight and hand its tokens to the requests that still
+        own them (a token for a request that has finished since the launch is dropped). The
+        step's time: from its launch, or the previous collect if later, to its collect."""
+        if not self.flights:
+            return
+        flight = self.flights.pop(0)
+        try:
+            tokens = self.batch.collect(flight.pending)
+        except Exception as exc:  # fail what is in flight with a 500, keep serving
+            self.flights.insert(0, flight)
+            self._engine_down(exc, out)
+            return
+        collected, now = time.perf_counter(), time.monotonic()
+        seconds = collected - max(flight.launched, self.last_collect)
+        self.last_collect = collected
+        mine = {}
+        for row, token in tokens.items():
+            req = flight.owners[row]
+            req.in_flight -= 1
+            if not req.finished:
+                mine[row] = (req, token)
         firsts = {row for row, (req, _) in mine.items() if req.first_token_at is None}
-        if pending:  # a mixed step: the prompt tokens it fed, the decode rows that rode along
-            self.metrics.mixed_step(pending - self.batch.pending_tokens(),
-                                    len(tokens) - len(firsts), seconds)
+        if flight.pending.mixed:  # the prompt tokens it fed, the decode rows that rode along
+            self.metrics.mixed_step(flight.pending.prompt_tokens, len(mine) - len(firsts),
+                                    seconds)
         else:
-            self.metrics.step(len(tokens), seconds)
+            self.metrics.step(len(mine), seconds)
         per_model: collections.Counter[str] = collections.Counter()
         for row, (req, token) in mine.items():
             if row in firsts:  # the step fed its prompt's last chunk
@@ -299,10 +387,12 @@ class Scheduler:
     def fail_adapter(self, adapter: int, message: str) -> None:
         """Fail the requests of an adapter being unloaded (409); scheduler thread only."""
         out: list[tuple[Request, tuple]] = []
+        self._drain(out)  # a no-op from a control call: the loop drained before it
         for row, req in list(self.running.items()):
             if req.adapter == adapter:
                 self.batch.free(row)
                 del self.running[row]
+                req.finished = True
                 out.append((req, ("error", 409, message)))
                 self.metrics.finished(req, "unloaded")
         with self.wake:
@@ -313,40 +403,13 @@ class Scheduler:
         self._send(out)
 
     def _fail_all(self, message: str, status: int) -> None:
+        """Fail every request with a row, a token in flight or waiting (steps in flight are
+        not collected: their tokens would go nowhere)."""
         out = []
-        for row, req in list(self.running.items()):
-            self.batch.free(row)
+        for req in self._forget_all():
+            req.finished = True
             out.append((req, ("error", status, message)))
-        self.running.clear()
         with self.wake:
             out += [(req, ("error", status, message)) for req in self.waiting]
             self.waiting.clear()
         self._send(out)
-
-
-def engine_error(exc: Exception) -> tuple:
-    """The event that fails a request with a 500 for an error of the engine."""
-    return ("error", 500, f"engine error: {type(exc).__name__}: {exc}"[:300])
-
-
-def unloaded_message(model: str) -> str:
-    return f"the adapter {model!r} was unloaded"
-
-
-def prefill_groups(requests: list[Request], max_len: int) -> list[list[Request]]:
-    """Requests grouped for one prefill each, whatever their adapters (the engine masks each
-    row's own): lengths within GROUP_SPREAD of the group's shortest, and every row's tokens
-    still fit the cache after padding."""
-    groups: list[list[Request]] = []
-    group: list[Request] = []
-    for req in sorted(requests, key=lambda r: len(r.prompt_ids)):
-        width = len(req.prompt_ids)
-        fits = group and width <= GROUP_SPREAD * len(group[0].prompt_ids) and all(
-            width + r.max_tokens <= max_len for r in [*group, req])
-        if group and not fits:
-            groups.append(group)
-            group = []
-        group.append(req)
-    if group:
-        groups.append(group)
-    return groups

@@ -148,10 +148,14 @@ def test_api_key(make_server, client_for):
     assert client_for(server, api_key="sesame").models.list().data
 
 
-def test_an_engine_error_fails_that_request_and_the_server_goes_on(make_server, client_for):
+@pytest.mark.parametrize("half", ["launch", "collect"])
+def test_an_engine_error_fails_that_request_and_the_server_goes_on(make_server, client_for,
+                                                                   half):
+    """A step that fails to launch, or to give its tokens (the scheduler calls the engine's
+    launch and collect, not step)."""
     server = make_server()
     batch = server.state.scheduler.batch
-    real, calls = batch.step, []
+    real, calls = getattr(batch, half), []
 
     def broken(*args):
         calls.append(1)
@@ -159,7 +163,7 @@ def test_an_engine_error_fails_that_request_and_the_server_goes_on(make_server, 
             raise RuntimeError("boom")
         return real(*args)
 
-    batch.step = broken
+    setattr(batch, half, broken)
     client = client_for(server)
     with pytest.raises(openai.InternalServerError) as exc:
         client.completions.create(model="base", prompt="hi", temperature=0, max_tokens=8)
