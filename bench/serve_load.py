@@ -215,7 +215,7 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=60, help="new tokens per request")
     parser.add_argument("--max-rows", type=int, default=64)
     parser.add_argument("--max-len", type=int, default=512)
-    parser.add_argument("--prefill-chunk", type=int, default=256,
+    parser.add_argument("--prefill-chunk", type=int, default=320,
                         help="the server's --prefill-chunk: prompt tokens per mixed step; 0: "
                         "whole prefills between decode steps (the A/B)")
     parser.add_argument("--no-naive", action="store_true")

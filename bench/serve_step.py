@@ -211,7 +211,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--commit")
-    parser.add_argument("--budgets", default="256,384,512")
+    parser.add_argument("--budgets", default="256,320,384")
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--new", type=int, default=60)

@@ -66,9 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default=None)
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="decode eagerly on CUDA (debugging)")
-    p.add_argument("--prefill-chunk", type=int, default=256, metavar="TOKENS",
+    p.add_argument("--prefill-chunk", type=int, default=320, metavar="TOKENS",
                    help="chunked prefill: prompt tokens fed per step beside the decoding rows "
-                   "(running requests keep decoding while new prompts go in; default 256); "
+                   "(running requests keep decoding while new prompts go in; default 320); "
                    "0: prefill new prompts whole between decode steps")
     p.set_defaults(func=cmd_serve)
 

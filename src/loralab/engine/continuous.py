@@ -48,7 +48,7 @@ from loralab.errors import UserError
 __all__ = ["ContinuousBatch", "Pending", "Sampling", "cache_bytes", "sample"]
 
 MIN_BUCKET = 128  # the shortest attention length a decode graph is captured for
-PREFILL_CHUNK = 256  # prompt tokens a mixed step feeds at most, unless step() is told
+PREFILL_CHUNK = 320  # prompt tokens a mixed step feeds at most, unless step() is told
 
 
 @dataclass

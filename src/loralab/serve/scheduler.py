@@ -17,7 +17,7 @@ for it is dropped (the row may hold a new request by then: each launched step re
 its rows were). At most one step is left in flight between turns; control work and whole
 prefills (add(), which waits for the GPU anyway) collect it first.
 
-Admission, by `prefill_chunk`: above 0 (the default, 256) an admitted request's row is
+Admission, by `prefill_chunk`: above 0 (the default, 320) an admitted request's row is
 prefilling, and while any row is, each step is a mixed step that feeds up to `prefill_chunk`
 prompt tokens beside every decoding row's token (the engine's continuous_mixed.py, replayed as
 a CUDA graph); a row's first token comes from the step that feeds its prompt's last token. At
@@ -43,7 +43,7 @@ __all__ = ["Flight", "Request", "Scheduler", "emit", "engine_error", "prefill_gr
            "unloaded_message"]
 
 PREFILL_TOKENS = 8192  # prompt tokens prefilled whole per step at most: decode keeps its pace
-PREFILL_CHUNK = 256  # prompt tokens a mixed step feeds at most (0: whole prefills instead)
+PREFILL_CHUNK = 320  # prompt tokens a mixed step feeds at most (0: whole prefills instead)
 SWITCH_INTERVAL_S = 0.0005  # the process's GIL switch interval while serving
 
 

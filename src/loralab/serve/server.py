@@ -22,7 +22,7 @@ class ServeOptions:
     adapter_memory_bytes: int = 4 << 30
     api_key: str | None = None
     cuda_graph: bool = True
-    prefill_chunk: int = 256  # prompt tokens a mixed step feeds; 0: whole prefills (scheduler)
+    prefill_chunk: int = 320  # prompt tokens a mixed step feeds; 0: whole prefills (scheduler)
 
 
 def build_state(model: Any, tokenizer: Any, base_name: str, base_path: str,
