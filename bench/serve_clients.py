@@ -63,6 +63,7 @@ def engine_breakdown(delta: dict, window: float) -> dict:
     busy = delta["step_s"] + delta["prefill_s"] + delta["mixed_s"]
     mixed = max(delta["mixed"], 1)
     return {"engine_busy_fraction": round(busy / window, 3),
+            "collect_wait_fraction": round(delta["wait_s"] / window, 3),
             "decode_steps": delta["steps"],
             "decode_ms_mean": round(1000 * delta["step_s"] / max(delta["steps"], 1), 2),
             "rows_per_step_mean": round(delta["step_rows"] / max(delta["steps"], 1), 1),
@@ -77,7 +78,8 @@ def engine_breakdown(delta: dict, window: float) -> dict:
 def busy_line(row: dict) -> str:
     if "engine_busy_fraction" not in row:
         return ""
-    return (f"; engine busy {row['engine_busy_fraction']:.0%} of the window, decode step "
+    return (f"; engine busy {row['engine_busy_fraction']:.0%} of the window (waiting for the "
+            f"GPU {row['collect_wait_fraction']:.0%}), decode step "
             f"{row['decode_ms_mean']} ms at {row['rows_per_step_mean']} rows, "
             f"{row['prefills']} prefills of {row['prefill_ms_mean']} ms, "
             f"{row['mixed_steps']} mixed steps of {row['mixed_ms_mean']} ms "
@@ -94,7 +96,8 @@ def engine_counters(metrics) -> dict:
                 "prefills": metrics.prefills, "prefill_s": metrics.prefill_seconds,
                 "mixed": metrics.mixed_steps, "mixed_s": metrics.mixed_seconds,
                 "mixed_prompt": metrics.mixed_prompt_tokens,
-                "mixed_rows": metrics.mixed_decode_rows}
+                "mixed_rows": metrics.mixed_decode_rows,
+                "wait_s": metrics.collect_wait_seconds}
 
 
 def client_main(args: argparse.Namespace) -> None:

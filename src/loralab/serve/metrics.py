@@ -31,6 +31,9 @@ SCALAR_COUNTERS = (
     ("mixed_step_decode_rows_total", "Decoding rows' tokens in mixed steps.", "mixed_decode_rows"),
     ("prefills_total", "Prefill calls (a group of new rows each).", "prefills"),
     ("prefill_seconds_total", "Time in prefills.", "prefill_seconds"),
+    ("collect_wait_seconds_total", "Time the scheduler waited for a step's tokens (the GPU "
+     "still working); the rest of its time is host work. Near 0 under load: the host is what "
+     "limits the steps.", "collect_wait_seconds"),
 )
 
 
@@ -48,6 +51,7 @@ class Metrics:
         self.mixed_steps, self.mixed_seconds = 0, 0.0
         self.mixed_prompt_tokens, self.mixed_decode_rows = 0, 0
         self.prefills, self.prefill_seconds = 0, 0.0
+        self.collect_wait_seconds = 0.0
         self.last_batch = 0
         self.ttft_sum, self.ttft_count = 0.0, 0
         self.recent: collections.deque[tuple[float, int]] = collections.deque()
@@ -80,6 +84,11 @@ class Metrics:
         with self.lock:
             self.prefills += 1
             self.prefill_seconds += seconds
+
+    def collect_wait(self, seconds: float) -> None:
+        """The scheduler waited `seconds` for a launched step's tokens."""
+        with self.lock:
+            self.collect_wait_seconds += seconds
 
     def step(self, rows: int, seconds: float) -> None:
         """A decode step that gave `rows` requests a token (tokens dropped for requests that

@@ -354,6 +354,7 @@ class Scheduler:
         if not self.flights:
             return
         flight = self.flights.pop(0)
+        waiting = time.perf_counter()
         try:
             tokens = self.batch.collect(flight.pending)
         except Exception as exc:  # fail what is in flight with a 500, keep serving
@@ -361,6 +362,7 @@ class Scheduler:
             self._engine_down(exc, out)
             return
         collected, now = time.perf_counter(), time.monotonic()
+        self.metrics.collect_wait(collected - waiting)
         seconds = collected - max(flight.launched, self.last_collect)
         self.last_collect = collected
         mine = {}

@@ -131,3 +131,7 @@ def test_the_server_option_picks_the_path_and_both_give_the_same_text(make_serve
     text = httpx.get(chunked.url + "/metrics").text
     assert "loralab_mixed_steps_total" in text
     assert "loralab_mixed_step_prompt_tokens_total" in text
+    # every collected step adds its wait for the tokens (on the CPU they are there already)
+    wait = float(next(line.split()[1] for line in text.splitlines()
+                      if line.startswith("loralab_collect_wait_seconds_total ")))
+    assert 0 < wait < chunked.state.metrics.mixed_seconds + chunked.state.metrics.step_seconds
