@@ -38,10 +38,16 @@ from typing import Any
 from loralab.engine import continuous_step
 from loralab.engine.continuous_graphs import drop_graphs, run_step
 from loralab.engine.continuous_host import HostRing
-from loralab.engine.continuous_lora import masked_layer, one_adapter, row_masks, stack_loras
+from loralab.engine.continuous_lora import (
+    masked_layer,
+    one_adapter,
+    rope_tables,
+    row_masks,
+    stack_loras,
+)
 from loralab.engine.continuous_sampling import Sampling, choose, generator, sample
 from loralab.engine.continuous_step import Pending
-from loralab.engine.fast_forward import build_layers, model_shape, rms, rotate, why_not
+from loralab.engine.fast_forward import build_layers, model_shape, rms, why_not
 from loralab.engine.kv_cache import additive_mask
 from loralab.errors import UserError
 
@@ -259,13 +265,12 @@ class ContinuousBatch:
         positions = (real.long().cumsum(1) - 1).clamp(min=0)
         model = self.lm.model
         x = model.embed_tokens(ids)
-        cos, sin = model.rotary_emb(x, positions)
-        cos, sin = cos[:, None], sin[:, None]
+        rope = rope_tables(*model.rotary_emb(x, positions))  # [n, width, 1, 2, dim/2]
         lora, masks = self._prefill_lora(adapters)
         for i, w in enumerate(self.layers):
             def attend(q, k, v, i=i):
-                q = rotate(q.view(n, width, s.heads, s.head_dim).transpose(1, 2), cos, sin)
-                k = rotate(k.view(n, width, s.kv_heads, s.head_dim).transpose(1, 2), cos, sin)
+                q = q.view(n, width, s.heads, s.head_dim).transpose(1, 2)
+                k = k.view(n, width, s.kv_heads, s.head_dim).transpose(1, 2)
                 v = v.view(n, width, s.kv_heads, s.head_dim).transpose(1, 2)
                 self.keys[i][index, :, :width] = k.to(self.dtype)
                 self.values[i][index, :, :width] = v.to(self.dtype)
@@ -273,7 +278,7 @@ class ContinuousBatch:
                                                      enable_gqa=True)
                 return out.transpose(1, 2).reshape(n, width, s.heads * s.head_dim)
 
-            x = masked_layer(x, w, s, lora[i], masks, attend)
+            x = masked_layer(x, w, s, lora[i], masks, attend, rope)
         return self._head(x[:, -1])
 
     def _prefill_lora(self, adapters: list[int]) -> tuple[list[dict[str, Any]], dict]:

@@ -37,8 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from loralab.engine.continuous_graphs import drop_graphs, run_step
 from loralab.engine.continuous_host import HostRing
-from loralab.engine.continuous_lora import masked_layer, row_masks
-from loralab.engine.fast_forward import rotate
+from loralab.engine.continuous_lora import masked_layer, rope_tables, row_masks
 from loralab.engine.kv_cache import additive_mask
 
 if TYPE_CHECKING:
@@ -188,10 +187,11 @@ def forward(batch: ContinuousBatch, inputs: StepInputs, length: int) -> None:
     x = model.embed_tokens(torch.cat([batch.token, inputs.ids]))
     positions = torch.cat([batch.position, inputs.slot])
     cos, sin = model.rotary_emb(x[:, None], positions[:, None])  # [N, 1, dim]
+    rope = rope_tables(cos[:, 0], sin[:, 0])
     for i, w in enumerate(batch.layers):
         def attend(q, k, v, i=i):
-            q = rotate(q.view(n, s.heads, s.head_dim), cos, sin)
-            k = rotate(k.view(n, s.kv_heads, s.head_dim), cos, sin)
+            q = q.view(n, s.heads, s.head_dim)
+            k = k.view(n, s.kv_heads, s.head_dim)
             keys, values = batch.keys[i], batch.values[i]
             keys.transpose(1, 2).index_put_(where, k.to(batch.dtype))
             values.transpose(1, 2).index_put_(where, v.view(n, s.kv_heads, s.head_dim)
@@ -199,7 +199,7 @@ def forward(batch: ContinuousBatch, inputs: StepInputs, length: int) -> None:
             decode = attend_decode(batch, q[:rows], keys, values, decode_mask, length)
             return torch.cat([decode, lanes.attend(q, keys, values)])
 
-        x = masked_layer(x, w, s, batch.stack[i], masks, attend)
+        x = masked_layer(x, w, s, batch.stack[i], masks, attend, rope)
     batch.logits.copy_(batch._head(x[inputs.pick]))
     batch.token.copy_(batch.logits.argmax(-1))
     _move_rows_on(batch, inputs)

@@ -23,10 +23,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from loralab.engine.continuous_host import Ticket
-from loralab.engine.continuous_lora import masked_layer, row_masks
+from loralab.engine.continuous_lora import masked_layer, rope_tables, row_masks
 from loralab.engine.continuous_mixed import attend_decode, decode_attention_mask, mixed_step
 from loralab.engine.continuous_sampling import sample
-from loralab.engine.fast_forward import rotate
 
 if TYPE_CHECKING:
     from loralab.engine.continuous import ContinuousBatch
@@ -86,16 +85,17 @@ def decode(batch: ContinuousBatch, length: int) -> None:
     model = batch.lm.model
     x = model.embed_tokens(batch.token)
     cos, sin = model.rotary_emb(x[:, None], batch.position[:, None])  # [rows, 1, dim]
+    rope = rope_tables(cos[:, 0], sin[:, 0])
     where = batch.slot[:, None, None, None].expand(rows, s.kv_heads, 1, s.head_dim)
     for i, w in enumerate(batch.layers):
         def attend(q, k, v, i=i):
-            q = rotate(q.view(rows, s.heads, s.head_dim), cos, sin)
-            k = rotate(k.view(rows, s.kv_heads, s.head_dim), cos, sin)
+            q = q.view(rows, s.heads, s.head_dim)
+            k = k.view(rows, s.kv_heads, s.head_dim)
             batch.keys[i].scatter_(2, where, k[:, :, None].to(batch.dtype))
             batch.values[i].scatter_(2, where, v.view(rows, s.kv_heads, 1, s.head_dim))
             return attend_decode(batch, q, batch.keys[i], batch.values[i], mask, length)
 
-        x = masked_layer(x, w, s, batch.stack[i], masks, attend)
+        x = masked_layer(x, w, s, batch.stack[i], masks, attend, rope)
     batch.logits.copy_(batch._head(x))
     batch.token.copy_(batch.logits.argmax(-1))
     batch.slot.add_(batch.active)
