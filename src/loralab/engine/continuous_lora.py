@@ -138,8 +138,8 @@ def rope_tables(cos: Any, sin: Any) -> tuple[Any, Any]:
 
     half = cos.shape[-1] // 2
     shape = (*cos.shape[:-1], 1, 2, half)
-    sign = torch.tensor([[-1.0], [1.0]], dtype=sin.dtype, device=sin.device)
-    return cos.reshape(shape), sin.reshape(shape) * sign
+    sin = sin.reshape(shape)  # device ops only: a step's body is captured as a CUDA graph
+    return cos.reshape(shape), torch.cat((-sin[..., :1, :], sin[..., 1:, :]), dim=-2)
 
 
 def rotate_qk(qk: Any, cos: Any, sin_signed: Any) -> Any:

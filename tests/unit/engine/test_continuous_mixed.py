@@ -214,11 +214,15 @@ def test_padding_slots_never_touch_a_real_row(lively_model, loras, prompts, budg
 
 
 SYNCS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+# tensors made from host values: on CUDA a copy from pageable memory, which a graph capture
+# refuses (a sign table built with torch.tensor once sent every mixed step back to eager)
+HOST_TENSORS = ("tensor", "as_tensor", "from_numpy")
 
 
 def test_the_step_bodies_never_sync_with_the_host(lively_model, loras, prompts, monkeypatch):
     """While the mixed and decode steps' bodies (what a CUDA graph captures) run, every way a
-    tensor's value reaches Python raises; the steps still finish with the right tokens."""
+    tensor's value reaches Python, and every tensor made from host values, raises; the steps
+    still finish with the right tokens."""
     from loralab.engine import continuous_mixed
 
     def forbid(*args, **kwargs):
@@ -231,6 +235,8 @@ def test_the_step_bodies_never_sync_with_the_host(lively_model, loras, prompts, 
             with monkeypatch.context() as patch:
                 for name in SYNCS:
                     patch.setattr(torch.Tensor, name, forbid)
+                for name in HOST_TENSORS:
+                    patch.setattr(torch, name, forbid)
                 with pytest.raises(AssertionError):
                     bool(torch.ones(1))  # the patch holds
                 body(*args, **kwargs)
