@@ -22,8 +22,9 @@ prefilling, and while any row is, each step is a mixed step that feeds up to `pr
 prompt tokens beside every decoding row's token (the engine's continuous_mixed.py, replayed as
 a CUDA graph); a row's first token comes from the step that feeds its prompt's last token. At
 0 the waiting requests are prefilled whole before the step (one prefill per length group, its
-rows of any adapters and the base), and no row decodes meanwhile. On the H200 both give the
-same tokens/s at 64 clients; mixed steps halve the median time to first token (docs/serve.md).
+rows of any adapters and the base), and no row decodes meanwhile. On the H200 at 64 clients
+mixed steps with the overlap give 3,973 new tokens/s against 2,816 for whole prefills before
+it, and a median time to first token of 0.058 s against 0.49 s (docs/serve.md).
 """
 
 from __future__ import annotations
