@@ -48,3 +48,23 @@ def save_adapter():
         return folder
 
     return save
+
+
+@pytest.fixture(scope="session")
+def read_adapters(save_adapter, tmp_path_factory):
+    """read(model, specs, first_seed, tag) -> [lora, ...]: one random PEFT adapter of `model`
+    per LoraConfig kwargs in `specs` (seeds first_seed, first_seed + 1, ...), saved and read
+    back as {module: (A, B, scale)}."""
+    from loralab.engine.lora_weights import read_lora
+
+    def read(model, specs: list[dict], first_seed: int, tag: str) -> list[dict]:
+        out = []
+        for k, spec in enumerate(specs):
+            folder = save_adapter(model, tmp_path_factory.mktemp(f"{tag}{k}"), first_seed + k,
+                                  **spec)
+            lora, reason = read_lora(folder, model)
+            assert reason is None, reason
+            out.append(lora)
+        return out
+
+    return read

@@ -10,7 +10,6 @@ import torch
 
 from loralab.engine import GenSettings, generate
 from loralab.engine.continuous import ContinuousBatch, Sampling, sample
-from loralab.engine.lora_weights import read_lora
 
 NEW = 7
 
@@ -22,18 +21,12 @@ def prompts():
 
 
 @pytest.fixture(scope="module")
-def adapters(lively_model, save_adapter, tmp_path_factory):
+def adapters(lively_model, read_adapters):
     """Two random PEFT adapters of lively_model as {module: (A, B, scale)}, ranks 4 and 2 and
     different target sets."""
     specs = [dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
              dict(r=2, lora_alpha=4, target_modules=["k_proj", "o_proj", "gate_proj", "up_proj"])]
-    out = []
-    for seed, spec in enumerate(specs):
-        folder = save_adapter(lively_model, tmp_path_factory.mktemp(f"adapter{seed}"), seed, **spec)
-        lora, reason = read_lora(folder, lively_model)
-        assert reason is None, reason
-        out.append(lora)
-    return out
+    return read_adapters(lively_model, specs, 0, "adapter")
 
 
 def alone(model, prompt, lora=None, new=NEW):

@@ -10,7 +10,6 @@ import torch
 
 from loralab.engine.continuous import ContinuousBatch, Sampling
 from loralab.engine.continuous_mixed import plan_step
-from loralab.engine.lora_weights import read_lora
 
 NEW = 6
 
@@ -22,18 +21,12 @@ def prompts():
 
 
 @pytest.fixture(scope="module")
-def loras(lively_model, save_adapter, tmp_path_factory):
+def loras(lively_model, read_adapters):
     """{0: None, 1: adapter, 2: adapter}: two random PEFT adapters of lively_model on
     different projections and ranks."""
     specs = [dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
              dict(r=2, lora_alpha=4, target_modules=["k_proj", "o_proj", "gate_proj", "up_proj"])]
-    out = {0: None}
-    for seed, spec in enumerate(specs):
-        folder = save_adapter(lively_model, tmp_path_factory.mktemp(f"mixed{seed}"), seed + 7,
-                              **spec)
-        out[seed + 1], reason = read_lora(folder, lively_model)
-        assert reason is None, reason
-    return out
+    return {0: None, **dict(enumerate(read_adapters(lively_model, specs, 7, "mixed"), 1))}
 
 
 def new_batch(model, loras, rows=6, max_len=48):

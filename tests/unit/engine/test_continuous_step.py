@@ -11,7 +11,6 @@ import torch
 
 from loralab.engine.continuous import ContinuousBatch, Sampling
 from loralab.engine.continuous_host import HostRing
-from loralab.engine.lora_weights import read_lora
 
 SYNCS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
 
@@ -23,16 +22,10 @@ def prompts():
 
 
 @pytest.fixture(scope="module")
-def loras(lively_model, save_adapter, tmp_path_factory):
+def loras(lively_model, read_adapters):
     specs = [dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
              dict(r=2, lora_alpha=4, target_modules=["k_proj", "o_proj", "up_proj"])]
-    out = {}
-    for seed, spec in enumerate(specs):
-        folder = save_adapter(lively_model, tmp_path_factory.mktemp(f"step{seed}"), seed + 3,
-                              **spec)
-        out[seed + 1], reason = read_lora(folder, lively_model)
-        assert reason is None, reason
-    return out
+    return dict(enumerate(read_adapters(lively_model, specs, 3, "step"), 1))
 
 
 def new_batch(model, loras, rows=4, max_len=48):
