@@ -142,20 +142,29 @@ def steady(batch, prompts: list[list[int]], budget: int, new: int, seconds: floa
             "captures": batch.stats["captures"], "graph_error": batch.stats["graph_error"]}
 
 
-def profile_mixed(batch, budget: int, steps: int = 3) -> dict:
+def profile_mixed(batch, prompts: list[list[int]], budget: int, steps: int = 3) -> dict:
     """GPU kernel time of `steps` eager mixed steps by kind (gemm, attention, index, copy,
-    other), per step, and the 30 costliest kernels."""
+    other), per step, and the 30 costliest kernels. Before each step enough rows are given new
+    prompts (a decoding row freed for each) that the step feeds its whole budget."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    def top_up() -> None:
+        k = 0
+        while batch.pending_tokens() < budget:
+            if not batch.free_rows:
+                batch.free(next(r for r in batch.busy() if r not in batch.prefilling()))
+            batch.begin(prompts[k % len(prompts)], adapter=1)
+            k += 1
+
     use_graph, batch.use_graph = batch.use_graph, False
     try:
-        for _ in range(2):
-            batch.step(budget)  # warm
+        for _ in range(2):  # warm
+            top_up()
+            batch.step(budget)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
-                if not batch.prefilling():
-                    return {"budget": budget, "error": "no row left prefilling"}
+                top_up()
                 batch.step(budget)
             torch.cuda.synchronize()
     finally:
@@ -250,7 +259,7 @@ def main() -> None:
             if device.type == "cuda":
                 row["gemm_floor_ms"] = gemm_floor(batch, args.rows + budget)
                 if not args.no_profile:
-                    row["profile"] = profile_mixed(batch, budget)
+                    row["profile"] = profile_mixed(batch, prompts, budget)
         rows.append(row)
         print({k: v for k, v in row.items() if k != "profile"}, flush=True)
         if "profile" in row:
