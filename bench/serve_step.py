@@ -142,6 +142,77 @@ def steady(batch, prompts: list[list[int]], budget: int, new: int, seconds: floa
             "captures": batch.stats["captures"], "graph_error": batch.stats["graph_error"]}
 
 
+def overlapped(batch, prompts: list[list[int]], budget: int, new: int, seconds: float,
+               warmup: float, sync_check: bool) -> dict:
+    """The scheduler's loop without HTTP: launch step k+1, then collect step k (a request whose
+    last token is in flight leaves its row before the next launch). New tokens/s, the host's
+    time in launch() and in collect() per step, and with `sync_check` the first operation
+    inside a launch that synchronises with the GPU (torch's sync debug mode "error"; the
+    engine's own waits on CUDA events are not such operations), else None."""
+    import collections
+
+    import torch
+
+    for row in list(batch.rows):
+        batch.free(row)
+    owner, made, flying = {}, collections.Counter(), collections.Counter()
+    serial, prev, found = 0, None, None
+    times = {"launch": 0.0, "collect": 0.0}
+    counts = {"steps": 0, "tokens": 0}
+    started, end_warm = None, time.perf_counter() + warmup
+    while True:
+        now = time.perf_counter()
+        if started is None and now >= end_warm:
+            started, counts, times = now, dict.fromkeys(counts, 0), dict.fromkeys(times, 0.0)
+        if started is not None and now - started >= seconds:
+            break
+        for row, req in list(owner.items()):  # its last token is in flight (or collected)
+            if made[req] + flying[req] >= new:
+                batch.free(row)
+                del owner[row]
+        while batch.free_rows:
+            owner[batch.begin(prompts[serial % len(prompts)], adapter=1)] = serial
+            serial += 1
+        clock = time.perf_counter()
+        check = sync_check and found is None and batch.device.type == "cuda"
+        if check:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            pending = batch.launch(budget)
+        except RuntimeError as exc:  # a synchronising operation inside launch
+            import traceback
+
+            found = traceback.format_exc(limit=-8)[-1500:] + str(exc)[:200]
+            torch.cuda.set_sync_debug_mode("default")
+            continue
+        finally:
+            if check:
+                torch.cuda.set_sync_debug_mode("default")
+        times["launch"] += time.perf_counter() - clock
+        owners = {row: owner[row] for row in pending.rows}
+        flying.update(owners.values())
+        if prev is not None:
+            clock = time.perf_counter()
+            tokens = batch.collect(prev[0])
+            times["collect"] += time.perf_counter() - clock
+            for row in tokens:
+                req = prev[1][row]
+                flying[req] -= 1
+                made[req] += 1
+            counts["tokens"] += len(tokens)
+        counts["steps"] += 1
+        prev = (pending, owners)
+    wall = time.perf_counter() - started
+    steps = max(counts["steps"], 1)
+    return {"budget": budget, "mode": "overlapped", "seconds": round(wall, 2),
+            "new_tokens_per_s": round(counts["tokens"] / wall, 1), "steps": counts["steps"],
+            "mean_step_ms": round(1000 * wall / steps, 2),
+            "launch_ms": round(1000 * times["launch"] / steps, 3),
+            "collect_wait_ms": round(1000 * times["collect"] / steps, 3),
+            "sync_in_launch": found if sync_check and batch.device.type == "cuda"
+            else "not checked (CUDA only)"}
+
+
 def profile_mixed(batch, prompts: list[list[int]], budget: int, steps: int = 3) -> dict:
     """GPU kernel time of `steps` eager mixed steps by kind (gemm, attention, index, copy,
     other), per step, and the 30 costliest kernels. Before each step enough rows are given new
@@ -225,6 +296,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--new", type=int, default=60)
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--overlap", action="store_true",
+                        help="also the scheduler's overlapped loop (launch k+1, collect k), "
+                        "with a check for synchronising operations inside launch()")
     parser.add_argument("--compile-forward", action="store_true",
                         help="experiment: the mixed step's body through torch.compile (one "
                         "graph per bucket, all layers unrolled) before the CUDA graph")
@@ -264,6 +338,11 @@ def main() -> None:
         print({k: v for k, v in row.items() if k != "profile"}, flush=True)
         if "profile" in row:
             print(row["profile"], flush=True)
+        if args.overlap:
+            with torch.inference_mode():
+                rows.append(overlapped(batch, prompts, budget, args.new, args.seconds,
+                                       warmup=1.0 if args.smoke else 4.0, sync_check=True))
+            print(rows[-1], flush=True)
     config = {"model": "tiny" if args.smoke else "qwen2.5-7b-shapes random bf16",
               "adapters": "4 × r=8 loaded, every request on adapter 1",
               "prompt_tokens": [low, high], "new_tokens": args.new, "rows": args.rows,
