@@ -207,9 +207,11 @@ class ContinuousBatch:
         sampling = sampling or Sampling()
         row = self.free_rows.pop(0)
         with torch.inference_mode():
-            self.valid[row] = False  # the slots of the row's last request
-            self.active[row] = 0  # the decode step leaves it alone until its prompt is in
-            self.row_adapter[row] = adapter
+            # fill_, not `t[row] = value`: setting one element from a Python value is a
+            # blocking host-to-device copy on CUDA, which would wait for the step in flight
+            self.valid[row].fill_(False)  # the slots of the row's last request
+            self.active[row].fill_(0)  # the decode step leaves it alone until its prompt is in
+            self.row_adapter[row].fill_(adapter)
         self.rows[row] = _Row(adapter, sampling, generator(sampling, self.device), 0,
                               list(prompt))
         return row
@@ -230,9 +232,8 @@ class ContinuousBatch:
         if self.rows.pop(row, None) is None:
             return
         with torch.inference_mode():
-            self.active[row] = 0
-            self.slot[row] = 0
-            self.row_adapter[row] = 0
+            for tensor in (self.active, self.slot, self.row_adapter):
+                tensor[row].fill_(0)  # a kernel, not a blocking copy (see begin)
         self.free_rows.append(row)
 
     def busy(self) -> list[int]:

@@ -169,3 +169,26 @@ def test_a_row_begun_again_while_its_old_request_is_in_flight(lively_model, lora
     new += list(batch.collect(pending).values())
     assert old == greedy_alone(lively_model, loras, prompts[0], 1, 2)
     assert new[:5] == greedy_alone(lively_model, loras, prompts[3], 2, 5)
+
+
+def test_begin_and_free_write_the_device_with_kernels_only(lively_model, loras, prompts,
+                                                           monkeypatch):
+    """begin() and free() run between a launch and its collect: they must not wait for the
+    step in flight. Setting a tensor element from a Python value (`t[row] = 0`) is a blocking
+    host-to-device copy on CUDA (on the H200 it serialised the scheduler with every step), so
+    here it raises; the rows still give each prompt's own tokens."""
+    batch = new_batch(lively_model, loras, rows=2)
+
+    def forbid(*args, **kwargs):
+        raise AssertionError("a tensor element set from a host value")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.Tensor, "__setitem__", forbid)
+        row = batch.begin(prompts[0], 1)
+        other = batch.begin(prompts[1], 2)
+        batch.free(other)
+    got = []
+    while len(got) < 3:
+        got += list(batch.step(5).values())
+    assert got[:3] == greedy_alone(lively_model, loras, prompts[0], 1, 3)
+    assert batch.busy() == [row]
