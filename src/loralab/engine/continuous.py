@@ -119,10 +119,8 @@ class ContinuousBatch:
         self.owners: dict[int, Any] = {}
         self.columns: dict[int, dict[int, slice]] = {}
         self.use_graph = cuda_graph and self.device.type == "cuda"
-        if self.device.type == "cuda":  # add()'s first tokens, read at once
-            self.host_tokens = torch.zeros(max_rows, dtype=torch.long, pin_memory=True)
-            self.ready = torch.cuda.Event()
-        self.token_ring = HostRing(max_rows, self.device)  # each launched step's tokens
+        # each launched step's tokens (and add()'s first tokens, read at once)
+        self.token_ring = HostRing(max_rows, self.device)
         self.graphs: dict[tuple[str, int], dict[str, Any]] = {}  # (kind, bucket) -> graph
         self.mixed_inputs: Any = None  # continuous_mixed.StepInputs, made by the first one
         self.stats = {"graph_error": None, "captures": 0, "capture_seconds": 0.0}
@@ -187,7 +185,7 @@ class ContinuousBatch:
             tokens = choose(self.logits[index], [self.rows[row].sampling for row in rows],
                             [self.rows[row].generator for row in rows])
             self.token[index] = tokens
-            firsts = self._to_host(tokens)
+            firsts = self.token_ring.read(self.token_ring.download(tokens))
         return rows, firsts
 
     def begin(self, prompt: list[int], adapter: int = 0,
@@ -319,17 +317,6 @@ class ContinuousBatch:
         """step()'s second half: {row: token} of a launched step, once they are on the host. A
         row freed since the launch still has its token here (its old request's)."""
         return continuous_step.collect(self, pending)
-
-    def _to_host(self, tokens: Any) -> list[int]:
-        """tokens.tolist(), on CUDA waiting on an event: that wait lets go of the GIL (a
-        .tolist() waits holding it), so the server's HTTP thread runs while the GPU works."""
-        if self.device.type != "cuda":
-            return tokens.tolist()
-        host = self.host_tokens[: len(tokens)]
-        host.copy_(tokens, non_blocking=True)
-        self.ready.record()
-        self.ready.synchronize()
-        return host.tolist()
 
     def _bucket(self, need: int) -> int:
         """The attention length for this step: on CUDA a power of two (one graph each), on
