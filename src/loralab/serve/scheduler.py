@@ -38,13 +38,13 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from loralab.engine.continuous import PREFILL_CHUNK  # the engine's step budget, also ours
 from loralab.serve.request import Request, emit, engine_error, prefill_groups, unloaded_message
 
 __all__ = ["Flight", "Request", "Scheduler", "emit", "engine_error", "prefill_groups",
            "unloaded_message"]
 
 PREFILL_TOKENS = 8192  # prompt tokens prefilled whole per step at most: decode keeps its pace
-PREFILL_CHUNK = 320  # prompt tokens a mixed step feeds at most (0: whole prefills instead)
 SWITCH_INTERVAL_S = 0.0005  # the process's GIL switch interval while serving
 
 
