@@ -88,6 +88,33 @@ class Timed:
         return out
 
 
+def window(warmup: float, seconds: float):
+    """One item per loop turn: "warm" during `warmup`, "open" on the first turn of the measured
+    window, then "in" until `seconds` after it opened."""
+    opened, end_warm = None, time.perf_counter() + warmup
+    while True:
+        now = time.perf_counter()
+        if opened is None and now < end_warm:
+            yield "warm"
+        elif opened is None:
+            opened = now
+            yield "open"
+        elif now - opened < seconds:
+            yield "in"
+        else:
+            return
+
+
+def fill_rows(batch, prompts: list[list[int]], first: int) -> dict[int, int]:
+    """Every free row begins the next prompt (numbered from `first`, on adapter 1): {row: its
+    prompt's number}."""
+    begun = {}
+    while batch.free_rows:
+        begun[batch.begin(prompts[first % len(prompts)], adapter=1)] = first
+        first += 1
+    return begun
+
+
 def steady(batch, prompts: list[list[int]], budget: int, new: int, seconds: float,
            timed: Timed, warmup: float) -> dict:
     """Every row busy; a row that has its `new` tokens leaves and the next prompt begins in
@@ -95,24 +122,14 @@ def steady(batch, prompts: list[list[int]], budget: int, new: int, seconds: floa
     for row in list(batch.rows):
         batch.free(row)
     made, nxt = {}, 0
-
-    def refill() -> None:
-        nonlocal nxt
-        while batch.free_rows:
-            made[batch.begin(prompts[nxt % len(prompts)], adapter=1)] = 0
-            nxt += 1
-
-    refill()
-    end_warm = time.perf_counter() + warmup
     counts = {"steps": 0, "mixed": 0, "tokens": 0, "decode_rows": 0, "prompt_tokens": 0}
-    started = None
-    while True:
-        now = time.perf_counter()
-        if started is None and now >= end_warm:
-            started, counts = now, dict.fromkeys(counts, 0)
+    for turn in window(warmup, seconds):
+        begun = fill_rows(batch, prompts, nxt)
+        made.update(dict.fromkeys(begun, 0))
+        nxt += len(begun)
+        if turn == "open":
+            started, counts = time.perf_counter(), dict.fromkeys(counts, 0)
             timed.take()
-        if started is not None and now - started >= seconds:
-            break
         pending, firsts = batch.pending_tokens(), len(batch.prefilling())
         tokens = batch.step(budget)
         counts["steps"] += 1
@@ -126,7 +143,6 @@ def steady(batch, prompts: list[list[int]], budget: int, new: int, seconds: floa
             if made[row] >= new:
                 batch.free(row)
                 del made[row]
-        refill()
     wall = time.perf_counter() - started
     gpu = timed.take()
     mixed = max(counts["mixed"], 1)
@@ -159,20 +175,17 @@ def overlapped(batch, prompts: list[list[int]], budget: int, new: int, seconds: 
     serial, prev, found = 0, None, None
     times = {"launch": 0.0, "collect": 0.0}
     counts = {"steps": 0, "tokens": 0}
-    started, end_warm = None, time.perf_counter() + warmup
-    while True:
-        now = time.perf_counter()
-        if started is None and now >= end_warm:
-            started, counts, times = now, dict.fromkeys(counts, 0), dict.fromkeys(times, 0.0)
-        if started is not None and now - started >= seconds:
-            break
+    for turn in window(warmup, seconds):
+        if turn == "open":
+            started, counts, times = (time.perf_counter(), dict.fromkeys(counts, 0),
+                                      dict.fromkeys(times, 0.0))
         for row, req in list(owner.items()):  # its last token is in flight (or collected)
             if made[req] + flying[req] >= new:
                 batch.free(row)
                 del owner[row]
-        while batch.free_rows:
-            owner[batch.begin(prompts[serial % len(prompts)], adapter=1)] = serial
-            serial += 1
+        begun = fill_rows(batch, prompts, serial)
+        owner.update(begun)
+        serial += len(begun)
         clock = time.perf_counter()
         check = sync_check and found is None and batch.device.type == "cuda"
         if check:
