@@ -51,29 +51,25 @@ def random_loras(lm, count: int, rank: int = 8) -> dict[int, dict]:
 
 
 class Timed:
-    """Wraps the engine's run_step: CUDA events around each step's GPU work (graph replay or
-    eager body), so GPU-busy time can be set against the wall time of the loop."""
+    """CUDA events around each launch(): the GPU time of everything a step queues (its inputs'
+    copy, the graph replay or eager body, sampling, its tokens' copy), so GPU-busy time can be
+    set against the wall time of the loop."""
 
     def __init__(self, cuda: bool) -> None:
-        import loralab.engine.continuous as continuous
-        import loralab.engine.continuous_mixed as mixed
-
         self.cuda, self.pairs = cuda, []
-        self.modules, self.original = (continuous, mixed), continuous.run_step
-        for module in self.modules:
-            module.run_step = self.run_step
 
-    def run_step(self, batch, key, body) -> None:
+    def launch(self, batch, budget: int):
+        """batch.launch(budget), timed."""
         import torch
 
         if not self.cuda:
-            self.original(batch, key, body)
-            return
+            return batch.launch(budget)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        self.original(batch, key, body)
+        pending = batch.launch(budget)
         end.record()
-        self.pairs.append((key[0], start, end))
+        self.pairs.append(("mixed" if pending.mixed else "decode", start, end))
+        return pending
 
     def take(self) -> dict[str, float]:
         """{kind: GPU seconds} of the steps since the last take (waits for them)."""
@@ -131,7 +127,7 @@ def steady(batch, prompts: list[list[int]], budget: int, new: int, seconds: floa
             started, counts = time.perf_counter(), dict.fromkeys(counts, 0)
             timed.take()
         pending, firsts = batch.pending_tokens(), len(batch.prefilling())
-        tokens = batch.step(budget)
+        tokens = batch.collect(timed.launch(batch, budget))
         counts["steps"] += 1
         counts["tokens"] += len(tokens)
         if pending:

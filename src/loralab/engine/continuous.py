@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loralab.engine import continuous_step
-from loralab.engine.continuous_graphs import drop_graphs, run_step
+from loralab.engine.continuous_graphs import drop_graphs
 from loralab.engine.continuous_host import HostRing
 from loralab.engine.continuous_lora import (
     masked_layer,
@@ -327,20 +327,6 @@ class ContinuousBatch:
         while bucket < need:
             bucket *= 2
         return min(bucket, self.max_len)
-
-    def _decode_step(self) -> list[int]:
-        """Launch a decode step (inside inference_mode): every busy row one token on; its rows.
-        Here, not in continuous_step, so that run_step is looked up in this module (the bench
-        wraps it here and in continuous_mixed to time the steps)."""
-        need = max(r.next_slot for r in self.rows.values()) + 1
-        if need > self.max_len:
-            raise RuntimeError("a row ran past the cache: free it before its room runs out")
-        bucket = self._bucket(need)
-        run_step(self, ("decode", bucket), lambda: self._decode(bucket))
-        rows = sorted(self.rows)
-        for row in rows:
-            self.rows[row].next_slot += 1
-        return rows
 
     def _decode(self, length: int) -> None:
         """The decode step's body (continuous_step.decode); a method, so tests can wrap it."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from loralab.engine.continuous_graphs import run_step
 from loralab.engine.continuous_host import Ticket
 from loralab.engine.continuous_lora import masked_layer, rope_tables, row_masks
 from loralab.engine.continuous_mixed import attend_decode, decode_attention_mask, mixed_step
@@ -52,10 +53,23 @@ def launch(batch: ContinuousBatch, budget: int) -> Pending:
         if mixed:
             rows, fed = mixed_step(batch, budget)
         else:
-            rows, fed = batch._decode_step(), 0
+            rows, fed = decode_step(batch), 0
         sample_rows(batch, rows)
         ticket = batch.token_ring.download(batch.token)
     return Pending(rows, mixed, fed, ticket)
+
+
+def decode_step(batch: ContinuousBatch) -> list[int]:
+    """Launch a decode step (inside inference_mode): every busy row one token on; its rows."""
+    need = max(r.next_slot for r in batch.rows.values()) + 1
+    if need > batch.max_len:
+        raise RuntimeError("a row ran past the cache: free it before its room runs out")
+    bucket = batch._bucket(need)
+    run_step(batch, ("decode", bucket), lambda: batch._decode(bucket))
+    rows = sorted(batch.rows)
+    for row in rows:
+        batch.rows[row].next_slot += 1
+    return rows
 
 
 def collect(batch: ContinuousBatch, pending: Pending) -> dict[int, int]:
