@@ -64,6 +64,9 @@ def engine_breakdown(delta: dict, window: float) -> dict:
     mixed = max(delta["mixed"], 1)
     return {"engine_busy_fraction": round(busy / window, 3),
             "collect_wait_fraction": round(delta["wait_s"] / window, 3),
+            "hold_fraction": round(delta["hold_s"] / window, 3),
+            "launch_ms_mean": round(1000 * delta["launch_s"] / max(delta["steps"]
+                                                                   + delta["mixed"], 1), 3),
             "decode_steps": delta["steps"],
             "decode_ms_mean": round(1000 * delta["step_s"] / max(delta["steps"], 1), 2),
             "rows_per_step_mean": round(delta["step_rows"] / max(delta["steps"], 1), 1),
@@ -79,7 +82,8 @@ def busy_line(row: dict) -> str:
     if "engine_busy_fraction" not in row:
         return ""
     return (f"; engine busy {row['engine_busy_fraction']:.0%} of the window (waiting for the "
-            f"GPU {row['collect_wait_fraction']:.0%}), decode step "
+            f"GPU {row['collect_wait_fraction']:.0%}, holding a launch "
+            f"{row['hold_fraction']:.0%}, launch {row['launch_ms_mean']} ms), decode step "
             f"{row['decode_ms_mean']} ms at {row['rows_per_step_mean']} rows, "
             f"{row['prefills']} prefills of {row['prefill_ms_mean']} ms, "
             f"{row['mixed_steps']} mixed steps of {row['mixed_ms_mean']} ms "
@@ -97,7 +101,8 @@ def engine_counters(metrics) -> dict:
                 "mixed": metrics.mixed_steps, "mixed_s": metrics.mixed_seconds,
                 "mixed_prompt": metrics.mixed_prompt_tokens,
                 "mixed_rows": metrics.mixed_decode_rows,
-                "wait_s": metrics.collect_wait_seconds}
+                "wait_s": metrics.collect_wait_seconds, "launch_s": metrics.launch_seconds,
+                "hold_s": metrics.hold_seconds}
 
 
 def client_main(args: argparse.Namespace) -> None:

@@ -8,7 +8,8 @@ each against the server in this process; tokens/s and the engine's busy time are
 own counters over the window, time to first token and per-token latency the clients'. Then the same model behind `--engine naive` (HF generate
 per request, one at a time) with 16 clients. Prints config, hardware, commit, date; writes JSON.
 `--prefill-chunk 0` serves with whole prefills between decode steps instead of mixed steps
-(chunked prefill; the server's option of the same name; default 256).
+(chunked prefill; the server's option of the same name; default 320). `--no-hold` launches
+each step at once instead of holding it until the GPU nears the end of the step before.
 
     PYTHONPATH=src python bench/serve_load.py --out $OUT          # ~5 min on one H200
     PYTHONPATH=src python bench/serve_load.py --smoke --out /tmp   # CPU, < 1 min
@@ -123,6 +124,8 @@ def serve_scenarios(model, tokenizer, engine: str, adapters: list[Path], prompts
     specs = [(f"a{k}", path) for k, path in enumerate(adapters)]
     state = build_state(model, tokenizer, "base", "", specs, opts)
     state.stop_ids, state.scheduler.stop_ids = [], set()  # random weights: always `new` tokens
+    if engine == "continuous":
+        state.scheduler.hold = not args.no_hold
     rows = []
     with RunningServer(state) as server:
         for mix, clients, seconds in plan:
@@ -219,6 +222,9 @@ def main() -> None:
                         help="the server's --prefill-chunk: prompt tokens per mixed step; 0: "
                         "whole prefills between decode steps (the A/B)")
     parser.add_argument("--no-naive", action="store_true")
+    parser.add_argument("--no-hold", action="store_true",
+                        help="launch each step at once, not held until the GPU nears the end "
+                        "of the step before (serve/pacing.py; the A/B)")
     parser.add_argument("--predict-check", type=Path, metavar="RUN",
                         help="compare a trained run's served answers with loralab predict")
     parser.add_argument("--input", type=Path, help="inputs for --predict-check")
@@ -267,6 +273,7 @@ def load_runs(args: argparse.Namespace) -> tuple[dict, list[dict], dict]:
               "device": str(device), "adapters": "4 × r=8, 7 projections",
               "prompt_tokens": [low, high], "new_tokens": args.new, "max_rows": args.max_rows,
               "max_len": args.max_len, "prefill_chunk": args.prefill_chunk,
+              "hold": not args.no_hold,
               "seconds": seconds, "naive_seconds": naive_seconds,
               "tokenizer": tokenizer_kind}
     stats = [r["engine_stats"] for r in rows if "engine_stats" in r]

@@ -34,6 +34,10 @@ SCALAR_COUNTERS = (
     ("collect_wait_seconds_total", "Time the scheduler waited for a step's tokens (the GPU "
      "still working); the rest of its time is host work. Near 0 under load: the host is what "
      "limits the steps.", "collect_wait_seconds"),
+    ("launch_seconds_total", "Host time in the engine's launch() (planning a step and queueing "
+     "it on the GPU).", "launch_seconds"),
+    ("hold_seconds_total", "Time the scheduler held the next launch back while the GPU still "
+     "ran the step before it, admitting requests that arrived meanwhile.", "hold_seconds"),
 )
 
 
@@ -52,6 +56,7 @@ class Metrics:
         self.mixed_prompt_tokens, self.mixed_decode_rows = 0, 0
         self.prefills, self.prefill_seconds = 0, 0.0
         self.collect_wait_seconds = 0.0
+        self.launch_seconds = self.hold_seconds = 0.0
         self.last_batch = 0
         self.ttft_sum, self.ttft_count = 0.0, 0
         self.recent: collections.deque[tuple[float, int]] = collections.deque()
@@ -89,6 +94,16 @@ class Metrics:
         """The scheduler waited `seconds` for a launched step's tokens."""
         with self.lock:
             self.collect_wait_seconds += seconds
+
+    def launched(self, seconds: float) -> None:
+        """A launch() took `seconds` of the scheduler's time."""
+        with self.lock:
+            self.launch_seconds += seconds
+
+    def held(self, seconds: float) -> None:
+        """The scheduler held a launch back `seconds` (see Scheduler._hold)."""
+        with self.lock:
+            self.hold_seconds += seconds
 
     def step(self, rows: int, seconds: float) -> None:
         """A decode step that gave `rows` requests a token (tokens dropped for requests that

@@ -15,7 +15,10 @@ step k leaves the batch before step k+1 is launched, and gets that token when st
 collected. One that stops on a stop token in step k was already in step k+1: that step's token
 for it is dropped (the row may hold a new request by then: each launched step remembers whose
 its rows were). At most one step is left in flight between turns; control work and whole
-prefills (add(), which waits for the GPU anyway) collect it first.
+prefills (add(), which waits for the GPU anyway) collect it first. While the GPU sets the pace,
+a turn holds its launch until shortly before the step in flight should end (pacing.py), so a
+request that arrives meanwhile (a client asking again as soon as it has its last token) joins
+the next step instead of the one after.
 
 Admission, by `prefill_chunk`: above 0 (the default, 320) an admitted request's row is
 prefilling, and while any row is, each step is a mixed step that feeds up to `prefill_chunk`
@@ -39,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from loralab.engine.continuous import PREFILL_CHUNK  # the engine's step budget, also ours
+from loralab.serve.pacing import Pacer
 from loralab.serve.request import Request, emit, engine_error, prefill_groups, unloaded_message
 
 __all__ = ["Flight", "Request", "Scheduler", "emit", "engine_error", "prefill_groups",
@@ -62,8 +66,9 @@ class Scheduler:
     """Drives a ContinuousBatch from one background thread."""
 
     def __init__(self, batch: Any, stop_ids: list[int], max_queue: int, metrics: Any,
-                 prefill_chunk: int = PREFILL_CHUNK) -> None:
+                 prefill_chunk: int = PREFILL_CHUNK, hold: bool = True) -> None:
         self.batch, self.stop_ids = batch, set(stop_ids)
+        self.hold, self.pacer = hold, Pacer()  # hold: launch late (pacing.py)
         self.max_queue, self.metrics = max_queue, metrics
         self.prefill_chunk = prefill_chunk
         self.waiting: collections.deque[Request] = collections.deque()
@@ -158,12 +163,33 @@ class Scheduler:
         """One turn of the loop: drop, admit, launch the next step, then collect the one that
         was in flight, so the GPU runs the new step while the host hands out the old one's
         tokens (and, next turn, admits and plans)."""
+        self._hold()
         self._drop_finished(out)
         self._admit(out)
         in_flight = len(self.flights)
         self._launch(out)
         for _ in range(in_flight):  # fewer when the launch failed: it forgot them all
             self._collect(out)
+
+    def _hold(self) -> None:
+        """With `hold`: wait until shortly before the step in flight ends on the GPU
+        (pacing.py), so the requests that arrive meanwhile join the next step; control work or
+        a stop ends the wait at once."""
+        if not (self.hold and self.flights):
+            return
+        flight = self.flights[-1]
+        until = self.pacer.launch_at(max(self.last_collect, flight.launched),
+                                     flight.pending.mixed)
+        if until is None:
+            return
+        started = time.perf_counter()
+        with self.wake:
+            while not (self.stopped or self.control):
+                left = until - time.perf_counter()
+                if left <= 0:
+                    break
+                self.wake.wait(left)
+        self.metrics.held(time.perf_counter() - started)
 
     def _step(self, out: list) -> None:
         """One step from launch to its tokens handed out, nothing left in flight (the loop's
@@ -338,11 +364,15 @@ class Scheduler:
         self._retire(out)
         if not self.running:
             return
+        started = time.perf_counter()
         try:
             pending = self.batch.launch(self.prefill_chunk or 1)
         except Exception as exc:  # fail what is in flight with a 500, keep serving
             self._engine_down(exc, out)
             return
+        took = time.perf_counter() - started
+        self.metrics.launched(took)
+        self.pacer.launched(took)
         owners = {row: self.running[row] for row in pending.rows}
         for req in owners.values():
             req.in_flight += 1
@@ -365,6 +395,7 @@ class Scheduler:
         collected, now = time.perf_counter(), time.monotonic()
         self.metrics.collect_wait(collected - waiting)
         seconds = collected - max(flight.launched, self.last_collect)
+        self.pacer.collected(flight.pending.mixed, seconds, collected - waiting)
         self.last_collect = collected
         mine = {}
         for row, token in tokens.items():
