@@ -155,12 +155,14 @@ def steady(batch, prompts: list[list[int]], budget: int, new: int, seconds: floa
 
 
 def overlapped(batch, prompts: list[list[int]], budget: int, new: int, seconds: float,
-               warmup: float, sync_check: bool) -> dict:
+               warmup: float, sync_check: bool, host_trace: bool = False) -> dict:
     """The scheduler's loop without HTTP: launch step k+1, then collect step k (a request whose
     last token is in flight leaves its row before the next launch). New tokens/s, the host's
-    time in launch() and in collect() per step, and with `sync_check` the first operation
-    inside a launch that synchronises with the GPU (torch's sync debug mode "error"; the
-    engine's own waits on CUDA events are not such operations), else None."""
+    wall time per step in each part of the turn (freeing finished rows, beginning new ones,
+    launch(), collect()), and with `sync_check` the first operation inside a launch that
+    synchronises with the GPU (torch's sync debug mode "error"; the engine's own waits on CUDA
+    events are not such operations), else None. With `host_trace`, after the window: the CUDA
+    runtime calls of 20 more turns by host time (which of them block the host thread)."""
     import collections
 
     import torch
@@ -168,22 +170,23 @@ def overlapped(batch, prompts: list[list[int]], budget: int, new: int, seconds: 
     for row in list(batch.rows):
         batch.free(row)
     owner, made, flying = {}, collections.Counter(), collections.Counter()
-    serial, prev, found = 0, None, None
-    times = {"launch": 0.0, "collect": 0.0}
+    state = {"serial": 0, "prev": None, "found": None}
+    parts = ("free", "begin", "launch", "collect")
+    times = dict.fromkeys(parts, 0.0)
     counts = {"steps": 0, "tokens": 0}
-    for turn in window(warmup, seconds):
-        if turn == "open":
-            started, counts, times = (time.perf_counter(), dict.fromkeys(counts, 0),
-                                      dict.fromkeys(times, 0.0))
+
+    def turn_once(times: dict, counts: dict) -> None:
+        clock = time.perf_counter()
         for row, req in list(owner.items()):  # its last token is in flight (or collected)
             if made[req] + flying[req] >= new:
                 batch.free(row)
                 del owner[row]
-        begun = fill_rows(batch, prompts, serial)
+        clock = lap(times, "free", clock)
+        begun = fill_rows(batch, prompts, state["serial"])
         owner.update(begun)
-        serial += len(begun)
-        clock = time.perf_counter()
-        check = sync_check and found is None and batch.device.type == "cuda"
+        state["serial"] += len(begun)
+        clock = lap(times, "begin", clock)
+        check = sync_check and state["found"] is None and batch.device.type == "cuda"
         if check:
             torch.cuda.set_sync_debug_mode("error")
         try:
@@ -191,35 +194,68 @@ def overlapped(batch, prompts: list[list[int]], budget: int, new: int, seconds: 
         except RuntimeError as exc:  # a synchronising operation inside launch
             import traceback
 
-            found = traceback.format_exc(limit=-8)[-1500:] + str(exc)[:200]
+            state["found"] = traceback.format_exc(limit=-8)[-1500:] + str(exc)[:200]
             torch.cuda.set_sync_debug_mode("default")
-            continue
+            return
         finally:
             if check:
                 torch.cuda.set_sync_debug_mode("default")
-        times["launch"] += time.perf_counter() - clock
+        clock = lap(times, "launch", clock)
         owners = {row: owner[row] for row in pending.rows}
         flying.update(owners.values())
-        if prev is not None:
+        if state["prev"] is not None:
             clock = time.perf_counter()
-            tokens = batch.collect(prev[0])
-            times["collect"] += time.perf_counter() - clock
+            prev, prev_owners = state["prev"]
+            tokens = batch.collect(prev)
+            lap(times, "collect", clock)
             for row in tokens:
-                req = prev[1][row]
+                req = prev_owners[row]
                 flying[req] -= 1
                 made[req] += 1
             counts["tokens"] += len(tokens)
         counts["steps"] += 1
-        prev = (pending, owners)
+        state["prev"] = (pending, owners)
+
+    for turn in window(warmup, seconds):
+        if turn == "open":
+            started, counts, times = (time.perf_counter(), dict.fromkeys(counts, 0),
+                                      dict.fromkeys(parts, 0.0))
+        turn_once(times, counts)
     wall = time.perf_counter() - started
     steps = max(counts["steps"], 1)
-    return {"budget": budget, "mode": "overlapped", "seconds": round(wall, 2),
-            "new_tokens_per_s": round(counts["tokens"] / wall, 1), "steps": counts["steps"],
-            "mean_step_ms": round(1000 * wall / steps, 2),
-            "launch_ms": round(1000 * times["launch"] / steps, 3),
-            "collect_wait_ms": round(1000 * times["collect"] / steps, 3),
-            "sync_in_launch": found if sync_check and batch.device.type == "cuda"
-            else "not checked (CUDA only)"}
+    row = {"budget": budget, "mode": "overlapped", "seconds": round(wall, 2),
+           "new_tokens_per_s": round(counts["tokens"] / wall, 1), "steps": counts["steps"],
+           "mean_step_ms": round(1000 * wall / steps, 2),
+           "host_ms_per_step": {k: round(1000 * v / steps, 3) for k, v in times.items()},
+           "sync_in_launch": state["found"] if sync_check and batch.device.type == "cuda"
+           else "not checked (CUDA only)"}
+    if host_trace and batch.device.type == "cuda":
+        row["runtime_calls"] = runtime_calls(lambda: turn_once(dict.fromkeys(parts, 0.0),
+                                                               dict.fromkeys(counts, 0)), 20)
+    return row
+
+
+def lap(times: dict, part: str, since: float) -> float:
+    """times[part] += the seconds since `since`; now."""
+    now = time.perf_counter()
+    times[part] += now - since
+    return now
+
+
+def runtime_calls(turn, turns: int) -> list[dict]:
+    """The CUDA runtime/driver calls of `turns` calls of turn() by host milliseconds per turn,
+    costliest first: a call that waits for the GPU (an event or stream synchronize, or a
+    launch into a full queue) shows here with most of the turn's time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(turns):
+            turn()
+    calls = [(e.cpu_time_total / 1000 / turns, e.count / turns, e.key)
+             for e in prof.key_averages() if e.key.startswith("cu")]
+    calls.sort(reverse=True)
+    return [{"ms": round(ms, 3), "calls": round(n, 1), "name": name[:60]}
+            for ms, n, name in calls[:12]]
 
 
 def profile_mixed(batch, prompts: list[list[int]], budget: int, steps: int = 3) -> dict:
@@ -308,6 +344,11 @@ def main() -> None:
     parser.add_argument("--overlap", action="store_true",
                         help="also the scheduler's overlapped loop (launch k+1, collect k), "
                         "with a check for synchronising operations inside launch()")
+    parser.add_argument("--unfused-too", action="store_true",
+                        help="then the same steady window with the shrink GEMMs of qkv and "
+                        "gate_up apart from the base ones (before continuous_lora.fuse_shrinks)")
+    parser.add_argument("--host-trace", action="store_true",
+                        help="with --overlap: the CUDA runtime calls of 20 turns by host time")
     parser.add_argument("--compile-forward", action="store_true",
                         help="experiment: the mixed step's body through torch.compile (one "
                         "graph per bucket, all layers unrolled) before the CUDA graph")
@@ -339,6 +380,7 @@ def main() -> None:
                 steady(batch, prompts, budget, args.new, 2.0, timed, warmup=0.0)
             row = steady(batch, prompts, budget, args.new, args.seconds, timed,
                          warmup=1.0 if args.smoke else 4.0)
+            row["fused_shrinks"] = batch.fuse_shrinks
             if device.type == "cuda":
                 row["gemm_floor_ms"] = gemm_floor(batch, args.rows + budget)
                 if not args.no_profile:
@@ -350,7 +392,17 @@ def main() -> None:
         if args.overlap:
             with torch.inference_mode():
                 rows.append(overlapped(batch, prompts, budget, args.new, args.seconds,
-                                       warmup=1.0 if args.smoke else 4.0, sync_check=True))
+                                       warmup=1.0 if args.smoke else 4.0, sync_check=True,
+                                       host_trace=args.host_trace))
+            print(rows[-1], flush=True)
+    if args.unfused_too:
+        batch.fuse_shrinks = False
+        batch.set_adapters(random_loras(model, 4))
+        for budget in [int(b) for b in args.budgets.split(",")]:
+            with torch.inference_mode():
+                row = steady(batch, prompts, budget, args.new, args.seconds, timed,
+                             warmup=1.0 if args.smoke else 4.0)
+            rows.append({**row, "fused_shrinks": False})
             print(rows[-1], flush=True)
     config = {"model": "tiny" if args.smoke else "qwen2.5-7b-shapes random bf16",
               "adapters": "4 × r=8 loaded, every request on adapter 1",

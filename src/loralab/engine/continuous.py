@@ -39,6 +39,7 @@ from loralab.engine import continuous_step
 from loralab.engine.continuous_graphs import drop_graphs
 from loralab.engine.continuous_host import HostRing
 from loralab.engine.continuous_lora import (
+    fuse_shrinks,
     masked_layer,
     one_adapter,
     rope_tables,
@@ -119,6 +120,7 @@ class ContinuousBatch:
         self.owners: dict[int, Any] = {}
         self.columns: dict[int, dict[int, slice]] = {}
         self.use_graph = cuda_graph and self.device.type == "cuda"
+        self.fuse_shrinks = True  # continuous_lora.fuse_shrinks at set_adapters
         # each launched step's tokens (and add()'s first tokens, read at once)
         self.token_ring = HostRing(max_rows, self.device)
         self.graphs: dict[tuple[str, int], dict[str, Any]] = {}  # (kind, bucket) -> graph
@@ -134,8 +136,12 @@ class ContinuousBatch:
 
         with torch.inference_mode():
             if loras:
-                self.stack, self.owners, self.columns = stack_loras(
-                    self.lm, loras, self.dtype, self.device)
+                stack, self.owners, self.columns = stack_loras(self.lm, loras, self.dtype,
+                                                               self.device)
+                self.stack = [{} for _ in self.layers]  # the old fused weights can go
+                if self.fuse_shrinks:
+                    fuse_shrinks(self.layers, stack)
+                self.stack = stack
             else:
                 self.stack, self.owners, self.columns = [{} for _ in self.layers], {}, {}
         self.loras = dict(loras)
@@ -143,7 +149,8 @@ class ContinuousBatch:
 
     def adapter_bytes(self) -> int:
         """Bytes the stacked factors take on the device."""
-        return sum(t.nbytes for layer in self.stack for ab in layer.values() if ab for t in ab)
+        return sum(t.nbytes for layer in self.stack for ab in layer.values() if ab
+                   for t in ab[:2])
 
     # ------------------------------------------------------------ rows
 

@@ -14,6 +14,9 @@ from typing import Any
 from loralab.engine.fast_forward import GROUPS, Layer, Shape, rms
 from loralab.engine.lora_batch import fill_adapter
 
+FUSED = ("qkv", "gate_up")  # groups whose shrink rides in the base GEMM (fuse_shrinks)
+FUSED_ROWS = 128  # a fused weight's rows are a multiple of this
+
 
 def _ranks(loras: dict[int, dict[str, Any]]) -> dict[int, int]:
     """Each adapter's column width per group member: its largest rank (members pad to it)."""
@@ -107,8 +110,9 @@ def row_masks(owners: dict[int, Any], adapters: Any, dtype: Any) -> dict[int, An
 
 def masked_linear(x: Any, weight: Any, bias: Any, lora: Any, mask: Any,
                   residual: Any = None) -> Any:
-    """residual + x·Wᵀ + b plus the rows' own adapters: lora (A [C, in], B [out, C]); mask
-    [.., C] (broadcast over x's leading dimensions).
+    """residual + x·Wᵀ + b plus the rows' own adapters: lora (A [C, in], B [out, C]), or
+    (A, B, fused, fused bias) where fuse_shrinks put A under W; mask [.., C] (broadcast over
+    x's leading dimensions).
 
     The sums ride in the matrix products' epilogues (addmm with beta 1: the GEMM reads the
     term it adds), instead of a GEMM and then an elementwise add over [tokens, out] per term:
@@ -116,19 +120,55 @@ def masked_linear(x: Any, weight: Any, bias: Any, lora: Any, mask: Any,
     One rounding per GEMM instead of one per add."""
     import torch
 
-    shape = x.shape
+    shape, out = x.shape, weight.shape[0]
     x2 = x.reshape(-1, shape[-1])
-    base = bias if residual is None else residual.reshape(-1, weight.shape[0])
-    if residual is not None and bias is not None:
-        base = base + bias
-    y = x2 @ weight.T if base is None else torch.addmm(base, x2, weight.T)
-    if lora is not None:
+    if lora is not None and len(lora) == 4:  # x·Aᵀ comes out of the base GEMM (fuse_shrinks)
+        a, b, fused, fused_bias = lora
+        both = x2 @ fused.T if fused_bias is None else torch.addmm(fused_bias, x2, fused.T)
+        y, h = both[:, :out], both[:, out:out + a.shape[0]]
+    else:
+        base = bias if residual is None else residual.reshape(-1, out)
+        if residual is not None and bias is not None:
+            base = base + bias
+        y = x2 @ weight.T if base is None else torch.addmm(base, x2, weight.T)
+        if lora is None:
+            return y.view(*shape[:-1], out)
         a, b = lora
         h = x2 @ a.T
-        if mask is not None:
-            h = (h.view(*shape[:-1], -1) * mask).reshape(h.shape)
-        y = y.addmm_(h, b.T)
-    return y.view(*shape[:-1], weight.shape[0])
+    if mask is not None:
+        h = (h.reshape(*shape[:-1], -1) * mask).reshape(-1, h.shape[-1])
+    y = y.addmm_(h, b.T)
+    return y.view(*shape[:-1], out)
+
+
+def fuse_shrinks(layers: list[Layer], stack: list[dict[str, Any]]) -> None:
+    """Put each FUSED group's stacked A under the layer's weight, so that one GEMM gives
+    x·Wᵀ and x·Aᵀ: the stack's entry becomes (A, B, fused, fused bias) and the layer's weight
+    a view of the fused one's first rows (no second copy of the weight; the old fused tensor
+    goes with the old stack). The extra rows are padded to a multiple of FUSED_ROWS, the GEMM
+    tile's width. Saves the shrink GEMM (and its split-K reduction) of qkv and gate_up per
+    layer: their input is the normed hidden state, whose GEMM is the base one; o and down add a
+    residual in their GEMM and keep theirs."""
+
+    for w, entry in zip(layers, stack, strict=True):
+        for group in FUSED:
+            lora = entry.get(group)
+            if lora is None:
+                continue
+            a, b = lora[:2]
+            weight, bias = getattr(w, group), getattr(w, f"{group}_bias")
+            rows = -(-(weight.shape[0] + a.shape[0]) // FUSED_ROWS) * FUSED_ROWS
+            fused = weight.new_zeros(rows, weight.shape[1])
+            fused[:weight.shape[0]] = weight
+            fused[weight.shape[0]:weight.shape[0] + a.shape[0]] = a
+            fused_bias = None
+            if bias is not None:
+                fused_bias = bias.new_zeros(rows)
+                fused_bias[:bias.shape[0]] = bias
+                setattr(w, f"{group}_bias", fused_bias[:bias.shape[0]])
+            setattr(w, group, fused[:weight.shape[0]])
+            a = fused[weight.shape[0]:weight.shape[0] + a.shape[0]]  # one copy of A
+            entry[group] = (a, b, fused, fused_bias)
 
 
 def rope_tables(cos: Any, sin: Any) -> tuple[Any, Any]:

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from loralab.engine.continuous_lora import masked_linear, rope_tables, rotate_qk
+from loralab.engine.continuous_lora import (
+    FUSED_ROWS,
+    fuse_shrinks,
+    masked_linear,
+    rope_tables,
+    rotate_qk,
+)
 from loralab.engine.fast_forward import rotate
 
 
@@ -39,3 +47,41 @@ def test_masked_linear_adds_bias_residual_and_each_rows_adapter(shape, mask_shap
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(masked_linear(x, weight, None, None, None),
                                x @ weight.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fuse_shrinks_puts_a_under_the_weight_and_gives_the_same_sums(with_bias):
+    """fuse_shrinks: the layer's weight (and bias) keep their values as views of a fused
+    tensor padded to FUSED_ROWS, A is its rows after them, and masked_linear over the fused
+    entry is the plain formula; o and down (residual groups) are left as they were."""
+    gen = torch.Generator().manual_seed(2)
+    weights = {g: torch.randn(n, 16, generator=gen) for g, n in (("qkv", 10), ("o", 16),
+                                                                  ("gate_up", 8), ("down", 16))}
+    biases = {g: torch.randn(10, generator=gen) if with_bias and g == "qkv" else None
+              for g in weights}
+    layer = SimpleNamespace(**weights, **{f"{g}_bias": b for g, b in biases.items()})
+    entry = {g: (torch.randn(6, 16, generator=gen), torch.randn(len(w), 6, generator=gen))
+             for g, w in weights.items()}
+    plain = dict(entry)
+    fuse_shrinks([layer], [entry])
+    for group in ("qkv", "gate_up"):
+        a, b, fused, fused_bias = entry[group]
+        n = len(weights[group])
+        assert fused.shape == (FUSED_ROWS, 16)
+        assert torch.equal(layer.__dict__[group], weights[group])
+        assert layer.__dict__[group].data_ptr() == fused.data_ptr()
+        assert torch.equal(a, plain[group][0]) and torch.equal(fused[n:n + 6], a)
+        assert not fused[n + 6:].any()
+        if biases[group] is not None:
+            assert torch.equal(layer.__dict__[f"{group}_bias"], biases[group])
+            assert fused_bias.shape == (FUSED_ROWS,)
+        x = torch.randn(2, 3, 16, generator=gen)
+        mask = (torch.rand(2, 1, 6, generator=gen) > 0.5).float()
+        want = x @ weights[group].T + ((x @ a.T) * mask) @ b.T
+        if biases[group] is not None:
+            want = want + biases[group]
+        got = masked_linear(x, layer.__dict__[group], layer.__dict__[f"{group}_bias"],
+                            entry[group], mask)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for group in ("o", "down"):
+        assert entry[group] is plain[group] and layer.__dict__[group] is weights[group]

@@ -192,3 +192,23 @@ def test_begin_and_free_write_the_device_with_kernels_only(lively_model, loras, 
         got += list(batch.step(5).values())
     assert got[:3] == greedy_alone(lively_model, loras, prompts[0], 1, 3)
     assert batch.busy() == [row]
+
+
+def test_fused_shrinks_give_the_tokens_of_separate_shrinks(lively_model, loras, prompts):
+    """With the adapters' A under the qkv and gate_up weights (continuous_lora.fuse_shrinks),
+    mixed and decode steps of rows of two adapters and the base give the tokens the separate
+    shrink GEMMs give; unloading every adapter leaves the base weights' values."""
+    fused = new_batch(lively_model, loras)
+    plain = ContinuousBatch(lively_model, max_rows=4, max_len=48)
+    plain.fuse_shrinks = False
+    plain.set_adapters(loras)
+    assert len(fused.stack[0]["qkv"]) == 4 and len(fused.stack[0]["gate_up"]) == 4
+    assert len(plain.stack[0]["qkv"]) == 2
+    joined(fused, prompts)
+    joined(plain, prompts)
+    for _ in range(8):
+        assert fused.step(5) == plain.step(5)
+    base = [layer.qkv.clone() for layer in plain.layers]
+    fused.set_adapters({})
+    for layer, want in zip(fused.layers, base, strict=True):
+        assert torch.equal(layer.qkv, want)
