@@ -170,9 +170,40 @@ def summary(rows: list[dict], small: int, big: int) -> dict:
             "goals": GOALS}
 
 
-def predict_check(run: Path, inputs: Path, limit: int, new: int) -> dict:
+def predict_check(run: Path, inputs: Path, limit: int, new: int, unfused_too: bool = False
+                  ) -> dict:
     """`loralab predict` (the batch engine) vs `loralab serve` (the continuous engine, rows
-    joining each other) on the same inputs, greedy: how many answers are the same text."""
+    joining each other) on the same inputs, greedy: how many answers are the same text, and
+    each one that differs with the served answer asked again alone. `unfused_too`: the count
+    again with the engine's shrink GEMMs apart from the base ones (before fuse_shrinks)."""
+    predicted = Path(tempfile.mkdtemp()) / "predict.jsonl"
+    subprocess.run([sys.executable, "-m", "loralab.cli", "predict", "--adapter", str(run),
+                    "--input", str(inputs), "--limit", str(limit), "--max-new-tokens", str(new),
+                    "--out", str(predicted)], check=True)
+    want = [json.loads(line)["generation"] for line in predicted.read_text().splitlines()]
+    got, alone = served_answers(run, inputs, limit, new, fuse=True, again=want)
+    differ = [i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b]
+    result = {"run": str(run), "inputs": len(want), "same_text": len(want) - len(differ),
+              "differ": differ,
+              "pairs": [{"input": i, "served": got[i], "predicted": want[i],
+                         "served_alone": alone[i], "same_alone": alone[i] == want[i],
+                         "first_difference_at_char": first_difference(got[i], want[i])}
+                        for i in differ]}
+    print(f"serve vs predict: {result['same_text']}/{len(want)} answers the same text",
+          flush=True)
+    if unfused_too:
+        plain, _ = served_answers(run, inputs, limit, new, fuse=False, again=None)
+        result["unfused"] = {"same_text": sum(a == b for a, b in zip(plain, want, strict=True)),
+                             "differ": [i for i, (a, b) in enumerate(zip(plain, want,
+                                                                         strict=True)) if a != b]}
+        print(f"unfused: {result['unfused']['same_text']}/{len(want)}", flush=True)
+    return result
+
+
+def served_answers(run: Path, inputs: Path, limit: int, new: int, fuse: bool,
+                   again: list[str] | None) -> tuple[list[str], dict[int, str]]:
+    """The run's served answers to the first `limit` inputs (16 clients at once, greedy), and
+    for each that differs from `again`, the answer asked again alone."""
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
@@ -182,15 +213,12 @@ def predict_check(run: Path, inputs: Path, limit: int, new: int) -> dict:
     from loralab.model.load import load_base_model
     from loralab.serve.server import RunningServer, ServeOptions, build_state
 
-    predicted = Path(tempfile.mkdtemp()) / "predict.jsonl"
-    subprocess.run([sys.executable, "-m", "loralab.cli", "predict", "--adapter", str(run),
-                    "--input", str(inputs), "--limit", str(limit), "--max-new-tokens", str(new),
-                    "--out", str(predicted)], check=True)
-    want = [json.loads(line)["generation"] for line in predicted.read_text().splitlines()]
     _, cfg = single_run(run)
     model, tokenizer = load_base_model(cfg.model)
-    state = build_state(model, tokenizer, "base", cfg.model.path, [("run", run)],
-                        ServeOptions(max_len=4096, max_rows=64))
+    state = build_state(model, tokenizer, "base", cfg.model.path, [], ServeOptions(
+        max_len=4096, max_rows=64))
+    state.scheduler.batch.fuse_shrinks = fuse
+    state.registry.add_now(state.registry.prepare("run", run))
     asks = read_inputs(inputs)[:limit]
     with RunningServer(state) as server, ThreadPoolExecutor(16) as pool:
         def ask(x):
@@ -200,11 +228,14 @@ def predict_check(run: Path, inputs: Path, limit: int, new: int) -> dict:
             return reply.json()["choices"][0]["message"]["content"]
 
         got = list(pool.map(ask, asks))
-    same = sum(a == b for a, b in zip(got, want, strict=True))
-    result = {"run": str(run), "inputs": len(want), "same_text": same,
-              "differ": [i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b]}
-    print(f"serve vs predict: {same}/{len(want)} answers the same text", flush=True)
-    return result
+        alone = {i: ask(asks[i]) for i, text in enumerate(again or []) if got[i] != text}
+    return got, alone
+
+
+def first_difference(a: str, b: str) -> int:
+    """The first index where a and b differ (the shorter's length when one starts the other)."""
+    return next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                min(len(a), len(b)))
 
 
 def main() -> None:
@@ -229,12 +260,15 @@ def main() -> None:
                         help="compare a trained run's served answers with loralab predict")
     parser.add_argument("--input", type=Path, help="inputs for --predict-check")
     parser.add_argument("--limit", type=int, default=32, help="inputs for --predict-check")
+    parser.add_argument("--unfused-too", action="store_true",
+                        help="--predict-check also with the shrink GEMMs apart (the A/B)")
     args = parser.parse_args()
     sys.path.insert(0, str(HERE))
     from record import write_run
 
     if args.predict_check:
-        check = predict_check(args.predict_check, args.input, args.limit, args.new)
+        check = predict_check(args.predict_check, args.input, args.limit, args.new,
+                              args.unfused_too)
         config = {"run": str(args.predict_check), "input": str(args.input),
                   "limit": args.limit, "new_tokens": args.new}
         rows, summary_ = [check], {"same_text": check["same_text"], "inputs": check["inputs"]}
