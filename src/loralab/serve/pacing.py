@@ -14,6 +14,10 @@ at once.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from typing import Any
+
 MARGIN_S = 0.003  # a held launch is queued this long before the step in flight should end
 WAITED_S = 0.0002  # a collect that took longer waited for the GPU (a done event is ~10 µs)
 SMOOTHING = 0.2  # weight of the newest measurement in the running estimates
@@ -46,6 +50,20 @@ class Pacer:
         if not self.waited or mixed not in self.step_s:
             return None
         return started + self.step_s[mixed] - self.launch_s - MARGIN_S
+
+
+def wait_until(wake: Any, until: float, interrupted: Callable[[], bool]) -> float:
+    """Wait on the threading.Condition `wake` until perf_counter() reaches `until`, or until
+    interrupted() holds at a wake-up (checked under the condition's lock); the seconds waited.
+    A notify for anything else (a new request) waits on."""
+    started = time.perf_counter()
+    with wake:
+        while not interrupted():
+            left = until - time.perf_counter()
+            if left <= 0:
+                break
+            wake.wait(left)
+    return time.perf_counter() - started
 
 
 def _smooth(old: float, new: float) -> float:
