@@ -10,7 +10,9 @@ request on adapter 1, prompts of serve_load.py (eval-set length, 250-330 tokens)
 greedy. Per prefill budget (`--budgets`): a steady window with every row busy, then an eager
 profile of mixed steps (GPU kernel time by kind), then the time of the step's matrix products
 alone (x·Wᵀ of every layer for the step's tokens, no LoRA, no attention): the floor a step of
-that many tokens could reach.
+that many tokens could reach. `--overlap`: the scheduler's loop (launch k+1, collect k) with the
+host's time per part of a turn (`--host-trace`: the CUDA runtime calls by host time);
+`--unfused-too`: the steady window again with the shrink GEMMs apart (the fused shrinks' A/B).
 """
 
 from __future__ import annotations
