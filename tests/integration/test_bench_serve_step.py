@@ -3,25 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_the_engine_benchmark_runs_on_cpu(tmp_path):
-    out = tmp_path / "results"
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT / 'bench'}",
-           "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "serve_step.py"), "--smoke",
-                           "--budgets", "16,48", "--overlap", "--unfused-too", "--out", str(out)],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    files = list((out / "serve_step").glob("*.json"))
-    assert len(files) == 1, files
-    rows = json.loads(files[0].read_text())["rows"]
+def test_the_engine_benchmark_runs_on_cpu(tmp_path, run_bench):
+    path = run_bench("serve_step", "--smoke", "--budgets", "16,48", "--overlap",
+                     "--unfused-too", out=tmp_path / "results")
+    rows = json.loads(path.read_text())["rows"]
     overlapped = [r for r in rows if r.get("mode") == "overlapped"]
     unfused = [r for r in rows if r.get("fused_shrinks") is False]
     rows = [r for r in rows if r.get("mode") != "overlapped" and r.get("fused_shrinks")]

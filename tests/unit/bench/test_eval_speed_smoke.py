@@ -4,25 +4,16 @@ schema (the GPU run is the one that measures; this keeps the script working betw
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[3]
-
 
 @pytest.mark.slow
-def test_eval_speed_smoke_writes_every_row_through_the_record_schema(tmp_path):
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT / 'bench'}"}
-    cmd = [sys.executable, str(ROOT / "bench" / "eval_speed.py"), "--device", "cpu",
-           "--records", "3", "--new", "3", "--repeats", "1", "--adapters", "2",
-           "--seed-prompts", "1", "--commit", "0123456", "--out", str(tmp_path)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    (path,) = (tmp_path / "eval_speed").glob("*_0123456_*.json")
+def test_eval_speed_smoke_writes_every_row_through_the_record_schema(tmp_path, run_bench):
+    path = run_bench("eval_speed", "--device", "cpu", "--records", "3", "--new", "3",
+                     "--repeats", "1", "--adapters", "2", "--seed-prompts", "1",
+                     "--commit", "0123456", out=tmp_path, timeout=600)
+    assert path.match("*_0123456_*.json")
     data = json.loads(path.read_text())
     assert data["experiment"] == "eval_speed" and data["config"]["records"] == 3
     names = [row["name"] for row in data["rows"]]
