@@ -326,8 +326,11 @@ class ContinuousBatch:
         return continuous_step.collect(self, pending)
 
     def _bucket(self, need: int) -> int:
-        """The attention length for this step: on CUDA a power of two (one graph each), on
-        CPU the longest busy row (eager: no reason to attend to more)."""
+        """The attention length for a step whose rows reach slot `need`: on CUDA a power of
+        two (one graph each), on CPU `need` (eager: no reason to attend to more). A step past
+        the cache is a RuntimeError (the caller frees rows before their room runs out)."""
+        if need > self.max_len:
+            raise RuntimeError("a row ran past the cache: free it before its room runs out")
         if not self.use_graph:
             return need
         bucket = MIN_BUCKET

@@ -62,8 +62,6 @@ def launch(batch: ContinuousBatch, budget: int) -> Pending:
 def decode_step(batch: ContinuousBatch) -> list[int]:
     """Launch a decode step (inside inference_mode): every busy row one token on; its rows."""
     need = max(r.next_slot for r in batch.rows.values()) + 1
-    if need > batch.max_len:
-        raise RuntimeError("a row ran past the cache: free it before its room runs out")
     bucket = batch._bucket(need)
     run_step(batch, ("decode", bucket), lambda: batch._decode(bucket))
     rows = sorted(batch.rows)
